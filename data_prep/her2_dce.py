@@ -1,0 +1,184 @@
+"""The TFDS builder `her2_dce`: one TFRecord example per tumour slice.
+
+Each BuilderConfig is one preparation variant (`PrepParams`); its name is
+`<normalization>[_n4][_<hash of other settings>]`. `manual_dir` is the source (BreastDCEDL folder or
+manifest). Splits come from the source (BreastDCEDL `test` column, manifest `split` column),
+otherwise from a seeded patient-level split stratified by label. TFDS writes into a temporary
+`*.incomplete*` folder and renames it only at the end, so an interrupted preparation never leaves
+a dataset that looks complete; the report and QC montage are written inside that folder too.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+import data_prep
+from data_prep import normalization, pipeline, report, splits
+from data_prep.errors import BadCaseError
+from data_prep.params import PrepParams
+from data_prep.sources import Case, list_cases
+
+LABEL_NAMES = ("HER2-", "HER2+")
+QC_SAMPLES_PER_CLASS = 6
+
+
+@dataclasses.dataclass(eq=False)
+class Her2DceConfig(tfds.core.BuilderConfig):
+    params: PrepParams = dataclasses.field(default_factory=PrepParams)
+
+
+def make_config(params: PrepParams) -> Her2DceConfig:
+    return Her2DceConfig(name=params.config_name(), params=params,
+                         description=f"her2_dce prepared with {params.to_dict()}")
+
+
+class Her2Dce(tfds.core.GeneratorBasedBuilder):
+    """Breast DCE-MRI tumour slices as 8-bit RGB (R = pre, G = early, B = late) with HER2 labels."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [make_config(PrepParams(normalization=name)) for name in normalization.names()]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Point manual_dir at a BreastDCEDL folder (metadata CSV + NIfTI files) or a manifest CSV. "
+        "`python -m data_prep.synthetic --out DIR` writes a synthetic cohort in that layout.")
+
+    def __init__(self, *, workers: int = 1, skip_bad: bool = False, progress: bool = True,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.workers = max(1, workers)
+        self.skip_bad = skip_bad
+        self.progress = progress
+        self.skipped: list[dict[str, str]] = []
+        self.notes: list[str] = []
+        self.counts: collections.Counter = collections.Counter()
+        self.qc_samples: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
+
+    @property
+    def params(self) -> PrepParams:
+        return self.builder_config.params
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self.params.image_size
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+                "mask": tfds.features.Image(shape=(size, size, 1), encoding_format="png"),
+                "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
+                "patient_id": tfds.features.Text(),
+                "slice_index": tfds.features.Scalar(dtype=np.int32),
+                "cohort": tfds.features.Text(),
+            }),
+            supervised_keys=("image", "label"),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        listing = list_cases(os.fspath(dl_manager.manual_dir), self.params)
+        for problem in listing.problems:
+            self._reject(problem)
+        self.notes.extend(listing.notes)
+        by_split = splits.assign(listing.cases, self.params)
+        fitted = self._fit_normalization(by_split.get("train", []))
+        self.info.metadata.update({
+            "preparation": self.params.to_dict(),
+            "source": {"path": os.fspath(dl_manager.manual_dir), "kind": listing.kind},
+            "code_version": data_prep.__version__,
+            "normalization_fit": fitted,
+            "split_rule": splits.describe(listing.cases, self.params),
+            "patients": {name: sorted(c.patient_id for c in cases)
+                         for name, cases in by_split.items()},
+        })
+        return {name: self._generate_examples(name, cases, fitted)
+                for name, cases in by_split.items() if cases}
+
+    def _reject(self, error: BadCaseError) -> None:
+        if not self.skip_bad:
+            raise error
+        self.skipped.append(error.as_record())
+        if self.progress:
+            tqdm.write(f"skipped: {error}")
+
+    def _fit_normalization(self, train_cases: list[Case]) -> dict | None:
+        strategy = normalization.get(self.params.normalization)
+        if not strategy.needs_fit:
+            return None
+        summaries = [summary for _, summary in self._run(
+            pipeline.summarize_case, train_cases, f"fit {strategy.name} (train)")]
+        if not summaries:
+            raise ValueError(f"normalization {strategy.name!r} is fitted on the training split, "
+                             f"but no training patient could be read")
+        return strategy.fit(summaries)
+
+    def _run(self, function, cases: list[Case], description: str, *extra) -> Iterator:
+        """Yields (case, result) as workers finish; bad cases are raised or recorded."""
+        bar = tqdm(total=len(cases), desc=description, unit="patient", disable=not self.progress)
+        with bar:
+            for case, outcome in _map(function, cases, (self.params,) + extra, self.workers):
+                bar.update(1)
+                if isinstance(outcome, BadCaseError):
+                    self._reject(outcome)
+                else:
+                    yield case, outcome
+
+    def _generate_examples(self, split: str, cases: list[Case], fitted: dict | None):
+        for case, prepared in self._run(pipeline.prepare_case, cases, split, fitted):
+            self.counts[(split, LABEL_NAMES[case.label], case.cohort, "patients")] += 1
+            for item in prepared.slices:
+                self.counts[(split, LABEL_NAMES[case.label], case.cohort, "slices")] += 1
+                example = {"image": item.image, "mask": item.mask, "label": case.label,
+                           "patient_id": case.patient_id, "slice_index": item.slice_index,
+                           "cohort": case.cohort}
+                self._keep_for_qc(example)
+                yield f"{case.patient_id}/{item.slice_index}", example
+
+    def _keep_for_qc(self, example: dict[str, Any]) -> None:
+        kept = self.qc_samples[example["label"]]
+        if len(kept) < QC_SAMPLES_PER_CLASS and all(
+                k["patient_id"] != example["patient_id"] for k in kept):
+            kept.append(example)
+
+    def _download_and_prepare(self, dl_manager, download_config) -> None:
+        super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+        self.info.metadata["skipped"] = self.skipped
+        self.info.metadata["notes"] = self.notes
+        self.info.metadata["counts"] = [list(key) + [n] for key, n in sorted(self.counts.items())]
+        report.write(os.fspath(self.data_dir), self.info.metadata, self.qc_samples)
+
+
+def _map(function, cases: list[Case], args: tuple, workers: int) -> Iterator:
+    """(case, result or BadCaseError), in order with one worker, as completed with several."""
+    if workers == 1:
+        for case in cases:
+            try:
+                yield case, function(case, *args)
+            except BadCaseError as error:
+                yield case, error
+        return
+    # spawn, not fork: the parent has TensorFlow's threads running, which fork does not copy safely
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    executor = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_limit_threads, initargs=(threads,))
+    try:
+        futures = {executor.submit(function, case, *args): case for case in cases}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                yield futures[future], future.result()
+            except BadCaseError as error:
+                yield futures[future], error
+    finally:
+        # on an early stop (a bad case without --skip_bad), do not wait for the queued patients
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _limit_threads(threads: int) -> None:
+    import SimpleITK as sitk
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)

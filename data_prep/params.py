@@ -1,0 +1,71 @@
+"""Every parameter that changes what preparation writes, in one frozen, picklable record.
+
+The record is stored in the dataset's metadata, names the TFDS builder config, and travels to the
+worker processes, so a dataset can always be traced back to exactly how it was made.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+SPLITS = ("train", "validation", "test", "external")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepParams:
+    """Preparation settings.
+
+    normalization: name in `data_prep.normalization.STRATEGIES`.
+    n4: N4 bias-field correction before normalisation (the study found it slightly harmful).
+    n4_shrink: in-plane shrink factor for estimating the field (applied at full resolution).
+    n4_iterations: iterations per fitting level; the number of entries is the number of levels.
+    image_size: side of the square output image, pixels.
+    slices_per_patient: N central tumour slices; 0 keeps every slice that holds tumour.
+    crop_margin: margin added on each side of the tumour box, as a fraction of its longer side.
+    phases: (pre, early, late) time-point indices overriding the metadata's, or None.
+    split_seed: seed of the patient-level split used when the source gives none.
+    split_fractions: (train, validation, test) fractions of that split.
+    external: cohort name if the whole source is an external validation set (split `external`).
+    """
+
+    normalization: str = "per_channel_clip_q98"
+    n4: bool = False
+    n4_shrink: int = 4
+    n4_iterations: tuple[int, ...] = (50, 50, 50, 50)
+    image_size: int = 224
+    slices_per_patient: int = 4
+    crop_margin: float = 0.25
+    phases: tuple[int, int, int] | None = None
+    split_seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    external: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
+        if self.slices_per_patient < 0:
+            raise ValueError(f"slices_per_patient must be >= 0, got {self.slices_per_patient}")
+        if self.crop_margin < 0:
+            raise ValueError(f"crop_margin must be >= 0, got {self.crop_margin}")
+        if self.n4_shrink < 1 or not self.n4_iterations or min(self.n4_iterations) < 1:
+            raise ValueError("n4_shrink and every n4_iterations entry must be >= 1")
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 \
+                or min(self.split_fractions) < 0:
+            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, "
+                             f"got {self.split_fractions}")
+        if self.phases is not None and (len(self.phases) != 3 or min(self.phases) < 0):
+            raise ValueError(f"phases must be three non-negative indices, got {self.phases}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def config_name(self) -> str:
+        """`<normalization>[_n4]`, plus a short hash when any other setting is not the default."""
+        name = self.normalization + ("_n4" if self.n4 else "")
+        reference = dataclasses.replace(PrepParams(), normalization=self.normalization, n4=self.n4)
+        if self != reference:
+            digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+            name += "_" + digest[:8]
+        return name

@@ -1,0 +1,99 @@
+"""Prepare a dataset: `python -m data_prep.prepare --source DIR --data_dir OUT --normalization NAME`.
+
+Reads a BreastDCEDL folder or a manifest, writes the TFDS dataset `her2_dce/<config>` with its
+preparation report and QC montage, and prints the dataset path (the last line of the output), which
+`tfds.builder_from_directory(path)` opens.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from data_prep import normalization  # noqa: E402
+from data_prep.errors import BadCaseError  # noqa: E402
+from data_prep.params import PrepParams  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = PrepParams()
+    parser = argparse.ArgumentParser(prog="python -m data_prep.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True,
+                        help="BreastDCEDL folder, manifest CSV, or folder holding manifest.csv")
+    parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
+    parser.add_argument("--normalization", default=defaults.normalization,
+                        choices=normalization.names(), help="8-bit strategy (README table)")
+    parser.add_argument("--n4", action="store_true", help="N4 bias-field correction first")
+    parser.add_argument("--n4_shrink", type=int, default=defaults.n4_shrink)
+    parser.add_argument("--n4_iterations", type=_integers, default=defaults.n4_iterations,
+                        help="iterations per level, comma separated (default 50,50,50,50)")
+    parser.add_argument("--image_size", type=int, default=defaults.image_size)
+    parser.add_argument("--slices_per_patient", type=int, default=defaults.slices_per_patient,
+                        help="central tumour slices per patient; 0 = every tumour slice")
+    parser.add_argument("--crop_margin", type=float, default=defaults.crop_margin,
+                        help="margin on each side of the tumour box, fraction of its longer side")
+    parser.add_argument("--phases", type=_integers, default=None,
+                        help="pre,early,late time-point indices overriding the metadata")
+    parser.add_argument("--split_seed", type=int, default=defaults.split_seed)
+    parser.add_argument("--external", default=None, metavar="COHORT",
+                        help="the whole source is an external validation set with this name")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes (patients in parallel)")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="record bad cases in the report and go on, instead of stopping")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def _integers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def build(args: argparse.Namespace):
+    """Builds the dataset and returns the builder (its `data_dir` is the dataset path)."""
+    import tensorflow_datasets as tfds
+
+    from data_prep.her2_dce import Her2Dce, make_config
+
+    tfds.disable_progress_bar()  # ours show patients; TFDS's would show examples and shards
+    params = PrepParams(
+        normalization=args.normalization, n4=args.n4, n4_shrink=args.n4_shrink,
+        n4_iterations=tuple(args.n4_iterations), image_size=args.image_size,
+        slices_per_patient=args.slices_per_patient, crop_margin=args.crop_margin,
+        phases=tuple(args.phases) if args.phases else None, split_seed=args.split_seed,
+        external=args.external)
+    builder = Her2Dce(config=make_config(params), data_dir=args.data_dir, workers=args.workers,
+                      skip_bad=args.skip_bad, progress=not args.quiet)
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.abspath(args.source), download_mode=mode))
+    return builder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        builder = build(args)
+    except (BadCaseError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, BadCaseError):
+            print("(use --skip_bad to record such cases and go on)", file=sys.stderr)
+        return 1
+    skipped = builder.info.metadata.get("skipped", [])
+    splits = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())
+    print(f"slices per split: {splits}; skipped patients: {len(skipped)}", file=sys.stderr)
+    print(os.fspath(builder.data_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

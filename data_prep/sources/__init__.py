@@ -1,0 +1,95 @@
+"""Sources: where studies come from, turned into a uniform list of `Case` records.
+
+A source lists cases without reading any image, so problems found in the metadata (missing or
+invalid label, duplicate patient id, missing phase file, phase index out of range) surface before
+any heavy work starts. Reading images happens later, in worker processes (`data_prep.pipeline`).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+
+from data_prep.errors import BadCaseError
+from data_prep.params import PrepParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One patient, ready to be read.
+
+    phases: paths of the pre, early and late phase (NIfTI file or DICOM series folder).
+    mask: tumour mask path, or None when only `box` is known.
+    box: tumour box (z0, z1, y0, y1, x0, x1), voxel indices, inclusive; used when mask is None.
+    stored_zyx: the NIfTI arrays were written (z, y, x) with an identity affine (BreastDCEDL).
+    spacing: real (z, y, x) spacing in mm when the files' headers do not carry it, else None.
+    split: train, validation, test or external; None lets the seeded split rule decide.
+    """
+
+    patient_id: str
+    label: int
+    cohort: str
+    phases: tuple[str, str, str]
+    mask: str | None = None
+    box: tuple[int, int, int, int, int, int] | None = None
+    stored_zyx: bool = False
+    spacing: tuple[float, float, float] | None = None
+    split: str | None = None
+
+
+@dataclasses.dataclass
+class Listing:
+    """What a source holds: good cases, per-patient problems, and notes for the report."""
+
+    kind: str
+    cases: list[Case]
+    problems: list[BadCaseError] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def parse_label(patient_id: str, path: str, raw: str | None) -> int:
+    """Accepts 0/1 (also '0.0'/'1.0') and HER2-/HER2+ / negative/positive."""
+    text = (raw or "").strip().lower()
+    if text in ("", "nan", "na", "none"):
+        raise BadCaseError(patient_id, path, "missing HER2 label")
+    aliases = {"her2-": 0, "her2+": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1}
+    if text in aliases:
+        return aliases[text]
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value not in (0.0, 1.0):
+        raise BadCaseError(patient_id, path, f"invalid HER2 label {raw!r} (expected 0 or 1)")
+    return int(value)
+
+
+def reject_duplicates(listing: Listing, path: str) -> None:
+    """Moves every patient whose id occurs more than once into problems: neither copy is trusted."""
+    counts = collections.Counter(case.patient_id for case in listing.cases)
+    duplicated = {pid for pid, n in counts.items() if n > 1}
+    for pid in sorted(duplicated):
+        listing.problems.append(BadCaseError(pid, path, f"duplicate patient id ({counts[pid]} rows)"))
+    listing.cases = [case for case in listing.cases if case.patient_id not in duplicated]
+
+
+def list_cases(source: str, params: PrepParams) -> Listing:
+    """Detects the source's kind and lists its cases.
+
+    A `.csv` file, or a folder holding `manifest.csv`, is a manifest; any other folder is read as
+    the BreastDCEDL layout (metadata CSV plus NIfTI files anywhere below it).
+    """
+    from data_prep.sources import breastdcedl, manifest
+
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"source {source} does not exist")
+    if os.path.isfile(source):
+        listing = manifest.list_cases(source, params)
+    elif os.path.isfile(os.path.join(source, "manifest.csv")):
+        listing = manifest.list_cases(os.path.join(source, "manifest.csv"), params)
+    else:
+        listing = breastdcedl.list_cases(source, params)
+    if params.external:
+        listing.cases = [dataclasses.replace(c, split="external", cohort=params.external)
+                         for c in listing.cases]
+    return listing

@@ -1,0 +1,76 @@
+"""Shared test helpers: a tiny BreastDCEDL-style cohort written in seconds, and a prepare runner."""
+from __future__ import annotations
+
+import csv
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHAPE = (10, 40, 40)            # (z, y, x)
+TUMOUR = (slice(3, 7), slice(14, 24), slice(16, 28))
+COLUMNS_V2 = ["pid", "pCR", "n_xy", "n_z", "n_times", "pre", "post_early", "post_late",
+              "slice_thick", "xy_spacing", "mask_start", "mask_end", "sraw", "eraw", "scol",
+              "ecol", "tum_vol", "age", "menopause", "race_white", "race_black", "HR", "HER2",
+              "HR_HER2_STATUS", "TripleNeg", "HER2pos", "HRposHER2neg", "dataset", "test"]
+
+
+def phase_volume(rng: np.random.Generator, t: int, mask: np.ndarray) -> np.ndarray:
+    """Background texture plus a tumour that brightens with time point t (float32, z y x)."""
+    volume = rng.uniform(100, 600, SHAPE) + 250.0 * t * mask
+    return volume.astype(np.float32)
+
+
+def save_zyx(array: np.ndarray, path: str) -> None:
+    """Writes a (z, y, x) array the BreastDCEDL way: straight into NIfTI, identity affine."""
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+
+
+def write_cohort(folder: str, patients: int = 8, times: int = 4, seed: int = 0,
+                 splits: list[int] | None = None) -> list[dict]:
+    """A tiny I-SPY2-named cohort with the 29-column metadata; returns the CSV rows."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "dce"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "mask"), exist_ok=True)
+    splits = splits or [(0, 0, 0, 0, 1, 2)[i % 6] for i in range(patients)]
+    rows = []
+    for i in range(patients):
+        pid = f"T-{i:03d}"
+        mask = np.zeros(SHAPE, np.int32)
+        mask[TUMOUR] = 1
+        for t in range(times):
+            save_zyx(phase_volume(rng, t, mask),
+                     os.path.join(folder, "dce", f"{pid}_spy2_vis1_dce_aqc_{t}.nii.gz"))
+        save_zyx(mask, os.path.join(folder, "mask", f"{pid}_spy2_vis1_mask.nii.gz"))
+        her2 = int(i % 3 == 0)
+        row = dict.fromkeys(COLUMNS_V2, "0")
+        row.update(pid=pid, n_xy=SHAPE[1], n_z=SHAPE[0], n_times=times, pre=0, post_early=1,
+                   post_late=times - 1, slice_thick=2.5, xy_spacing=0.7, mask_start=3,
+                   mask_end=6, sraw=14, eraw=23, scol=16, ecol=27, HER2=her2, HER2pos=her2,
+                   dataset="spy2", test=splits[i])
+        rows.append(row)
+    write_csv(os.path.join(folder, "metadata.csv"), rows, COLUMNS_V2)
+    return rows
+
+
+def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def prepare_args(source: str, data_dir: str, *extra: str) -> list[str]:
+    return ["--source", source, "--data_dir", data_dir, "--image_size", "16", "--workers", "1",
+            "--quiet", *extra]
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    folder = str(tmp_path / "cohort")
+    rows = write_cohort(folder)
+    return folder, rows
