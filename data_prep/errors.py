@@ -15,5 +15,9 @@ class BadCaseError(Exception):
         self.reason = reason
         super().__init__(f"patient {patient_id}: {self.path}: {reason}")
 
+    def __reduce__(self):
+        # Worker processes send the error back pickled; the default would call __init__(message).
+        return type(self), (self.patient_id, self.path, self.reason)
+
     def as_record(self) -> dict[str, str]:
         return {"patient_id": self.patient_id, "file": self.path, "reason": self.reason}

@@ -40,6 +40,14 @@ def make_config(params: PrepParams) -> Her2DceConfig:
                          description=f"her2_dce prepared with {params.to_dict()}")
 
 
+def config_for(params: PrepParams) -> Her2DceConfig | str:
+    """The registered config's name when `params` is one of them (TFDS refuses a second object of
+    the same name), else a new config."""
+    registered = {config.name: config for config in Her2Dce.BUILDER_CONFIGS}
+    match = registered.get(params.config_name())
+    return match.name if match is not None and match.params == params else make_config(params)
+
+
 class Her2Dce(tfds.core.GeneratorBasedBuilder):
     """Breast DCE-MRI tumour slices as 8-bit RGB (R = pre, G = early, B = late) with HER2 labels."""
 
@@ -59,6 +67,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         self.skipped: list[dict[str, str]] = []
         self.notes: list[str] = []
         self.counts: collections.Counter = collections.Counter()
+        self.written: set[str] = set()
         self.qc_samples: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
 
     @property
@@ -102,6 +111,8 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
     def _reject(self, error: BadCaseError) -> None:
         if not self.skip_bad:
             raise error
+        if error.as_record() in self.skipped:  # a training case that failed the fit fails again
+            return
         self.skipped.append(error.as_record())
         if self.progress:
             tqdm.write(f"skipped: {error}")
@@ -110,8 +121,11 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         strategy = normalization.get(self.params.normalization)
         if not strategy.needs_fit:
             return None
-        summaries = [summary for _, summary in self._run(
-            pipeline.summarize_case, train_cases, f"fit {strategy.name} (train)")]
+        # in patient order, not in the order workers finish: the fit must not depend on timing
+        results = sorted(self._run(pipeline.summarize_case, train_cases,
+                                   f"fit {strategy.name} (train)"),
+                         key=lambda item: item[0].patient_id)
+        summaries = [summary for _, summary in results]
         if not summaries:
             raise ValueError(f"normalization {strategy.name!r} is fitted on the training split, "
                              f"but no training patient could be read")
@@ -131,6 +145,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, cases: list[Case], fitted: dict | None):
         for case, prepared in self._run(pipeline.prepare_case, cases, split, fitted):
             self.counts[(split, LABEL_NAMES[case.label], case.cohort, "patients")] += 1
+            self.written.add(case.patient_id)
             for item in prepared.slices:
                 self.counts[(split, LABEL_NAMES[case.label], case.cohort, "slices")] += 1
                 example = {"image": item.image, "mask": item.mask, "label": case.label,
@@ -148,6 +163,10 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
     def _download_and_prepare(self, dl_manager, download_config) -> None:
         super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
         self.info.metadata["skipped"] = self.skipped
+        # patients skipped while their images were read have no examples: drop them from the lists
+        self.info.metadata["patients"] = {
+            name: [pid for pid in pids if pid in self.written]
+            for name, pids in self.info.metadata["patients"].items()}
         self.info.metadata["notes"] = self.notes
         self.info.metadata["counts"] = [list(key) + [n] for key, n in sorted(self.counts.items())]
         report.write(os.fspath(self.data_dir), self.info.metadata, self.qc_samples)

@@ -61,7 +61,7 @@ def build(args: argparse.Namespace):
     """Builds the dataset and returns the builder (its `data_dir` is the dataset path)."""
     import tensorflow_datasets as tfds
 
-    from data_prep.her2_dce import Her2Dce, make_config
+    from data_prep.her2_dce import Her2Dce, config_for
 
     tfds.disable_progress_bar()  # ours show patients; TFDS's would show examples and shards
     params = PrepParams(
@@ -70,7 +70,7 @@ def build(args: argparse.Namespace):
         slices_per_patient=args.slices_per_patient, crop_margin=args.crop_margin,
         phases=tuple(args.phases) if args.phases else None, split_seed=args.split_seed,
         external=args.external)
-    builder = Her2Dce(config=make_config(params), data_dir=args.data_dir, workers=args.workers,
+    builder = Her2Dce(config=config_for(params), data_dir=args.data_dir, workers=args.workers,
                       skip_bad=args.skip_bad, progress=not args.quiet)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)

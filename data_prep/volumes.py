@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -21,41 +22,59 @@ class Volume:
 
 
 def read_volume(patient_id: str, path: str, stored_zyx: bool = False) -> Volume:
-    """Reads a NIfTI file or a DICOM series folder.
+    """Reads a NIfTI file (nibabel) or a DICOM series folder (SimpleITK).
 
-    `stored_zyx=True` is for BreastDCEDL files: their arrays were written (z, y, x) into the NIfTI
-    index order with an identity affine, so SimpleITK's (k, j, i) array has the slice axis LAST;
-    reversing the axes gives (z, y, x) back. The header spacing of those files is a placeholder
-    (1 mm); the caller takes the real spacing from the metadata CSV.
+    NIfTI voxel order (i, j, k) is reversed to (z, y, x), as SimpleITK's arrays are, except with
+    `stored_zyx=True`: BreastDCEDL arrays were written (z, y, x) straight into the NIfTI index
+    order with an identity affine, so (i, j, k) already is (z, y, x) (a naive SimpleITK read puts
+    the slice axis last). Their header spacing is a placeholder (1 mm); the caller takes the real
+    spacing from the metadata CSV. NIfTI is read with nibabel because SimpleITK silently fills a
+    truncated data block with zeros and turns NaN/inf voxels into 0, hiding both problems.
     """
     if not os.path.exists(path):
         raise BadCaseError(patient_id, path, "file not found")
-    try:
-        image = _read_dicom_series(path) if os.path.isdir(path) else sitk.ReadImage(path)
-        array = sitk.GetArrayFromImage(image)
-    except BadCaseError:
-        raise
-    except Exception as error:  # SimpleITK raises RuntimeError with a multi-line ITK trace
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise BadCaseError(patient_id, path, f"unreadable image ({reason[:200]})") from None
-    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    reader = _read_dicom_series if os.path.isdir(path) else _read_nifti
+    array, spacing = reader(patient_id, path, stored_zyx)
     if array.ndim != 3:
         raise BadCaseError(patient_id, path, f"expected a 3-D volume, got shape {array.shape}")
-    if stored_zyx:
-        array = array.transpose(2, 1, 0)
-        spacing = spacing[::-1]
     return Volume(np.ascontiguousarray(array), spacing)
 
 
-def _read_dicom_series(folder: str) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(folder)
-    if not series:
-        raise ValueError("no DICOM series in folder")
-    if len(series) > 1:
-        raise ValueError(f"{len(series)} DICOM series in one folder; expected one per phase")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder, series[0]))
-    return reader.Execute()
+def _read_nifti(patient_id: str, path: str, stored_zyx: bool) -> tuple[np.ndarray, tuple]:
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel's errors, reduced to one line with the file
+        raise BadCaseError(patient_id, path, f"unreadable image ({_last_line(error)})") from None
+    try:
+        array = np.asanyarray(image.dataobj)
+    except Exception as error:  # EOFError (cut gzip), zlib.error, OSError (short file)
+        raise BadCaseError(patient_id, path,
+                           f"truncated or corrupt image data ({_last_line(error)})") from None
+    spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
+    if stored_zyx or array.ndim != 3:
+        return array, spacing
+    return array.transpose(2, 1, 0), spacing[::-1]
+
+
+def _last_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[-1] if text else type(error).__name__)[:200]
+
+
+def _read_dicom_series(patient_id: str, folder: str, stored_zyx: bool = False) -> tuple:
+    """One DICOM series per folder; `stored_zyx` does not apply (DICOM geometry is explicit)."""
+    try:
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(folder)
+        if not series:
+            raise ValueError("no DICOM series in folder")
+        if len(series) > 1:
+            raise ValueError(f"{len(series)} DICOM series in one folder; expected one per phase")
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder, series[0]))
+        image = reader.Execute()
+    except Exception as error:  # ITK's multi-line traces, reduced to one line with the folder
+        raise BadCaseError(patient_id, folder, f"unreadable image ({_last_line(error)})") from None
+    return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
 
 
 def check_intensities(patient_id: str, path: str, array: np.ndarray) -> np.ndarray:

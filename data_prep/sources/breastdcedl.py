@@ -75,6 +75,12 @@ def list_cases(source: str, params: PrepParams) -> Listing:
                     unassigned += 1
                 listing.cases.append(case)
     reject_duplicates(listing, ", ".join(csv_paths))
+    no_spacing = sorted(case.patient_id for case in listing.cases if case.spacing is None)
+    if no_spacing:
+        listing.notes.append(
+            f"{len(no_spacing)} patients lack `xy_spacing`/`slice_thick` in the metadata "
+            f"({', '.join(no_spacing[:5])}{', ...' if len(no_spacing) > 5 else ''}); the files' "
+            f"placeholder 1 mm spacing is used (it matters only to N4)")
     if unassigned:
         listing.notes.append(f"{unassigned} patients have no official split in the metadata "
                              f"(`test` empty) and were put in the training split")
@@ -110,6 +116,9 @@ def _case_from_row(row: dict[str, str], csv_path: str, files: dict[str, str],
     else:
         box = tuple(_integer(pid, csv_path, row, key)
                     for key in ("mask_start", "mask_end", "sraw", "eraw", "scol", "ecol"))
+        if min(box) < 0 or box[0] > box[1] or box[2] > box[3] or box[4] > box[5]:
+            raise BadCaseError(pid, csv_path, f"invalid tumour box {box} (mask_start..mask_end, "
+                                              f"sraw..eraw, scol..ecol: inclusive, non-negative)")
     return Case(
         patient_id=pid, label=label, cohort=row.get("dataset") or naming,
         phases=tuple(phases), mask=mask, box=box, stored_zyx=True,
