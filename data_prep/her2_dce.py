@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -69,6 +70,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         self.counts: collections.Counter = collections.Counter()
         self.written: set[str] = set()
         self.qc_samples: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
+        self._pool: concurrent.futures.Executor | None = None
 
     @property
     def params(self) -> PrepParams:
@@ -135,7 +137,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         """Yields (case, result) as workers finish; bad cases are raised or recorded."""
         bar = tqdm(total=len(cases), desc=description, unit="patient", disable=not self.progress)
         with bar:
-            for case, outcome in _map(function, cases, (self.params,) + extra, self.workers):
+            for case, outcome in _map(function, cases, (self.params,) + extra, self._pool):
                 bar.update(1)
                 if isinstance(outcome, BadCaseError):
                     self._reject(outcome)
@@ -161,7 +163,9 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
             kept.append(example)
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
-        super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+        # one pool for the normalisation fit and every split: workers start once
+        with _worker_pool(self.workers) as self._pool:
+            super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
         self.info.metadata["skipped"] = self.skipped
         # patients skipped while their images were read have no examples: drop them from the lists
         self.info.metadata["patients"] = {
@@ -172,30 +176,44 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         report.write(os.fspath(self.data_dir), self.info.metadata, self.qc_samples)
 
 
-def _map(function, cases: list[Case], args: tuple, workers: int) -> Iterator:
-    """(case, result or BadCaseError), in order with one worker, as completed with several."""
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[concurrent.futures.Executor | None]:
+    """A process pool, or None for one worker (no pool: plain tracebacks, no start-up cost)."""
     if workers == 1:
+        yield None
+        return
+    # spawn, not fork: the parent has TensorFlow's threads running, which fork does not copy safely
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    executor = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_limit_threads,
+        initargs=(threads,))
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _map(function, cases: list[Case], args: tuple,
+         pool: concurrent.futures.Executor | None) -> Iterator:
+    """(case, result or BadCaseError), in order without a pool, as completed with one."""
+    if pool is None:
         for case in cases:
             try:
                 yield case, function(case, *args)
             except BadCaseError as error:
                 yield case, error
         return
-    # spawn, not fork: the parent has TensorFlow's threads running, which fork does not copy safely
-    context = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    executor = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_limit_threads, initargs=(threads,))
+    futures = {pool.submit(function, case, *args): case for case in cases}
     try:
-        futures = {executor.submit(function, case, *args): case for case in cases}
         for future in concurrent.futures.as_completed(futures):
             try:
                 yield futures[future], future.result()
             except BadCaseError as error:
                 yield futures[future], error
     finally:
-        # on an early stop (a bad case without --skip_bad), do not wait for the queued patients
-        executor.shutdown(wait=True, cancel_futures=True)
+        # on an early stop (a bad case without --skip_bad), drop the queued patients
+        for future in futures:
+            future.cancel()
 
 
 def _limit_threads(threads: int) -> None:

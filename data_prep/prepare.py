@@ -7,6 +7,8 @@ preparation report and QC montage, and prints the dataset path (the last line of
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 
@@ -64,6 +66,7 @@ def build(args: argparse.Namespace):
     from data_prep.her2_dce import Her2Dce, config_for
 
     tfds.disable_progress_bar()  # ours show patients; TFDS's would show examples and shards
+    logging.getLogger("absl").setLevel(logging.ERROR)  # "custom data configuration" notices
     params = PrepParams(
         normalization=args.normalization, n4=args.n4, n4_shrink=args.n4_shrink,
         n4_iterations=tuple(args.n4_iterations), image_size=args.image_size,
@@ -74,8 +77,10 @@ def build(args: argparse.Namespace):
                       skip_bad=args.skip_bad, progress=not args.quiet)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.path.abspath(args.source), download_mode=mode))
+    # TFDS prints its own progress to stdout: keep stdout for the dataset path alone
+    with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=os.path.abspath(args.source), download_mode=mode))
     return builder
 
 
