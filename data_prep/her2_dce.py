@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import multiprocessing
 import os
 from typing import Any, Iterator
@@ -96,16 +97,20 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         for problem in listing.problems:
             self._reject(problem)
         self.notes.extend(listing.notes)
+        if not listing.cases:
+            raise ValueError(f"no patient to prepare in {dl_manager.manual_dir}")
         by_split = splits.assign(listing.cases, self.params)
         fitted = self._fit_normalization(by_split.get("train", []))
         self.info.metadata.update({
             "preparation": self.params.to_dict(),
             "source": {"path": os.fspath(dl_manager.manual_dir), "kind": listing.kind},
-            "code_version": data_prep.__version__,
+            "code_version": data_prep.code_version(),
             "normalization_fit": fitted,
             "split_rule": splits.describe(listing.cases, self.params),
             "patients": {name: sorted(c.patient_id for c in cases)
                          for name, cases in by_split.items()},
+            "files": {c.patient_id: [os.path.basename(p) for p in c.phases] +
+                      [os.path.basename(c.mask) if c.mask else None] for c in listing.cases},
         })
         return {name: self._generate_examples(name, cases, fitted)
                 for name, cases in by_split.items() if cases}
@@ -121,6 +126,10 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
 
     def _fit_normalization(self, train_cases: list[Case]) -> dict | None:
         strategy = normalization.get(self.params.normalization)
+        if self.params.fit_from:
+            if not strategy.needs_fit:
+                raise ValueError(f"--fit_from: normalization {strategy.name!r} learns nothing")
+            return fit_from_dataset(self.params.fit_from, strategy.name)
         if not strategy.needs_fit:
             return None
         # in patient order, not in the order workers finish: the fit must not depend on timing
@@ -174,6 +183,21 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["notes"] = self.notes
         self.info.metadata["counts"] = [list(key) + [n] for key, n in sorted(self.counts.items())]
         report.write(os.fspath(self.data_dir), self.info.metadata, self.qc_samples)
+
+
+def fit_from_dataset(dataset_dir: str, strategy: str) -> dict:
+    """The normalisation fitted on another prepared dataset's training split (e.g. for an external
+    set, which must be normalised exactly like the data the model was trained on)."""
+    path = os.path.join(dataset_dir, "metadata.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--fit_from {dataset_dir}: no prepared dataset there ({path})")
+    with open(path) as handle:
+        metadata = json.load(handle)
+    used = metadata["preparation"]["normalization"]
+    if used != strategy or not metadata.get("normalization_fit"):
+        raise ValueError(f"--fit_from {dataset_dir}: prepared with normalization {used!r}, "
+                         f"not {strategy!r}, or holds no fitted parameters")
+    return metadata["normalization_fit"]
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ class PrepParams:
     split_seed: seed of the patient-level split used when the source gives none.
     split_fractions: (train, validation, test) fractions of that split.
     external: cohort name if the whole source is an external validation set (split `external`).
+    fit_from: a prepared dataset whose fitted normalisation (e.g. Nyul landmarks) is reused instead
+        of fitting on this source's training split; needed for an external set.
     """
 
     normalization: str = "per_channel_clip_q98"
@@ -41,6 +43,7 @@ class PrepParams:
     split_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     external: str | None = None
+    fit_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 8:

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split_seed", type=int, default=defaults.split_seed)
     parser.add_argument("--external", default=None, metavar="COHORT",
                         help="the whole source is an external validation set with this name")
+    parser.add_argument("--fit_from", default=None, metavar="DATASET_DIR",
+                        help="reuse the normalisation fitted on this prepared dataset (nyul)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (patients in parallel)")
     parser.add_argument("--skip_bad", action="store_true",
@@ -72,7 +74,7 @@ def build(args: argparse.Namespace):
         n4_iterations=tuple(args.n4_iterations), image_size=args.image_size,
         slices_per_patient=args.slices_per_patient, crop_margin=args.crop_margin,
         phases=tuple(args.phases) if args.phases else None, split_seed=args.split_seed,
-        external=args.external)
+        external=args.external, fit_from=args.fit_from)
     builder = Her2Dce(config=config_for(params), data_dir=args.data_dir, workers=args.workers,
                       skip_bad=args.skip_bad, progress=not args.quiet)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite

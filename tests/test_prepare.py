@@ -182,7 +182,13 @@ def test_metadata_records_the_preparation(main_run):
     assert metadata["preparation"] == MAIN_PARAMS.to_dict()
     assert set(metadata["preparation"]) == {f.name for f in dataclasses.fields(PrepParams)}
     assert metadata["source"] == {"path": os.path.abspath(main_run.folder), "kind": "breastdcedl"}
-    assert metadata["code_version"] == data_prep.__version__
+    assert metadata["code_version"] == data_prep.code_version()
+    assert metadata["code_version"].startswith(data_prep.__version__)
+    for row in main_run.rows:
+        if row["pid"] != "T-999":
+            assert metadata["files"][row["pid"]] == [           # the --phases override
+                f"{row['pid']}_spy2_vis1_dce_aqc_{t}.nii.gz" for t in PHASES] + [
+                f"{row['pid']}_spy2_vis1_mask.nii.gz"]
     assert metadata["split_rule"] == "from the source"
     assert metadata["normalization_fit"] is None
     expected = collections.defaultdict(list)
@@ -394,3 +400,25 @@ def test_bad_case_without_skip_bad_fails_with_a_message(tmp_path, capsys):
     assert "T-002" in error and "mask" in error and "--skip_bad" in error
     assert not os.path.isdir(os.path.join(str(tmp_path / "prepared"), "her2_dce",
                                           PrepParams(image_size=16).config_name(), "1.0.0"))
+
+
+def test_external_set_reuses_the_training_normalisation(tmp_path):
+    training, external = str(tmp_path / "training"), str(tmp_path / "external")
+    write_cohort(training, patients=6, times=3)
+    write_cohort(external, patients=3, times=3, seed=5)
+    rc, lines = run_prepare(training, str(tmp_path / "a"), "--normalization", "nyul")
+    assert rc == 0
+    trained = tfds.builder_from_directory(lines[-1]).info.metadata["normalization_fit"]
+    rc, external_lines = run_prepare(external, str(tmp_path / "b"), "--normalization", "nyul",
+                                     "--external", "AMBL", "--fit_from", lines[-1])
+    assert rc == 0
+    metadata = tfds.builder_from_directory(external_lines[-1]).info.metadata
+    assert metadata["normalization_fit"] == trained
+    assert metadata["preparation"]["fit_from"] == lines[-1]
+    # without --fit_from an external-only source has no training split to fit on
+    assert run_prepare(external, str(tmp_path / "c"), "--normalization", "nyul",
+                       "--external", "AMBL")[0] == 1
+    # a dataset prepared with another strategy has nothing to give
+    rc, other = run_prepare(training, str(tmp_path / "d"), "--normalization", "zscore")
+    assert run_prepare(external, str(tmp_path / "e"), "--normalization", "nyul", "--external",
+                       "AMBL", "--fit_from", other[-1])[0] == 1

@@ -1,9 +1,7 @@
-"""Tests of the readers (BreastDCEDL, manifest, DICOM) and of the patient-level split rule."""
+"""The BreastDCEDL reader: both metadata releases, real fixture files, Duke, I-SPY1, --phases."""
 from __future__ import annotations
 
-import collections
 import csv
-import dataclasses
 import os
 import shutil
 
@@ -13,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import COLUMNS_V2, SHAPE, TUMOUR, save_zyx, write_cohort, write_csv
-from data_prep import pipeline, splits
+from data_prep import pipeline
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
-from data_prep.sources import Case, list_cases
+from data_prep.sources import list_cases
 from data_prep.volumes import read_volume
 
 # real BreastDCEDL I-SPY2 files (CC BY 4.0, see the README beside them), shipped with the tests
@@ -84,8 +82,8 @@ def real_source(tmp_path_factory):
     return str(folder), rows, written
 
 
-# ---------------------------------------------------------------------------------------------
 # BreastDCEDL, first release (25 columns), real files
+
 
 def test_real_csv_is_the_first_release():
     with open(FIXTURE_CSV, newline="") as handle:
@@ -192,8 +190,8 @@ def test_whole_real_csv_parses(tmp_path, real_source):
     assert {p.patient_id for p in listing.problems} == set(rows) - set(REAL) - set(NO_SPLIT)
 
 
-# ---------------------------------------------------------------------------------------------
 # BreastDCEDL, later release (29 columns), Duke and I-SPY1 naming, --phases
+
 
 def test_later_release_label_dataset_and_split(cohort):
     folder, rows = cohort
@@ -362,313 +360,6 @@ def test_missing_mask_and_phase_files_are_reported(cohort):
     assert problems["T-002"].reason.startswith("missing phase file")
     assert problems["T-002"].path == "T-002_spy2_vis1_dce_aqc_3.nii.gz"
     assert len(listing.cases) == len(rows) - 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Manifest: NIfTI written normally (no axis trap), relative paths, box, split, cohort, external
-
-def write_nifti(array: np.ndarray, path: str, spacing_zyx=(1.0, 1.0, 1.0)) -> None:
-    """A (z, y, x) array written the usual way: SimpleITK's (x, y, z) image of it, real spacing."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
-    sitk.WriteImage(image, path)
-
-
-MANIFEST_COLUMNS = ["patient_id", "label", "pre", "early", "late", "mask", "box", "split", "cohort"]
-
-
-@pytest.fixture
-def manifest_source(tmp_path):
-    folder = tmp_path / "site"
-    rng = np.random.default_rng(11)
-    shape, spacing = (6, 14, 18), (3.0, 0.8, 0.7)
-    arrays, rows = {}, []
-    for i, (label, split, cohort, use_box) in enumerate([
-            ("HER2+", "train", "siteA", False), ("0", "external", "siteB", True),
-            ("1", "", "", False), ("negative", "test", "siteA", True)]):
-        pid = f"M-{i}"
-        mask = np.zeros(shape, np.uint8)
-        mask[1:5, 3:10, 4:12] = 1
-        arrays[pid] = [(rng.uniform(0, 100, shape) + 50.0 * t * mask).astype(np.float32)
-                       for t in range(3)]
-        row = dict(patient_id=pid, label=label, split=split, cohort=cohort, mask="", box="")
-        for key, array in zip(("pre", "early", "late"), arrays[pid]):
-            write_nifti(array, str(folder / pid / f"{key}.nii.gz"), spacing)
-            row[key] = f"{pid}/{key}.nii.gz"                      # relative to the manifest
-        if use_box:
-            row["box"] = "1 4 3 9 4 11"
-        else:
-            write_nifti(mask, str(folder / pid / "mask.nii.gz"), spacing)
-            row["mask"] = f"{pid}/mask.nii.gz"
-        arrays[pid].append(mask)
-        rows.append(row)
-    write_csv(str(folder / "manifest.csv"), rows, MANIFEST_COLUMNS)
-    return str(folder), arrays, spacing
-
-
-def test_manifest_listing(manifest_source, tmp_path):
-    folder, arrays, _ = manifest_source
-    # the folder holding manifest.csv, and the CSV itself, from another working directory
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        for source in (folder, os.path.join(folder, "manifest.csv")):
-            listing = list_cases(source, PrepParams())
-            assert listing.kind == "manifest" and listing.problems == []
-            cases = {c.patient_id: c for c in listing.cases}
-            assert [cases[p].label for p in sorted(cases)] == [1, 0, 1, 0]
-            assert [cases[p].split for p in sorted(cases)] == ["train", "external", None, "test"]
-            assert [cases[p].cohort for p in sorted(cases)] == ["siteA", "siteB", "manifest",
-                                                                "siteA"]
-            assert cases["M-0"].phases == tuple(os.path.join(folder, "M-0", f"{k}.nii.gz")
-                                                for k in ("pre", "early", "late"))
-            assert cases["M-0"].mask == os.path.join(folder, "M-0", "mask.nii.gz")
-            assert cases["M-1"].mask is None and cases["M-1"].box == (1, 4, 3, 9, 4, 11)
-            assert not any(c.stored_zyx for c in cases.values())
-            assert all(c.spacing is None for c in cases.values())
-    finally:
-        os.chdir(cwd)
-
-
-def test_manifest_reads_header_geometry(manifest_source):
-    folder, arrays, spacing = manifest_source
-    cases = {c.patient_id: c for c in list_cases(folder, PrepParams()).cases}
-    loaded = pipeline.load_case(cases["M-0"], PrepParams())
-    np.testing.assert_array_equal(loaded.phases, np.stack(arrays["M-0"][:3]))
-    np.testing.assert_array_equal(loaded.mask, arrays["M-0"][3])
-    np.testing.assert_allclose(loaded.spacing, spacing, rtol=1e-6)   # float32 in the header
-    assert loaded.tumour_box == (1, 4, 3, 9, 4, 11)
-    boxed = pipeline.load_case(cases["M-1"], PrepParams())
-    np.testing.assert_array_equal(boxed.phases, np.stack(arrays["M-1"][:3]))
-    assert not boxed.mask.any() and boxed.mask.shape == (6, 14, 18)
-    assert boxed.tumour_box == (1, 4, 3, 9, 4, 11)
-
-
-def test_manifest_splits_and_external(manifest_source):
-    folder, _, _ = manifest_source
-    params = PrepParams()
-    by_split = splits.assign(list_cases(folder, params).cases, params)
-    assert sum(len(group) for group in by_split.values()) == 4
-    assert {c.patient_id for c in by_split["external"]} == {"M-1"}
-    assert "M-0" in {c.patient_id for c in by_split["train"]}
-    assert "M-3" in {c.patient_id for c in by_split["test"]}
-    # the whole source as an external set
-    params = PrepParams(external="AMBL")
-    listing = list_cases(folder, params)
-    assert len(listing.cases) == 4
-    assert all(c.split == "external" and c.cohort == "AMBL" for c in listing.cases)
-    by_split = splits.assign(listing.cases, params)
-    assert len(by_split["external"]) == 4
-    assert not by_split["train"] and not by_split["validation"] and not by_split["test"]
-
-
-def test_manifest_problems(tmp_path):
-    folder = tmp_path / "bad"
-    array = np.random.default_rng(0).uniform(1, 9, (4, 8, 8)).astype(np.float32)
-    write_nifti(array, str(folder / "a.nii.gz"))
-    rows = [
-        dict(patient_id="ok", label="1", pre="a.nii.gz", early="a.nii.gz", late="a.nii.gz",
-             box="0 1 0 1 0 1"),
-        dict(patient_id="nofile", label="1", pre="a.nii.gz", early="gone.nii.gz",
-             late="a.nii.gz", box="0 1 0 1 0 1"),
-        dict(patient_id="badlabel", label="2", pre="a.nii.gz", early="a.nii.gz",
-             late="a.nii.gz", box="0 1 0 1 0 1"),
-        dict(patient_id="badbox", label="0", pre="a.nii.gz", early="a.nii.gz",
-             late="a.nii.gz", box="3 1 0 1 0 1"),
-        dict(patient_id="badsplit", label="0", pre="a.nii.gz", early="a.nii.gz",
-             late="a.nii.gz", box="0 1 0 1 0 1", split="holdout"),
-    ]
-    write_csv(str(folder / "manifest.csv"), rows, MANIFEST_COLUMNS)
-    listing = list_cases(str(folder), PrepParams())
-    assert [c.patient_id for c in listing.cases] == ["ok"]
-    problems = {p.patient_id: p for p in listing.problems}
-    assert set(problems) == {"nofile", "badlabel", "badbox", "badsplit"}
-    assert problems["nofile"].path == os.path.join(str(folder), "gone.nii.gz")
-    assert "label" in problems["badlabel"].reason
-    assert "box" in problems["badbox"].reason
-    assert "split" in problems["badsplit"].reason
-
-
-# ---------------------------------------------------------------------------------------------
-# DICOM series (one folder per phase)
-
-def write_dicom_series(array: np.ndarray, folder: str, spacing_zyx, series_uid: str) -> None:
-    """One DICOM file per slice of a (z, y, x) int16 array; files named in reverse slice order,
-    so only the Image Position Patient tag gives the order."""
-    os.makedirs(folder, exist_ok=True)
-    sz, sy, sx = spacing_zyx
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(array.shape[0]):
-        image = sitk.GetImageFromArray(array[k].astype(np.int16))
-        image.SetSpacing((sx, sy))
-        tags = {"0008|0060": "MR", "0020|000d": series_uid + ".0", "0020|000e": series_uid,
-                "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
-                "0020|0032": f"0\\0\\{k * sz}", "0020|0037": "1\\0\\0\\0\\1\\0",
-                "0018|0050": str(sz), "0028|0030": f"{sy}\\{sx}"}
-        for tag, value in tags.items():
-            image.SetMetaData(tag, value)
-        writer.SetFileName(os.path.join(folder, f"IM{array.shape[0] - k:04d}.dcm"))
-        writer.Execute(image)
-
-
-def test_dicom_series_manifest(tmp_path):
-    folder = tmp_path / "dicom_site"
-    rng = np.random.default_rng(5)
-    shape, spacing = (5, 12, 10), (3.0, 0.8, 0.7)
-    mask = np.zeros(shape, np.uint8)
-    mask[1:4, 2:8, 3:7] = 1
-    written = []
-    for t, key in enumerate(("pre", "early", "late")):
-        array = (rng.integers(0, 1500, shape) + 400 * t * mask.astype(np.int64)).astype(np.int16)
-        write_dicom_series(array, str(folder / "P1" / key), spacing,
-                           f"1.2.826.0.1.3680043.2.1125.77.{t + 1}")
-        written.append(array)
-    write_nifti(mask, str(folder / "P1" / "mask.nii.gz"), spacing)
-    write_csv(str(folder / "manifest.csv"),
-              [dict(patient_id="P1", label="1", pre="P1/pre", early="P1/early", late="P1/late",
-                    mask="P1/mask.nii.gz")], MANIFEST_COLUMNS)
-    (case,) = list_cases(str(folder), PrepParams()).cases
-    for key, array in zip(("pre", "early", "late"), written):
-        volume = read_volume("P1", str(folder / "P1" / key))
-        assert volume.array.shape == shape
-        np.testing.assert_array_equal(volume.array, array)
-        np.testing.assert_allclose(volume.spacing, spacing)
-    loaded = pipeline.load_case(case, PrepParams())
-    np.testing.assert_array_equal(loaded.phases, np.stack(written).astype(np.float32))
-    np.testing.assert_array_equal(loaded.mask, mask)
-    np.testing.assert_allclose(loaded.spacing, spacing)
-    assert loaded.tumour_box == (1, 3, 2, 7, 3, 6)
-    prepared = pipeline.prepare_case(case, PrepParams(image_size=16, slices_per_patient=0))
-    assert [s.slice_index for s in prepared.slices] == [1, 2, 3]
-
-
-def test_dicom_folder_without_series_names_the_folder(tmp_path):
-    empty = tmp_path / "no_dicom_here"
-    os.makedirs(empty)
-    (empty / "notes.txt").write_text("not an image")
-    with pytest.raises(BadCaseError) as raised:
-        read_volume("P9", str(empty))
-    assert raised.value.patient_id == "P9"
-    assert raised.value.path == str(empty)
-    assert str(empty) in str(raised.value) and "DICOM" in str(raised.value)
-
-    # through a manifest: the late phase points at the empty folder
-    array = np.random.default_rng(1).uniform(1, 9, (4, 8, 8)).astype(np.float32)
-    write_nifti(array, str(tmp_path / "pre.nii.gz"))
-    write_csv(str(tmp_path / "manifest.csv"),
-              [dict(patient_id="P9", label="0", pre="pre.nii.gz", early="pre.nii.gz",
-                    late="no_dicom_here", box="0 1 0 1 0 1")], MANIFEST_COLUMNS)
-    (case,) = list_cases(str(tmp_path / "manifest.csv"), PrepParams()).cases
-    with pytest.raises(BadCaseError, match="no_dicom_here"):
-        pipeline.load_case(case, PrepParams())
-
-
-def test_dicom_folder_with_two_series_is_rejected(tmp_path):
-    folder = tmp_path / "mixed"
-    array = np.ones((3, 6, 6), np.int16)
-    array[0, 0, 0] = 5
-    write_dicom_series(array, str(folder), (2.0, 1.0, 1.0), "1.2.826.0.1.3680043.2.1125.88.1")
-    other = tmp_path / "other"
-    write_dicom_series(array, str(other), (2.0, 1.0, 1.0), "1.2.826.0.1.3680043.2.1125.88.2")
-    for name in os.listdir(other):
-        shutil.copy(other / name, folder / f"B{name}")
-    with pytest.raises(BadCaseError, match="2 DICOM series"):
-        read_volume("P8", str(folder))
-
-
-# ---------------------------------------------------------------------------------------------
-# Split rule
-
-def make_cases(n: int = 400, positives: int = 100, prefix: str = "P") -> list[Case]:
-    return [Case(patient_id=f"{prefix}{i:04d}", label=int(i < positives), cohort="c",
-                 phases=("a", "b", "c"), box=(0, 0, 0, 0, 0, 0)) for i in range(n)]
-
-
-def test_seeded_split_deterministic_and_order_free():
-    cases = make_cases()
-    first = splits.seeded_split(cases, 0, (0.7, 0.15, 0.15))
-    again = splits.seeded_split(list(reversed(cases)), 0, (0.7, 0.15, 0.15))
-    assert first == again
-    assert set(first) == {c.patient_id for c in cases}
-    other = splits.seeded_split(cases, 1, (0.7, 0.15, 0.15))
-    assert other != first
-    changed = sum(first[p] != other[p] for p in first)
-    assert changed > 50
-
-
-@pytest.mark.parametrize("fractions", [(0.7, 0.15, 0.15), (0.6, 0.2, 0.2), (0.5, 0.5, 0.0)])
-def test_seeded_split_stratified_and_fractions(fractions):
-    cases = make_cases(n=400, positives=100)
-    assignment = splits.seeded_split(cases, 3, fractions)
-    labels = {c.patient_id: c.label for c in cases}
-    for label, total in ((1, 100), (0, 300)):
-        counts = collections.Counter(assignment[p] for p in labels if labels[p] == label)
-        for name, fraction in zip(("train", "validation", "test"), fractions):
-            assert abs(counts[name] - fraction * total) <= 1, (label, name, counts)
-    overall = 100 / 400
-    for name, fraction in zip(("train", "validation", "test"), fractions):
-        members = [p for p, s in assignment.items() if s == name]
-        assert abs(len(members) - fraction * 400) <= 2
-        if members:
-            share = np.mean([labels[p] for p in members])
-            assert abs(share - overall) < 0.02
-
-
-def test_assign_patient_level_and_source_split_wins():
-    cases = make_cases(n=60, positives=15)
-    # a third of the patients carry their own split; it must be kept
-    own = {c.patient_id: ("test" if i % 2 else "validation")
-           for i, c in enumerate(cases) if i % 3 == 0}
-    cases = [dataclasses.replace(c, split=own.get(c.patient_id)) for c in cases]
-    params = PrepParams(split_seed=4)
-    by_split = splits.assign(cases, params)
-    where = {}
-    for name, group in by_split.items():
-        for case in group:
-            assert case.patient_id not in where, "patient in two splits"
-            where[case.patient_id] = name
-    assert set(where) == {c.patient_id for c in cases}
-    for pid, split in own.items():
-        assert where[pid] == split
-    undecided = [c for c in cases if c.split is None]
-    seeded = splits.seeded_split(undecided, 4, params.split_fractions)
-    for case in undecided:
-        assert where[case.patient_id] == seeded[case.patient_id]
-    assert "from the source" in splits.describe(cases, params)
-    assert "seed 4" in splits.describe(cases, params)
-    assert splits.describe([c for c in cases if c.split], params) == "from the source"
-    assert "seed 4" in splits.describe(undecided, params)
-
-
-def test_seeded_split_end_to_end_patient_level(tmp_path, capsys):
-    """A BreastDCEDL CSV without `test`: every patient in exactly one split, all its slices too."""
-    from conftest import prepare_args
-    from data_prep import prepare
-    import tensorflow_datasets as tfds
-
-    folder = str(tmp_path / "cohort")
-    rows = write_cohort(folder, patients=12, times=3)
-    columns = [c for c in rows[0] if c != "test"]
-    write_csv(os.path.join(folder, "metadata.csv"), rows, columns)
-    assert prepare.main(prepare_args(folder, str(tmp_path / "out"), "--slices_per_patient", "3",
-                                     "--split_seed", "5")) == 0
-    builder = tfds.builder_from_directory(capsys.readouterr().out.strip().splitlines()[-1])
-    cases = [Case(patient_id=r["pid"], label=int(r["HER2"]), cohort="spy2", phases=("", "", ""))
-             for r in rows]
-    expected = splits.seeded_split(cases, 5, (0.7, 0.15, 0.15))
-    seen = collections.defaultdict(set)
-    slices_of = collections.Counter()
-    for name in builder.info.splits:
-        for example in builder.as_dataset(split=name).as_numpy_iterator():
-            pid = example["patient_id"].decode()
-            seen[pid].add(name)
-            slices_of[pid] += 1
-    assert all(len(names) == 1 for names in seen.values())
-    assert {pid: names.pop() for pid, names in seen.items()} == expected
-    assert set(slices_of.values()) == {3}
-    assert "seed 5" in builder.info.metadata["split_rule"]
 
 
 def test_missing_spacing_is_noted(tmp_path):
