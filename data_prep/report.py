@@ -71,7 +71,8 @@ def markdown(metadata: Mapping[str, Any]) -> str:
 def qc_montage(samples: Mapping[int, list[dict[str, Any]]], path: str) -> None:
     """Rows: HER2- then HER2+; columns: one slice per patient, tumour outline in white."""
     columns = max(1, max(len(v) for v in samples.values()))
-    figure, axes = plt.subplots(2, columns, figsize=(2.2 * columns, 4.8), squeeze=False)
+    figure, axes = plt.subplots(2, columns, figsize=(2.2 * columns, 5.4), squeeze=False,
+                                gridspec_kw={"hspace": 0.35})
     for row, label in enumerate((0, 1)):
         for column in range(columns):
             axis = axes[row][column]
@@ -88,6 +89,5 @@ def qc_montage(samples: Mapping[int, list[dict[str, Any]]], path: str) -> None:
         axes[row][0].text(-0.08, 0.5, ("HER2-", "HER2+")[label], transform=axes[row][0].transAxes,
                           rotation=90, va="center", ha="right", fontsize=10)
     figure.suptitle("QC: fused slices (R=pre, G=early, B=late) as written", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
