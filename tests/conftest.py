@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -27,6 +26,8 @@ def phase_volume(rng: np.random.Generator, t: int, mask: np.ndarray) -> np.ndarr
 
 def save_zyx(array: np.ndarray, path: str) -> None:
     """Writes a (z, y, x) array the BreastDCEDL way: straight into NIfTI, identity affine."""
+    import nibabel as nib  # here, not at the top: the model tests run where nibabel is absent
+
     nib.save(nib.Nifti1Image(array, np.eye(4)), path)
 
 

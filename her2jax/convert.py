@@ -1,0 +1,77 @@
+"""Convert ImageNet weights: `python -m her2jax.convert --source torchvision|timm|hf --arch NAME IN OUT`.
+
+IN is a torchvision ResNet state dict (`.pth`), a timm ViT checkpoint (`.safetensors` or `.pth`)
+or a HuggingFace ViT / ViT-MAE checkpoint (`.safetensors` or `.bin`). OUT is a converted file
+that training loads with one config key (`config.init.pretrained = OUT`). The conversion is
+checked against the registered model `NAME` with the checkpoint's own class count, and the report
+lists loaded, missing and unused keys.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from her2jax import weights
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m her2jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, choices=weights.SOURCES)
+    parser.add_argument("--arch", required=True,
+                        help="registered model name (resnet50, vit_small_patch16, ...); timm "
+                             "names such as vit_small_patch16_224 are accepted")
+    parser.add_argument("input", help="PyTorch checkpoint")
+    parser.add_argument("output", help="converted file (.safetensors)")
+    return parser.parse_args(argv)
+
+
+def registry_name(arch: str) -> tuple[str, dict]:
+    """`vit_small_patch16_384` -> ('vit_small_patch16', {'image_size': 384})."""
+    from her2jax import models
+
+    if arch in models.names():
+        return arch, {}
+    match = re.fullmatch(r"(.+)_(\d+)", arch)
+    if match and match.group(1) in models.names():
+        return match.group(1), {"image_size": int(match.group(2))}
+    raise ValueError(f"unknown architecture {arch!r}; registered: {', '.join(models.names())}")
+
+
+def head_classes(arrays: dict) -> int:
+    for key in ("fc/kernel", "head/kernel"):
+        if key in arrays:
+            return int(arrays[key].shape[-1])
+    return 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from flax import nnx
+
+        from her2jax import models
+
+        name, extra = registry_name(args.arch)
+        converted = weights.convert(args.source, weights.read_torch_checkpoint(args.input))
+        if "fc_norm/scale" in converted:  # timm's average-pooling ViTs normalise after pooling
+            extra["pool"] = "avg"
+        model = models.create(name, num_classes=head_classes(converted), rngs=nnx.Rngs(0),
+                              **extra)
+        report = weights.load_pretrained(model, converted)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    if not report.loaded:
+        print(f"error: nothing in {args.input} matches {name}; wrong --source or --arch?",
+              file=sys.stderr)
+        return 1
+    weights.save(converted, args.output, source=args.source, arch=args.arch)
+    print(args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

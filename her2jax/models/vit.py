@@ -1,0 +1,328 @@
+"""Vision Transformers (ViT-Ti/S/B, 16- or 32-pixel patches) with timm's parameter layout.
+
+    tokens = [cls; patches(x) W_patch + b] + pos_embed                 (N, 1 + H W / p^2, D)
+    tokens += DropPath(Attention(LayerNorm1(tokens)))                  pre-norm, 12 blocks
+    tokens += DropPath(MLP(LayerNorm2(tokens)))                        MLP: D -> 4D -> D, exact GELU
+    logits = head(Dropout(LayerNorm(tokens)[:, 0]))                    pool='token'
+    logits = head(Dropout(LayerNorm(mean(tokens[:, 1:]))))            pool='avg' (timm's fc_norm)
+
+Parameter names follow timm's `VisionTransformer`, so `from_timm` converts its weights one to
+one. When the input grid differs from the grid the model was built for, the position
+embeddings are resampled the way timm does (antialiased bicubic, class-token entry kept).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from her2jax.models.registry import register
+
+DEPTH = 12
+MLP_RATIO = 4
+LAYER_NORM_EPS = 1e-6
+SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}   # name: (width, heads)
+POOLS = ("token", "avg")
+OPTIONS = ("image_size", "pool", "dropout", "drop_path", "dtype")
+WEIGHT_INIT = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _linear(features_in: int, features_out: int, dtype: jnp.dtype,
+            rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(features_in, features_out, kernel_init=WEIGHT_INIT, dtype=dtype,
+                      param_dtype=jnp.float32, rngs=rngs)
+
+
+def _layer_norm(width: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # flax computes the mean and variance in at least float32 whatever `dtype` is.
+    return nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32,
+                         rngs=rngs)
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth: y = x * b / (1 - rate), b ~ Bernoulli(1 - rate) once per sample.
+
+    Identity when `deterministic` (set by `model.eval()`) or when rate is 0.
+    """
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
+        self.rate = rate
+        self.deterministic = deterministic
+        self.rngs = rngs["dropout"].fork()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        kept = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(kept, x / keep, 0).astype(x.dtype)
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Lets `nnx.view(model, deterministic=...)` switch it like `nnx.Dropout`."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention: softmax(q k^T / sqrt(D / heads)) v per head, then `proj`.
+
+    q, k and v come from one `qkv` projection D -> 3D laid out (3, heads, D / heads) as timm's.
+    """
+
+    def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.heads = heads
+        self.qkv = _linear(width, 3 * width, dtype, rngs)
+        self.proj = _linear(width, width, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads)
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(scores / math.sqrt(width // self.heads), axis=-1)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(x.dtype), value)
+        return self.proj(mixed.reshape(batch, tokens, width))
+
+
+class MLP(nnx.Module):
+    """fc2(GELU(fc1(x))), GELU(z) = z Phi(z) with the exact (erf) normal CDF Phi."""
+
+    def __init__(self, width: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.fc1 = _linear(width, hidden, dtype, rngs)
+        self.fc2 = _linear(hidden, width, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x += DropPath(attn(norm1 x)); x += DropPath(mlp(norm2 x))."""
+
+    def __init__(self, width: int, heads: int, drop_path: float, *, dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        self.norm1 = _layer_norm(width, dtype, rngs)
+        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+        self.drop_path1 = DropPath(drop_path, rngs=rngs)
+        self.norm2 = _layer_norm(width, dtype, rngs)
+        self.mlp = MLP(width, MLP_RATIO * width, dtype=dtype, rngs=rngs)
+        self.drop_path2 = DropPath(drop_path, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping p x p patches projected to D channels: a p x p convolution, stride p."""
+
+    def __init__(self, patch_size: int, width: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.proj = nnx.Conv(3, width, kernel_size=(patch_size, patch_size),
+                             strides=(patch_size, patch_size), padding="VALID", dtype=dtype,
+                             param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        height, width = images.shape[1:3]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image {height}x{width} is not a whole number of "
+                             f"{self.patch_size}-pixel patches; crop or resize it")
+        return self.proj(images)
+
+
+class VisionTransformer(nnx.Module):
+    """ViT on NHWC images -> logits (batch, num_classes) in float32; see the module docstring.
+
+    `dropout` acts on the head input (timm's drop_rate); stochastic-depth rates rise linearly
+    from 0 in the first block to `drop_path` in the last (timm's rule).
+    """
+
+    def __init__(self, *, num_classes: int, width: int, heads: int, patch_size: int,
+                 depth: int = DEPTH, image_size: int | Sequence[int] = 224,
+                 pool: str = "token", dropout: float = 0.0, drop_path: float = 0.0,
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if not (0.0 <= dropout < 1.0 and 0.0 <= drop_path < 1.0):
+            raise ValueError(f"dropout and drop_path are rates in [0, 1), got {dropout}, "
+                             f"{drop_path}")
+        image_height, image_width = _pair(image_size)
+        if image_height % patch_size or image_width % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of {patch_size}")
+        self.dtype = jnp.dtype(dtype)
+        self.pool = pool
+        self.grid = (image_height // patch_size, image_width // patch_size)
+        self.patch_embed = PatchEmbed(patch_size, width, dtype=self.dtype, rngs=rngs)
+        self.cls_token = nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, width)))
+        tokens = 1 + self.grid[0] * self.grid[1]
+        self.pos_embed = nnx.Param(WEIGHT_INIT(rngs.params(), (1, tokens, width)))
+        rates = np.linspace(0.0, drop_path, depth)
+        self.blocks = nnx.List([Block(width, heads, float(rate), dtype=self.dtype, rngs=rngs)
+                                for rate in rates])
+        if pool == "token":
+            self.norm = _layer_norm(width, self.dtype, rngs)
+        else:
+            self.fc_norm = _layer_norm(width, self.dtype, rngs)
+        self.head_drop = nnx.Dropout(dropout, rngs=rngs)
+        self.head = _linear(width, num_classes, self.dtype, rngs)
+
+    def position_embedding(self, grid: tuple[int, int]) -> jax.Array:
+        """pos_embed for a (rows, cols) patch grid, resampled if it is not the built grid."""
+        if grid == self.grid:
+            return self.pos_embed[...]
+        return _resample(self.pos_embed[...], self.grid, grid, 1, jnp)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        patches = self.patch_embed(images.astype(self.dtype))
+        batch, rows, cols, width = patches.shape
+        cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (batch, 1, width))
+        tokens = jnp.concatenate([cls, patches.reshape(batch, rows * cols, width)], axis=1)
+        tokens = tokens + self.position_embedding((rows, cols)).astype(self.dtype)
+        for block in self.blocks:
+            tokens = block(tokens)
+        if self.pool == "token":
+            pooled = self.norm(tokens)[:, 0]
+        else:
+            pooled = self.fc_norm(tokens[:, 1:].mean(axis=1, dtype=jnp.float32))
+        return self.head(self.head_drop(pooled)).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------- position-embedding resampling
+
+def _cubic(distance: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """Keys' cubic kernel: (a+2)|t|^3 - (a+3)|t|^2 + 1 for |t| < 1,
+    a(|t|^3 - 5|t|^2 + 8|t| - 4) for 1 <= |t| < 2, else 0 (a = -0.5, as PIL and torch's
+    antialiased bicubic)."""
+    t = np.abs(distance)
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = a * (((t - 5) * t + 8) * t - 4)
+    return np.where(t < 1, near, np.where(t < 2, far, 0.0))
+
+
+def resample_matrix(old: int, new: int) -> np.ndarray:
+    """(new, old) weights of antialiased bicubic resampling along one axis.
+
+    Output i sits at c_i = (i + 1/2) old / new in input pixel units; w_ij ∝ k((j + 1/2 - c_i) / s)
+    with s = max(old / new, 1) (the kernel widens when shrinking), normalised so each row sums
+    to 1. When enlarging, linear ramps are reproduced exactly wherever the kernel's four taps
+    lie inside the grid; at the border the dropped taps are renormalised away (as PIL and timm).
+    """
+    scale = old / new
+    centres = (np.arange(new) + 0.5) * scale
+    weights = _cubic((np.arange(old)[None, :] + 0.5 - centres[:, None]) / max(scale, 1.0))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _resample(pos_embed: Any, old_grid: tuple[int, int], new_grid: tuple[int, int],
+              num_prefix_tokens: int, xp: Any) -> Any:
+    """Resamples the grid part of a (1, prefix + rows cols, D) embedding with numpy or jax."""
+    width = pos_embed.shape[-1]
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    grid = grid.reshape(*old_grid, width)
+    rows = resample_matrix(old_grid[0], new_grid[0]).astype(np.float32)
+    cols = resample_matrix(old_grid[1], new_grid[1]).astype(np.float32)
+    extra = {"precision": jax.lax.Precision.HIGHEST} if xp is jnp else {}
+    resized = xp.einsum("rR,cC,RCd->rcd", rows, cols, grid, **extra)
+    return xp.concatenate([prefix, resized.reshape(1, -1, width).astype(grid.dtype)], axis=1)
+
+
+def resize_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int],
+                     num_prefix_tokens: int = 1) -> np.ndarray:
+    """(1, prefix + g^2, D) -> (1, prefix + rows cols, D) for a square source grid g x g;
+    prefix (class-token) entries are copied, the grid is resampled by `resample_matrix`."""
+    pos_embed = np.asarray(pos_embed)
+    side = math.isqrt(pos_embed.shape[1] - num_prefix_tokens)
+    if side * side != pos_embed.shape[1] - num_prefix_tokens:
+        raise ValueError(f"{pos_embed.shape[1] - num_prefix_tokens} grid tokens are not a square")
+    new_grid = _pair(new_grid)
+    if new_grid == (side, side):
+        return pos_embed.copy()
+    return _resample(pos_embed, (side, side), new_grid, num_prefix_tokens, np)
+
+
+# ---------------------------------------------------------------- weights
+
+_TIMM_KEY = re.compile(r"(patch_embed\.proj|blocks\.\d+\.(norm[12]|attn\.(qkv|proj)|mlp\.fc[12])"
+                       r"|norm|fc_norm|head)\.(weight|bias)|cls_token|pos_embed")
+
+
+def from_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """timm VisionTransformer state dict -> {'blocks/0/attn/qkv/kernel': array, ...}.
+
+    Convolution weights (O, I, kh, kw) -> kernels (kh, kw, I, O); linear (O, I) -> (I, O);
+    LayerNorm weight -> scale. Keys of other timm variants (register tokens, layer scale, ...)
+    are refused.
+    """
+    unknown = sorted(key for key in state_dict if not _TIMM_KEY.fullmatch(key))
+    if unknown:
+        raise ValueError(f"timm keys with no counterpart in this ViT: {unknown}")
+    params = {}
+    for key, tensor in state_dict.items():
+        array = np.asarray(tensor, dtype=np.float32)
+        *module, leaf = key.split(".")
+        if leaf == "weight" and array.ndim == 4:
+            leaf, array = "kernel", array.transpose(2, 3, 1, 0)
+        elif leaf == "weight" and array.ndim == 2:
+            leaf, array = "kernel", array.T
+        elif leaf == "weight":
+            leaf = "scale"
+        params["/".join([*module, leaf])] = np.ascontiguousarray(array)
+    return params
+
+
+# ---------------------------------------------------------------- registry
+
+def _variant(size: str, patch_size: int, num_classes: int, rngs: nnx.Rngs,
+             options: Mapping[str, Any]) -> VisionTransformer:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"vit_{size}_patch{patch_size}: unknown options {unknown}; "
+                         f"valid: {', '.join(OPTIONS)}")
+    width, heads = SIZES[size]
+    return VisionTransformer(num_classes=num_classes, width=width, heads=heads,
+                             patch_size=patch_size, rngs=rngs, **options)
+
+
+@register("vit_tiny_patch16")
+def vit_tiny_patch16(*, num_classes: int, rngs: nnx.Rngs, **options: Any) -> VisionTransformer:
+    """ViT-Ti/16: width 192, 3 heads, 16-pixel patches."""
+    return _variant("tiny", 16, num_classes, rngs, options)
+
+
+@register("vit_small_patch16")
+def vit_small_patch16(*, num_classes: int, rngs: nnx.Rngs, **options: Any) -> VisionTransformer:
+    """ViT-S/16: width 384, 6 heads, 16-pixel patches."""
+    return _variant("small", 16, num_classes, rngs, options)
+
+
+@register("vit_base_patch16")
+def vit_base_patch16(*, num_classes: int, rngs: nnx.Rngs, **options: Any) -> VisionTransformer:
+    """ViT-B/16: width 768, 12 heads, 16-pixel patches."""
+    return _variant("base", 16, num_classes, rngs, options)
+
+
+@register("vit_tiny_patch32")
+def vit_tiny_patch32(*, num_classes: int, rngs: nnx.Rngs, **options: Any) -> VisionTransformer:
+    """ViT-Ti/32: width 192, 3 heads, 32-pixel patches."""
+    return _variant("tiny", 32, num_classes, rngs, options)
+
+
+@register("vit_small_patch32")
+def vit_small_patch32(*, num_classes: int, rngs: nnx.Rngs, **options: Any) -> VisionTransformer:
+    """ViT-S/32: width 384, 6 heads, 32-pixel patches."""
+    return _variant("small", 32, num_classes, rngs, options)
+
+
+@register("vit_base_patch32")
+def vit_base_patch32(*, num_classes: int, rngs: nnx.Rngs, **options: Any) -> VisionTransformer:
+    """ViT-B/32: width 768, 12 heads, 32-pixel patches."""
+    return _variant("base", 32, num_classes, rngs, options)

@@ -1,0 +1,182 @@
+"""Pretrained weights: PyTorch checkpoints -> converted files -> parameters of a Flax model.
+
+A converted file is a safetensors file whose keys are our parameter paths joined by '/'
+(`layer1/0/conv1/kernel`, `blocks/3/attn/qkv/kernel`, `bn1/mean`), already in Flax layout, with
+metadata naming the source and architecture. Loading matches keys by path: backbone weights load,
+parts the checkpoint lacks (attention modules, a triple head) keep their fresh initialisation,
+and a head with another class count is left fresh; the report lists every key in each group.
+
+PyTorch files are read with `torch.load(weights_only=True)` or safetensors, so loading weights
+never runs code from the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+import numpy as np
+
+FORMAT = "her2jax-pretrained/1"
+SOURCES = ("torchvision", "timm", "hf")
+
+
+def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
+    """A PyTorch state dict as float32 numpy arrays, from `.safetensors`, `.pth`/`.pt`/`.bin`.
+
+    Wrapped checkpoints ({'state_dict': ...}, {'model': ...}) are unwrapped.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    import torch
+
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle refusing code, truncated file, not a torch file
+        raise ValueError(f"{path}: not a plain PyTorch state dict ({error})") from None
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(loaded).__name__}")
+    return {k: v.detach().float().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
+
+
+def hf_vit_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HuggingFace ViT / ViT-MAE encoder keys -> timm keys (query, key, value concatenated to qkv).
+
+    `vit.` / `encoder`-only prefixes are accepted; decoder weights of MAE checkpoints are unused.
+    """
+    renames = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+    }
+    layer_renames = {
+        "layernorm_before": "norm1", "layernorm_after": "norm2",
+        "attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1",
+        "output.dense": "mlp.fc2",
+    }
+    out: dict[str, np.ndarray] = {}
+    qkv: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("vit.")
+        if key in renames:
+            out[renames[key]] = value
+        elif key.startswith("encoder.layer."):
+            index, rest = key[len("encoder.layer."):].split(".", 1)
+            part, leaf = rest.rsplit(".", 1)
+            if part.startswith("attention.attention."):
+                qkv.setdefault((int(index), leaf), {})[part.rsplit(".", 1)[1]] = value
+            elif part in layer_renames:
+                out[f"blocks.{index}.{layer_renames[part]}.{leaf}"] = value
+    for (index, leaf), parts in qkv.items():
+        out[f"blocks.{index}.attn.qkv.{leaf}"] = np.concatenate(
+            [parts["query"], parts["key"], parts["value"]], axis=0)
+    return out
+
+
+def convert(source: str, state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PyTorch keys of `source` -> our parameter paths, in Flax layout."""
+    if source == "torchvision":
+        from her2jax.models.resnet import from_torchvision
+        return from_torchvision(state_dict)
+    if source in ("timm", "hf"):
+        from her2jax.models.vit import from_timm
+        return from_timm(hf_vit_to_timm(state_dict) if source == "hf" else state_dict)
+    raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+
+
+def save(arrays: Mapping[str, np.ndarray], path: str, **metadata: str) -> None:
+    from safetensors.numpy import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}, path,
+              metadata={"format": FORMAT, **metadata})
+
+
+def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A converted file: (arrays by parameter path, metadata)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no converted weights at {path}")
+    with safe_open(path, framework="numpy") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a converted her2jax checkpoint (format "
+                             f"{metadata.get('format')!r}); convert it with python -m her2jax.convert")
+        return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+
+
+@dataclasses.dataclass
+class LoadReport:
+    loaded: list[str]
+    missing: list[str]          # model parameters the checkpoint lacks: fresh initialisation
+    unused: list[str]           # checkpoint entries the model has no place for
+    mismatched: list[str]       # same path, other shape (e.g. a head for another class count)
+    resized: list[str]          # position embeddings interpolated to the model's grid
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)}, resized {len(self.resized)}, missing (fresh) "
+                 f"{len(self.missing)}, shape mismatch (fresh) {len(self.mismatched)}, "
+                 f"unused {len(self.unused)}"]
+        for name in ("resized", "missing", "mismatched", "unused"):
+            keys = getattr(self, name)
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... (+{len(keys) - 12})" if len(keys) > 12 else "")
+                lines.append(f"  {name}: {shown}")
+        return "\n".join(lines)
+
+
+def load_pretrained(model, source: str | Mapping[str, np.ndarray]) -> LoadReport:
+    """Copies matching weights into `model` (in place) and reports what matched.
+
+    `source` is a converted file or a mapping of parameter paths to arrays.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    arrays = read(source)[0] if isinstance(source, str) else dict(source)
+    report = LoadReport([], [], [], [], [])
+    updated = []
+    for path, variable in nnx.to_flat_state(nnx.state(model)):
+        key = "/".join(str(part) for part in path)
+        if key not in arrays:
+            if isinstance(variable, nnx.Param):
+                report.missing.append(key)
+            continue
+        value = np.asarray(arrays.pop(key))
+        if value.shape != variable.shape and key.endswith("pos_embed"):
+            value = _resize_pos_embed(value, variable.shape)
+            report.resized.append(key)
+        if value.shape != variable.shape:
+            report.mismatched.append(f"{key} {value.shape}->{tuple(variable.shape)}")
+            continue
+        updated.append((path, variable.replace(jnp.asarray(value, variable.dtype))))
+        report.loaded.append(key)
+    report.unused = sorted(arrays)
+    nnx.update(model, nnx.from_flat_state(updated))
+    return report
+
+
+def _resize_pos_embed(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    from her2jax.models.vit import resize_pos_embed
+
+    prefix = value.shape[1] - _square(value.shape[1])
+    new_tokens = shape[1] - prefix
+    side = int(round(new_tokens ** 0.5))
+    if side * side != new_tokens:
+        return value
+    return resize_pos_embed(value, (side, side), num_prefix_tokens=prefix)
+
+
+def _square(tokens: int) -> int:
+    """The largest square number of patch tokens in `tokens` (the rest are class tokens)."""
+    side = int(tokens ** 0.5)
+    return side * side

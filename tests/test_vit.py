@@ -1,0 +1,246 @@
+"""ViT: shapes, parameter counts and logits against timm, position-embedding resampling,
+dropout and stochastic depth, mixed precision."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from her2jax import models
+from her2jax.models import vit
+
+VIT_NAMES = [f"vit_{size}_patch{patch}" for size in ("tiny", "small", "base")
+             for patch in (16, 32)]
+
+
+def images(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, path)): np.asarray(variable[...])
+            for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def load(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
+    """Copies every parameter of `model` from `params`: same paths, same shapes, no extras."""
+    state = nnx.state(model, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    assert {"/".join(map(str, path)) for path in flat} == set(params)
+    for path, variable in flat.items():
+        value = params["/".join(map(str, path))]
+        assert value.shape == variable[...].shape, path
+        variable[...] = jnp.asarray(value)
+    nnx.update(model, state)
+
+
+def tiny(seed: int = 0, **options) -> vit.VisionTransformer:
+    return models.create("vit_tiny_patch16", num_classes=3, image_size=32, rngs=nnx.Rngs(seed),
+                         **options)
+
+
+# ---------------------------------------------------------------- construction
+
+def test_all_sizes_are_registered():
+    assert set(VIT_NAMES) <= set(models.names())
+
+
+@pytest.mark.parametrize("name", VIT_NAMES)
+def test_logits_shape_in_train_and_eval(name):
+    """Every variant is built and traced in both modes; the tiny ones also run (the others
+    only differ in width and heads, and compiling them would dominate the suite's time)."""
+    runs = name.startswith("vit_tiny")
+
+    def build() -> vit.VisionTransformer:
+        return models.create(name, num_classes=3, image_size=32, dropout=0.1, drop_path=0.1,
+                             rngs=nnx.Rngs(0))
+
+    model = build() if runs else nnx.eval_shape(build)
+    x = images(2, 32)
+    for set_mode in (model.train, model.eval):
+        set_mode()
+        logits = model(x) if runs else nnx.eval_shape(lambda m, images: m(images), model, x)
+        assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+        if runs:
+            assert np.isfinite(np.asarray(logits)).all()
+
+
+def timm_model(name: str, **kwargs):
+    """timm's counterpart of one of our registered names (random initialisation)."""
+    import timm
+    import timm.models.vision_transformer as timm_vit
+
+    if name == "vit_tiny_patch32":   # timm has no ViT-Ti/32 entry point; same class, same args
+        return timm_vit.VisionTransformer(patch_size=32, embed_dim=192, depth=12, num_heads=3,
+                                          **kwargs)
+    return timm.create_model(f"{name}_224", pretrained=False, **kwargs)
+
+
+@pytest.mark.parametrize("name", VIT_NAMES)
+def test_parameter_count_equals_timm(name):
+    shapes = nnx.eval_shape(lambda: models.create(name, num_classes=1000, rngs=nnx.Rngs(0)))
+    ours = sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(shapes, nnx.Param)))
+    import torch
+
+    with torch.device("meta"):   # shapes only: skips timm's weight initialisation
+        reference = timm_model(name)
+    assert ours == sum(parameter.numel() for parameter in reference.parameters())
+
+
+def test_unknown_options_and_bad_values_fail():
+    with pytest.raises(ValueError, match="unknown options"):
+        models.create("vit_tiny_patch16", depth=3)
+    with pytest.raises(ValueError, match="pool"):
+        tiny(pool="max")
+    with pytest.raises(ValueError, match="multiple"):
+        models.create("vit_tiny_patch16", image_size=40)
+    with pytest.raises(ValueError, match="patches"):
+        tiny()(images(1, 40))
+
+
+# ---------------------------------------------------------------- timm weights
+
+def perturbed_timm(name: str, **kwargs):
+    """timm model in eval mode whose biases, LayerNorms and class token are no longer 0 / 1
+    (timm's init), so a wrong or swapped mapping changes the logits; the head is scaled up so
+    logits are far from 0."""
+    import torch
+
+    torch.manual_seed(0)
+    model = timm_model(name, **kwargs).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        model.cls_token.normal_(std=0.5)
+        model.head.weight.mul_(10.0)
+    return model
+
+
+@pytest.mark.parametrize("name, pool", [("vit_tiny_patch16", "token"),
+                                        ("vit_small_patch16", "token"),
+                                        ("vit_tiny_patch16", "avg")])
+def test_converted_timm_weights_give_timm_logits(name, pool):
+    import torch
+
+    reference = perturbed_timm(name, global_pool=pool)
+    x = images(2, 224)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    model = models.create(name, num_classes=1000, pool=pool, rngs=nnx.Rngs(0))
+    state_dict = {key: value.numpy() for key, value in reference.state_dict().items()}
+    load(model, vit.from_timm(state_dict))
+    model.eval()
+    logits = np.asarray(nnx.jit(lambda m, images: m(images))(model, x))
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_from_timm_layouts_and_refusals():
+    converted = vit.from_timm({"patch_embed.proj.weight": np.zeros((192, 3, 16, 16)),
+                               "blocks.3.attn.qkv.weight": np.zeros((576, 192)),
+                               "blocks.3.norm1.weight": np.zeros(192)})
+    assert converted["patch_embed/proj/kernel"].shape == (16, 16, 3, 192)
+    assert converted["blocks/3/attn/qkv/kernel"].shape == (192, 576)
+    assert "blocks/3/norm1/scale" in converted
+    with pytest.raises(ValueError, match="reg_token"):
+        vit.from_timm({"reg_token": np.zeros((1, 4, 192))})
+
+
+# ---------------------------------------------------------------- position embeddings
+
+@pytest.mark.parametrize("grid", [(2, 2), (7, 5), (20, 20)])
+def test_resize_pos_embed_matches_timm(grid):
+    import torch
+    from timm.layers import resample_abs_pos_embed
+
+    pos_embed = np.random.default_rng(0).normal(size=(1, 1 + 14 * 14, 8)).astype(np.float32)
+    expected = resample_abs_pos_embed(torch.from_numpy(pos_embed), list(grid)).numpy()
+    np.testing.assert_allclose(vit.resize_pos_embed(pos_embed, grid), expected, atol=1e-5)
+
+
+def test_resize_to_the_same_grid_is_identity():
+    pos_embed = np.random.default_rng(0).normal(size=(1, 1 + 6 * 6, 4)).astype(np.float32)
+    np.testing.assert_array_equal(vit.resize_pos_embed(pos_embed, (6, 6)), pos_embed)
+    np.testing.assert_array_equal(vit.resample_matrix(6, 6), np.eye(6))
+
+
+def test_enlarging_keeps_a_linear_ramp_linear():
+    """e(r, c) = 2 r - 3 c + 1 on an 8 x 8 grid, enlarged to 12 x 12. Output i sits at source
+    coordinate (i + 1/2) 8/12 - 1/2; rows and columns 2..9 have all four cubic taps inside."""
+    rows, cols = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    ramp = (2.0 * rows - 3.0 * cols + 1.0).reshape(1, 64, 1)
+    pos_embed = np.concatenate([np.full((1, 1, 1), 7.0), ramp], axis=1).astype(np.float32)
+    resized = vit.resize_pos_embed(pos_embed, (12, 12))
+    source = (np.arange(12) + 0.5) * 8 / 12 - 0.5
+    expected = 2.0 * source[:, None] - 3.0 * source[None, :] + 1.0
+    assert resized[0, 0, 0] == 7.0
+    np.testing.assert_allclose(resized[0, 1:, 0].reshape(12, 12)[2:10, 2:10],
+                               expected[2:10, 2:10], atol=1e-5)
+
+
+def test_model_built_at_224_runs_on_32_pixel_images():
+    """Resampling inside the forward pass equals loading resampled weights into a 32-px model."""
+    built_at_224 = models.create("vit_tiny_patch16", num_classes=3, rngs=nnx.Rngs(0))
+    params = flat_params(built_at_224)
+    params["pos_embed"] = vit.resize_pos_embed(params["pos_embed"], (2, 2))
+    built_at_32 = tiny(seed=1)
+    load(built_at_32, params)
+    built_at_224.eval()
+    built_at_32.eval()
+    x = images(2, 32)
+    np.testing.assert_allclose(built_at_224(x), built_at_32(x), atol=1e-5)
+
+
+# ---------------------------------------------------------------- dropout, depth, precision
+
+def test_drop_path_rates_rise_linearly():
+    model = tiny(drop_path=0.22)
+    np.testing.assert_allclose([block.drop_path1.rate for block in model.blocks],
+                               np.linspace(0.0, 0.22, 12))
+    np.testing.assert_allclose([block.drop_path2.rate for block in model.blocks],
+                               np.linspace(0.0, 0.22, 12))
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+    drop = vit.DropPath(0.5, rngs=nnx.Rngs(0))
+    out = np.asarray(drop(jnp.ones((64, 5, 4))))
+    per_sample = out.reshape(64, -1)
+    assert set(np.unique(per_sample)) == {0.0, 2.0}
+    assert (per_sample.min(axis=1) == per_sample.max(axis=1)).all()
+    drop.eval()
+    np.testing.assert_array_equal(drop(jnp.ones((64, 5, 4))), np.ones((64, 5, 4)))
+
+
+def test_eval_mode_is_deterministic_and_ignores_the_rates():
+    x = images(2, 32)
+    noisy, plain = tiny(dropout=0.5, drop_path=0.5), tiny()
+    noisy.eval()
+    plain.eval()
+    first = np.asarray(noisy(x))
+    np.testing.assert_array_equal(first, noisy(x))
+    np.testing.assert_array_equal(first, plain(x))
+
+
+@pytest.mark.parametrize("options", [{"drop_path": 0.5}, {"dropout": 0.5}])
+def test_train_mode_draws_new_masks(options):
+    x = images(2, 32)
+    model, control = tiny(**options), tiny()
+    model.train()
+    control.train()
+    assert not np.allclose(model(x), model(x))
+    np.testing.assert_array_equal(control(x), control(x))
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    x = images(2, 32)
+    half, full = tiny(dtype="bfloat16"), tiny()
+    half.eval()
+    full.eval()
+    dtypes = {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(half, nnx.Param))}
+    assert dtypes == {np.dtype(np.float32)}
+    low, high = np.asarray(half(x)), np.asarray(full(x))
+    assert low.dtype == np.float32
+    assert 0 < np.abs(low - high).max() < 0.05 * np.abs(high).max() + 0.05

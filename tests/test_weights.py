@@ -1,0 +1,185 @@
+"""Pretrained weights: reading PyTorch files safely, converting, loading with a report."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import timm
+import torch
+import torchvision
+from flax import nnx
+from safetensors.torch import save_file as save_torch_safetensors
+
+from her2jax import convert, models, weights
+
+
+def randomised_resnet18() -> torch.nn.Module:
+    """torchvision resnet18 with random weights and non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def torch_logits(net: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+
+
+@pytest.fixture(scope="module")
+def resnet_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resnet")
+    net = randomised_resnet18()
+    source, converted = str(folder / "resnet18.pth"), str(folder / "resnet18.safetensors")
+    torch.save(net.state_dict(), source)
+    assert convert.main(["--source", "torchvision", "--arch", "resnet18", source, converted]) == 0
+    return net, source, converted
+
+
+def test_converted_resnet_reproduces_torchvision(resnet_files):
+    net, _, converted = resnet_files
+    model = models.create("resnet18", num_classes=1000, dropout=0.0, rngs=nnx.Rngs(1))
+    report = weights.load_pretrained(model, converted)
+    assert not (report.missing or report.unused or report.mismatched), report.summary()
+    model.eval()
+    images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model(images)), torch_logits(net, images), atol=1e-4)
+
+
+def test_backbone_loads_new_parts_stay_fresh(resnet_files):
+    _, _, converted = resnet_files
+    model = models.create("resnet18", num_classes=2, attention="cbam", rngs=nnx.Rngs(1))
+    fresh_attention = {k: np.asarray(v) for k, v in
+                       nnx.to_flat_state(nnx.state(model, nnx.Param)) if "attention" in k}
+    report = weights.load_pretrained(model, converted)
+    assert "conv1/kernel" in report.loaded and "layer4/1/bn2/var" in report.loaded
+    assert sorted(report.mismatched) == ["fc/bias (1000,)->(2,)", "fc/kernel (512, 1000)->(512, 2)"]
+    assert report.missing and all("attention" in key or key.startswith("fc/")
+                                  for key in report.missing), report.missing
+    assert report.unused == []
+    after = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for key, value in fresh_attention.items():
+        np.testing.assert_array_equal(np.asarray(after[key]), value)
+
+
+def test_triple_head_reports_the_unused_single_head(resnet_files):
+    _, _, converted = resnet_files
+    model = models.create("resnet18", num_classes=2, head="triple", rngs=nnx.Rngs(1))
+    report = weights.load_pretrained(model, converted)
+    assert report.unused == ["fc/bias", "fc/kernel"]
+    assert any(key.startswith("heads/") for key in report.missing)
+
+
+def test_wrapped_checkpoint_and_safetensors_read_alike(resnet_files, tmp_path):
+    net, source, _ = resnet_files
+    plain = weights.read_torch_checkpoint(source)
+    torch.save({"state_dict": net.state_dict(), "epoch": 3}, tmp_path / "wrapped.pth")
+    save_torch_safetensors({k: v.contiguous() for k, v in net.state_dict().items()},
+                           str(tmp_path / "plain.safetensors"))
+    for other in (tmp_path / "wrapped.pth", tmp_path / "plain.safetensors"):
+        read = weights.read_torch_checkpoint(str(other))
+        assert read.keys() == plain.keys()
+        for key in plain:
+            np.testing.assert_array_equal(read[key], plain[key])
+
+
+class _Payload:
+    """Unpickling this object would run code: it must never be unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.zeros(2), "payload": _Payload(str(marker))}, path)
+    with pytest.raises(ValueError, match="not a plain PyTorch state dict"):
+        weights.read_torch_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def timm_vit_state(**kwargs) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+    return net, {k: v.detach().numpy() for k, v in net.state_dict().items()}
+
+
+def test_timm_average_pooling_checkpoint_converts(tmp_path):
+    net, _ = timm_vit_state(global_pool="avg")
+    source, converted = str(tmp_path / "vit.pth"), str(tmp_path / "vit_out.safetensors")
+    torch.save(net.state_dict(), source)
+    assert convert.main(["--source", "timm", "--arch", "vit_tiny_patch16", source, converted]) == 0
+    model = models.create("vit_tiny_patch16", num_classes=1000, pool="avg", rngs=nnx.Rngs(0))
+    report = weights.load_pretrained(model, converted)
+    assert "fc_norm/scale" in report.loaded
+    assert not (report.missing or report.unused or report.mismatched), report.summary()
+
+
+def test_timm_vit_converts_and_pos_embed_resizes(tmp_path):
+    net, _ = timm_vit_state()
+    source, converted = str(tmp_path / "vit.safetensors"), str(tmp_path / "vit_out.safetensors")
+    save_torch_safetensors({k: v.contiguous() for k, v in net.state_dict().items()}, source)
+    assert convert.main(["--source", "timm", "--arch", "vit_tiny_patch16_224", source,
+                         converted]) == 0
+    model = models.create("vit_tiny_patch16", num_classes=2, image_size=64, rngs=nnx.Rngs(0))
+    report = weights.load_pretrained(model, converted)
+    assert report.resized == ["pos_embed"]
+    assert model.pos_embed[...].shape == (1, 1 + 4 * 4, 192)
+    assert "blocks/11/attn/qkv/kernel" in report.loaded
+    model.eval()
+    assert np.isfinite(np.asarray(model(np.zeros((1, 64, 64, 3), np.float32)))).all()
+
+
+def test_huggingface_vit_keys_convert_like_timm():
+    _, state = timm_vit_state()
+    hf = {"vit.embeddings.cls_token": state["cls_token"],
+          "vit.embeddings.position_embeddings": state["pos_embed"],
+          "vit.embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+          "vit.embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+          "vit.layernorm.weight": state["norm.weight"], "vit.layernorm.bias": state["norm.bias"]}
+    names = {"norm1": "layernorm_before", "norm2": "layernorm_after",
+             "attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense",
+             "mlp.fc2": "output.dense"}
+    for i in range(12):
+        prefix = f"vit.encoder.layer.{i}"
+        for ours, theirs in names.items():
+            for leaf in ("weight", "bias"):
+                hf[f"{prefix}.{theirs}.{leaf}"] = state[f"blocks.{i}.{ours}.{leaf}"]
+        for leaf in ("weight", "bias"):
+            q, k, v = np.split(state[f"blocks.{i}.attn.qkv.{leaf}"], 3, axis=0)
+            for name, part in zip(("query", "key", "value"), (q, k, v)):
+                hf[f"{prefix}.attention.attention.{name}.{leaf}"] = part
+    from_hf = weights.convert("hf", hf)
+    from_timm = weights.convert("timm", {k: v for k, v in state.items()
+                                         if not k.startswith("head.")})
+    assert from_hf.keys() == from_timm.keys()
+    for key in from_timm:
+        np.testing.assert_array_equal(from_hf[key], from_timm[key])
+
+
+def test_command_line_errors(resnet_files, tmp_path, capsys):
+    _, source, _ = resnet_files
+    out = str(tmp_path / "x.safetensors")
+    assert convert.main(["--source", "torchvision", "--arch", "resnet7", source, out]) == 1
+    assert "unknown architecture 'resnet7'" in capsys.readouterr().err
+    assert convert.main(["--source", "timm", "--arch", "vit_tiny_patch16", source, out]) == 1
+    assert "no counterpart in this ViT" in capsys.readouterr().err   # a ResNet file as timm
+    assert convert.main(["--source", "torchvision", "--arch", "vit_tiny_patch16", source,
+                         out]) == 1
+    assert "nothing in" in capsys.readouterr().err                  # ResNet keys, ViT model
+    assert not os.path.exists(out)
+    from safetensors.numpy import save_file
+    save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a converted her2jax checkpoint"):
+        weights.read(str(tmp_path / "plain.safetensors"))
