@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Mapping
 
 import numpy as np
@@ -46,9 +47,11 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
 
 
 def hf_vit_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HuggingFace ViT / ViT-MAE encoder keys -> timm keys (query, key, value concatenated to qkv).
+    """HuggingFace ViT / ViT-MAE encoder keys -> timm keys (query, key, value fused into qkv).
 
-    `vit.` / `encoder`-only prefixes are accepted; decoder weights of MAE checkpoints are unused.
+    Both the hub checkpoints' names (`encoder.layer.N.attention.attention.query`) and those of
+    transformers 5 modules (`layers.N.attention.q_proj`) are read; a `vit.` prefix is dropped and
+    anything else (MAE decoder, pooler, classifier) is left out.
     """
     renames = {
         "embeddings.cls_token": "cls_token",
@@ -57,27 +60,32 @@ def hf_vit_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
         "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
         "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
     }
-    layer_renames = {
+    layer_parts = {
         "layernorm_before": "norm1", "layernorm_after": "norm2",
-        "attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1",
-        "output.dense": "mlp.fc2",
+        "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+        "intermediate.dense": "mlp.fc1", "mlp.fc1": "mlp.fc1",
+        "output.dense": "mlp.fc2", "mlp.fc2": "mlp.fc2",
+        "attention.attention.query": "q", "attention.q_proj": "q",
+        "attention.attention.key": "k", "attention.k_proj": "k",
+        "attention.attention.value": "v", "attention.v_proj": "v",
     }
     out: dict[str, np.ndarray] = {}
-    qkv: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    qkv: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
         key = key.removeprefix("vit.")
+        layer = re.fullmatch(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)", key)
         if key in renames:
             out[renames[key]] = value
-        elif key.startswith("encoder.layer."):
-            index, rest = key[len("encoder.layer."):].split(".", 1)
-            part, leaf = rest.rsplit(".", 1)
-            if part.startswith("attention.attention."):
-                qkv.setdefault((int(index), leaf), {})[part.rsplit(".", 1)[1]] = value
-            elif part in layer_renames:
-                out[f"blocks.{index}.{layer_renames[part]}.{leaf}"] = value
+        elif layer and layer.group(2) in layer_parts:
+            index, part, leaf = layer.groups()
+            target = layer_parts[part]
+            if target in ("q", "k", "v"):
+                qkv.setdefault((index, leaf), {})[target] = value
+            else:
+                out[f"blocks.{index}.{target}.{leaf}"] = value
     for (index, leaf), parts in qkv.items():
         out[f"blocks.{index}.attn.qkv.{leaf}"] = np.concatenate(
-            [parts["query"], parts["key"], parts["value"]], axis=0)
+            [parts["q"], parts["k"], parts["v"]], axis=0)
     return out
 
 

@@ -183,3 +183,31 @@ def test_command_line_errors(resnet_files, tmp_path, capsys):
     save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a converted her2jax checkpoint"):
         weights.read(str(tmp_path / "plain.safetensors"))
+
+
+def test_transformers_vit_converts_to_the_same_function():
+    """A randomly initialised HuggingFace ViTModel, converted with --source hf, gives the same
+    class-token features as transformers itself (our head set to the identity)."""
+    import jax.numpy as jnp
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                                    intermediate_size=768, image_size=32, patch_size=16,
+                                    layer_norm_eps=1e-6, hidden_act="gelu")
+    torch.manual_seed(0)
+    hf_model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    with torch.no_grad():   # move the LayerNorms and biases off their trivial initial values
+        for name, parameter in hf_model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    model = models.create("vit_tiny_patch16", num_classes=192, image_size=32, rngs=nnx.Rngs(0))
+    report = weights.load_pretrained(model, weights.convert("hf", state))
+    assert report.missing == ["head/bias", "head/kernel"] and not report.unused, report.summary()
+    model.head.kernel[...] = jnp.eye(192)
+    model.head.bias[...] = jnp.zeros(192)
+    model.eval()
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = hf_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).last_hidden_state[:, 0]
+    np.testing.assert_allclose(np.asarray(model(images)), expected.numpy(), atol=1e-4)

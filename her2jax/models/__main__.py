@@ -1,6 +1,7 @@
 """`python -m her2jax.models`: every registered model with parameters, FLOPs and CPU forward time.
 
-FLOPs are XLA's count for one forward pass of one image in eval mode (a multiply-add counts as 2);
+FLOPs are XLA's count (from a CPU compilation) for one forward pass of one image in eval mode (a
+multiply-add counts as 2);
 forward time is the median wall time of a jitted eval forward pass over `--batch` images on this
 machine's default JAX device, after one warm-up call.
 """
@@ -35,8 +36,13 @@ def forward_function(model: nnx.Module):
 
 
 def flops_per_image(forward, state, image_size: int) -> float:
-    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    cost = forward.lower(state, images).compile().cost_analysis()
+    """XLA's FLOP count, always from a CPU compilation: on GPU, convolutions become library calls
+    that XLA's cost analysis does not count."""
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_cpu),
+                            state)
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32, sharding=on_cpu)
+    cost = forward.lower(abstract, images).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan")))
 
@@ -52,15 +58,17 @@ def forward_seconds(forward, state, image_size: int, batch: int, repeats: int) -
     return statistics.median(times)
 
 
-def table(names: list[str], image_size: int, batch: int, repeats: int, out=sys.stdout) -> None:
+def table(names: list[str], image_size: int, batch: int, repeats: int, out=sys.stdout,
+          dtype: str = "float32") -> None:
     device = jax.devices()[0]
-    print(f"image {image_size}x{image_size}, batch {batch}, median of {repeats}, "
-          f"device {device.platform} ({device.device_kind})", file=out)
+    print(f"image {image_size}x{image_size}, batch {batch}, compute {dtype}, median of {repeats}, "
+          f"device {device.platform} ({device.device_kind}), jax {jax.__version__}", file=out)
     print("| model | parameters | GFLOPs / image | forward ms / batch | images/s |", file=out)
     print("|---|---|---|---|---|", file=out)
     for name in names:
         kwargs = {"image_size": image_size} if name.startswith("vit") else {}
-        model = models.create(name, num_classes=2, rngs=nnx.Rngs(0), **kwargs)
+        model = models.create(name, num_classes=2, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
+                              **kwargs)
         forward, state = forward_function(model)
         flops = flops_per_image(forward, state, image_size)
         seconds = forward_seconds(forward, state, image_size, batch, repeats)
@@ -75,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype (parameters stay float32)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names or []) - set(models.names()))
     if unknown:
         parser.error(f"unknown models {unknown}; registered: {', '.join(models.names())}")
-    table(args.names or models.names(), args.image_size, args.batch, args.repeats)
+    table(args.names or models.names(), args.image_size, args.batch, args.repeats,
+          dtype=args.dtype)
     return 0
 
 
