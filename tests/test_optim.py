@@ -1,0 +1,146 @@
+"""Optimiser and loss against independent references (torch AdamW and cross_entropy, sklearn)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+from sklearn.utils.class_weight import compute_class_weight
+
+from her2jax import models
+from her2jax.losses import class_weights_from_counts, cross_entropy
+from her2jax.optim import (create_optimizer, decay_mask, learning_rate_multipliers,
+                           learning_rate_schedule)
+
+
+def test_schedule_follows_the_formula():
+    schedule = learning_rate_schedule(1e-3, warmup_steps=10, total_steps=110, final_fraction=0.1)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    for t in (10, 35, 60, 110):
+        expected = 1e-3 * (0.1 + 0.9 * (1 + math.cos(math.pi * (t - 10) / 100)) / 2)
+        assert float(schedule(t)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="must exceed"):
+        learning_rate_schedule(1e-3, warmup_steps=10, total_steps=10)
+
+
+def by_path(tree) -> dict:
+    """'conv1/kernel' -> leaf, for a tree of Variables holding plain values."""
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", ""))) for k in path[:-1]): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_decay_mask_spares_biases_norms_and_vit_tokens():
+    resnet = nnx.state(models.create("resnet18", num_classes=2, attention="cbam",
+                                     rngs=nnx.Rngs(0)), nnx.Param)
+    for path, (decay, param) in zip(nnx.to_flat_state(resnet),
+                                    zip(jax.tree.leaves(decay_mask(resnet)),
+                                        jax.tree.leaves(resnet))):
+        assert decay == (param.ndim >= 2), path
+    vit = nnx.state(models.create("vit_tiny_patch16", num_classes=2, image_size=32,
+                                  rngs=nnx.Rngs(0)), nnx.Param)
+    mask = by_path(decay_mask(vit))
+    assert not mask["pos_embed"] and not mask["cls_token"]
+    assert mask["blocks/0/attn/qkv/kernel"] and not mask["blocks/0/norm1/scale"]
+
+
+def test_backbone_multiplier_covers_the_backbone_only():
+    model = models.create("resnet18", num_classes=2, head="triple", head_combine="learned",
+                          attention="channel", rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    multipliers = by_path(learning_rate_multipliers(params, 0.1))
+    assert multipliers["conv1/kernel"] == 0.1 and multipliers["layer4/1/bn2/scale"] == 0.1
+    assert all(v == 1.0 for k, v in multipliers.items() if k.startswith("heads/"))
+    assert multipliers["head_weights"] == 1.0
+
+
+def test_adamw_steps_match_torch():
+    rng = np.random.default_rng(0)
+    weight, bias = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    grads = [(rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32))
+             for _ in range(3)]
+    params = {"kernel": jnp.asarray(weight), "bias": jnp.asarray(bias)}
+    optimizer = create_optimizer(params, learning_rate=1e-2, warmup_steps=0, total_steps=1000,
+                                 weight_decay=0.1, grad_clip_norm=None)
+    state = optimizer.init(params)
+    schedule = learning_rate_schedule(1e-2, 0, 1000)
+    torch_weight = torch.nn.Parameter(torch.from_numpy(weight.copy()))
+    torch_bias = torch.nn.Parameter(torch.from_numpy(bias.copy()))
+    reference = torch.optim.AdamW([{"params": [torch_weight], "weight_decay": 0.1},
+                                   {"params": [torch_bias], "weight_decay": 0.0}], lr=1e-2,
+                                  eps=1e-8)
+    for step, (g_weight, g_bias) in enumerate(grads):
+        updates, state = optimizer.update({"kernel": jnp.asarray(g_weight),
+                                           "bias": jnp.asarray(g_bias)}, state, params)
+        params = optax.apply_updates(params, updates)
+        for group in reference.param_groups:
+            group["lr"] = float(schedule(step))
+        torch_weight.grad, torch_bias.grad = torch.from_numpy(g_weight), torch.from_numpy(g_bias)
+        reference.step()
+    np.testing.assert_allclose(params["kernel"], torch_weight.detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(params["bias"], torch_bias.detach().numpy(), atol=1e-6)
+
+
+def test_multiplier_scales_backbone_updates():
+    params = {"conv1": {"kernel": jnp.ones((2, 2))}, "fc": {"kernel": jnp.ones((2, 2))}}
+    grads = jax.tree.map(lambda x: 0.5 * x, params)
+    plain = create_optimizer(params, learning_rate=1e-2, warmup_steps=0, total_steps=100,
+                             grad_clip_norm=None)
+    slow = create_optimizer(params, learning_rate=1e-2, warmup_steps=0, total_steps=100,
+                            grad_clip_norm=None, backbone_multiplier=0.1)
+    u_plain, _ = plain.update(grads, plain.init(params), params)
+    u_slow, _ = slow.update(grads, slow.init(params), params)
+    np.testing.assert_allclose(u_slow["conv1"]["kernel"], 0.1 * u_plain["conv1"]["kernel"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(u_slow["fc"]["kernel"], u_plain["fc"]["kernel"], rtol=1e-6)
+
+
+def test_accumulation_equals_the_mean_gradient():
+    params = {"kernel": jnp.ones((3, 2))}
+    g1, g2 = {"kernel": jnp.full((3, 2), 0.2)}, {"kernel": jnp.full((3, 2), -0.6)}
+    kwargs = dict(learning_rate=1e-2, warmup_steps=0, total_steps=100, grad_clip_norm=1.0)
+    accumulated = create_optimizer(params, accumulation_steps=2, **kwargs)
+    state = accumulated.init(params)
+    first, state = accumulated.update(g1, state, params)
+    assert float(jnp.abs(first["kernel"]).max()) == 0.0        # no step on the first micro-batch
+    second, _ = accumulated.update(g2, state, params)
+    single = create_optimizer(params, **kwargs)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+    expected, _ = single.update(mean, single.init(params), params)
+    np.testing.assert_allclose(second["kernel"], expected["kernel"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_matches_torch(smoothing, weighted):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(9, 2)).astype(np.float32) * 3
+    labels = rng.integers(0, 2, 9)
+    weights = np.array([0.6, 2.5], np.float32) if weighted else None
+    expected = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits), torch.from_numpy(labels),
+        weight=None if weights is None else torch.from_numpy(weights),
+        label_smoothing=smoothing).item()
+    ours = cross_entropy(jnp.asarray(logits), jnp.asarray(labels), label_smoothing=smoothing,
+                         class_weights=None if weights is None else jnp.asarray(weights))
+    assert float(ours) == pytest.approx(expected, rel=1e-6)
+
+
+def test_padding_does_not_count():
+    logits = jnp.asarray([[2.0, -1.0], [0.5, 0.5], [9.0, -9.0]])
+    labels = jnp.asarray([0, 1, 1])
+    valid = jnp.asarray([True, True, False])
+    assert float(cross_entropy(logits, labels, valid=valid)) == pytest.approx(
+        float(cross_entropy(logits[:2], labels[:2])))
+
+
+def test_class_weights_are_sklearns_balanced_weights():
+    labels = np.array([0] * 78 + [1] * 22)
+    np.testing.assert_allclose(class_weights_from_counts(np.bincount(labels)),
+                               compute_class_weight("balanced", classes=np.array([0, 1]), y=labels),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="every class"):
+        class_weights_from_counts(np.array([10, 0]))
