@@ -71,17 +71,20 @@ TWO_DEVICES = textwrap.dedent("""
                                      total_steps=100)
         opt_state = optimizer.init(params)
         step = make_train_step(graph, optimizer, data_mesh(devices))
-        losses = []
+        losses, norms = [], []
         for _ in range(2):
             params, rest, opt_state, metrics = step(params, rest, opt_state, fixed_batch())
             losses.append(float(metrics["loss"]))
-        return losses, np.asarray(params["conv1"]["kernel"][...])
+            norms.append(float(metrics["grad_norm"]))
+        return losses, norms
 
     assert len(jax.devices()) == 2
-    one_losses, one_kernel = run(jax.devices()[:1])
-    two_losses, two_kernel = run(jax.devices())
+    one_losses, one_norms = run(jax.devices()[:1])
+    two_losses, two_norms = run(jax.devices())
+    # Adam divides by sqrt(v): near-zero gradients that differ in the last bits (another
+    # reduction order) move parameters by up to lr, so losses and gradients are compared
     np.testing.assert_allclose(two_losses, one_losses, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(two_kernel, one_kernel, atol=1e-6)
+    np.testing.assert_allclose(two_norms, one_norms, rtol=1e-4)
     print("ok", one_losses)
 """)
 
