@@ -81,10 +81,12 @@ TWO_DEVICES = textwrap.dedent("""
     assert len(jax.devices()) == 2
     one_losses, one_norms = run(jax.devices()[:1])
     two_losses, two_norms = run(jax.devices())
-    # Adam divides by sqrt(v): near-zero gradients that differ in the last bits (another
-    # reduction order) move parameters by up to lr, so losses and gradients are compared
-    np.testing.assert_allclose(two_losses, one_losses, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(two_norms, one_norms, rtol=1e-4)
+    # the first step starts from the same parameters: loss and gradient agree to float noise;
+    # after it, Adam's division by sqrt(v) turns last-bit differences of near-zero gradients
+    # (another reduction order) into parameter moves of up to lr, so the second step is looser
+    np.testing.assert_allclose(two_losses[0], one_losses[0], rtol=1e-5)
+    np.testing.assert_allclose(two_norms[0], one_norms[0], rtol=1e-5)
+    np.testing.assert_allclose(two_losses[1], one_losses[1], rtol=1e-3)
     print("ok", one_losses)
 """)
 
