@@ -84,8 +84,8 @@ TWO_DEVICES = textwrap.dedent("""
     # the first step starts from the same parameters: loss and gradient agree to float noise;
     # after it, Adam's division by sqrt(v) turns last-bit differences of near-zero gradients
     # (another reduction order) into parameter moves of up to lr, so the second step is looser
-    np.testing.assert_allclose(two_losses[0], one_losses[0], rtol=1e-5)
-    np.testing.assert_allclose(two_norms[0], one_norms[0], rtol=1e-5)
+    np.testing.assert_allclose(two_losses[0], one_losses[0], rtol=1e-4)
+    np.testing.assert_allclose(two_norms[0], one_norms[0], rtol=1e-4)
     np.testing.assert_allclose(two_losses[1], one_losses[1], rtol=1e-3)
     print("ok", one_losses)
 """)
