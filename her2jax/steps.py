@@ -56,7 +56,7 @@ def make_train_step(train_graph: nnx.GraphDef, optimizer: optax.GradientTransfor
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
         return params, new_rest, opt_state, metrics
 
     replicated, sharded = NamedSharding(mesh, PartitionSpec()), batch_sharding(mesh)
