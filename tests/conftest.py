@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+# torchvision (through torch._dynamo and triton) crashes the process when it is imported after
+# TensorFlow, the other way round works: the reference models load first in every test process.
+import torchvision  # noqa: E402, F401
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -1,0 +1,86 @@
+"""Settings shared by every experiment. Each key is documented where it is set; durations carry
+their unit in the name (`total_steps`, `warmup_steps`, `log_every_steps`).
+
+Variants are chosen on the command line, big_vision style:
+    --config configs/resnet.py:resnet18            a named variant
+    --config configs/resnet.py:resnet18,runlocal   the same, shrunk to a smoke test
+    --config.optimizer.learning_rate=3e-4          any key; unknown keys fail loudly
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.data_dir = ""              # prepared dataset folder (.../her2_dce/<config>/<version>)
+    config.train_split = "train"
+    config.eval_split = "validation"  # periodic evaluation and the best checkpoint
+    config.seed = 0                   # model initialisation and the input stream
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "resnet18"    # a name from `python -m her2jax.models`
+    config.model.kwargs = ml_collections.ConfigDict()  # its options (attention, head, ...)
+    config.num_classes = 2
+    config.dtype = "float32"          # compute dtype; bfloat16 on GPU/TPU (params stay float32)
+
+    config.init = ml_collections.ConfigDict()
+    config.init.pretrained = ""       # converted weights (python -m her2jax.convert); "" = random
+
+    config.batch_size = 32            # global batch, split over all devices and processes
+    config.total_steps = 2000         # optimiser updates
+    config.warmup_steps = 100         # linear warm-up of the learning rate
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-3   # peak AdamW learning rate, cosine to 0 at the end
+    config.optimizer.weight_decay = 0.05    # not on biases, norms, position embeddings
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.grad_clip_norm = 1.0   # global-norm clipping; 0 disables it
+    config.optimizer.backbone_multiplier = 1.0  # learning-rate factor for the pretrained backbone
+    config.optimizer.accumulation_steps = 1     # micro-batches per update
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.label_smoothing = 0.0
+    config.loss.class_weights = True  # w_c = N / (C n_c) from the training split's slice counts
+
+    config.input = ml_collections.ConfigDict()
+    config.input.balance = "none"     # none | class | patient (sampling of training slices)
+    config.input.augment = ml_collections.ConfigDict()   # training only; evaluation never
+    config.input.augment.random_resized_crop = ml_collections.ConfigDict(
+        {"scale": (0.7, 1.0), "ratio": (3 / 4, 4 / 3)})
+    config.input.augment.flip = 0.5             # probability of a horizontal flip
+    config.input.augment.rotate_degrees = 10.0  # rotation drawn from U(-d, d)
+    config.input.augment.intensity_jitter = 0.1  # contrast and brightness, one pair per image
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every_steps = 200
+    config.eval.batch_size = 64
+    config.eval.aggregation = "median"  # slice -> patient probability: median | mean | max
+
+    config.log_every_steps = 20
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 200
+    config.checkpoint.keep = 2          # latest checkpoints kept for resuming (best kept apart)
+    return config
+
+
+def parse_arg(arg: str | None) -> tuple[str | None, set[str]]:
+    """'resnet18,runlocal' -> ('resnet18', {'runlocal'})."""
+    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    flags = {p for p in parts if p == "runlocal"}
+    variants = [p for p in parts if p not in flags]
+    if len(variants) > 1:
+        raise ValueError(f"one variant at a time, got {variants}")
+    return (variants[0] if variants else None), flags
+
+
+def apply_runlocal(config: ml_collections.ConfigDict) -> None:
+    """A smoke test on a laptop CPU: few steps, small batches."""
+    config.batch_size = 8
+    config.total_steps = 6
+    config.warmup_steps = 2
+    config.eval.every_steps = 3
+    config.eval.batch_size = 8
+    config.log_every_steps = 2
+    config.checkpoint.every_steps = 3

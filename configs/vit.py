@@ -1,0 +1,29 @@
+"""ViT experiments: `--config configs/vit.py:<variant>[,runlocal]`.
+
+Variants: tiny16, small16, base16 (patch 16), small32 (patch 32); class-token pooling, dropout
+0.1 on the head input, stochastic depth 0.1; AdamW at a lower peak learning rate than ResNets.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs.common import apply_runlocal, base_config, parse_arg
+
+VARIANTS = {"tiny16": "vit_tiny_patch16", "small16": "vit_small_patch16",
+            "base16": "vit_base_patch16", "small32": "vit_small_patch32"}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, flags = parse_arg(arg)
+    variant = variant or "small16"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    config = base_config()
+    config.model.name = VARIANTS[variant]
+    # image_size is set from the dataset at run time (position embeddings follow it)
+    config.model.kwargs = ml_collections.ConfigDict({"pool": "token", "dropout": 0.1,
+                                                     "drop_path": 0.1})
+    config.optimizer.learning_rate = 3e-4
+    if "runlocal" in flags:
+        apply_runlocal(config)
+    return config

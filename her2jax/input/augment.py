@@ -1,0 +1,147 @@
+"""Training augmentation of one uint8 (H, W, 3) image, on the host in tf.data.
+
+Every random draw is stateless, from a seed pair given per example, so an example's augmentation
+depends only on (training seed, its position in the stream). The steps, in order (x is the image
+as float32 in [0, 255], each step optional):
+
+1. random resized crop: area fraction s ~ U(scale), aspect ratio r = w / h ~ log-U(ratio); a box
+   of that area and ratio at a uniform position (up to 10 attempts, else the whole image), resized
+   back to H x W bilinearly;
+2. rotation: angle a ~ U(-rotate_degrees, rotate_degrees) about the image centre
+   c = ((W - 1) / 2, (H - 1) / 2): output pixel p samples the input at R(a) (p - c) + c,
+   bilinearly, zeros outside;
+3. horizontal flip with probability `flip`;
+4. intensity jitter j: contrast k ~ U(1 - j, 1 + j) and brightness b ~ U(-j, j) * 255, one pair per
+   image for all three channels (the phase ratios stay): y = (x - mean(x)) * k + mean(x) + b;
+
+then y is rounded and clipped to uint8 [0, 255].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import tensorflow as tf
+
+DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
+DEFAULT_AUGMENT = {"random_resized_crop": {"scale": (0.7, 1.0), "ratio": DEFAULT_CROP_RATIO},
+                   "flip": 0.5, "rotate_degrees": 10.0, "intensity_jitter": 0.1}
+CROP_ATTEMPTS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Which steps run and how strongly; the default runs none (evaluation)."""
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO
+    flip: float = 0.0
+    rotate_degrees: float = 0.0
+    intensity_jitter: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> Augment:
+        """From {"random_resized_crop": {"scale": (lo, hi), "ratio": (lo, hi)} or None, "flip": p,
+        "rotate_degrees": d, "intensity_jitter": j}; missing keys are off."""
+        options = dict(options or {})
+        unknown = set(options) - set(DEFAULT_AUGMENT)
+        if unknown:
+            raise ValueError(f"unknown augmentation option(s) {sorted(unknown)}; "
+                             f"known: {sorted(DEFAULT_AUGMENT)}")
+        crop = options.get("random_resized_crop")
+        crop = dict(crop) if crop else {}
+        if set(crop) - {"scale", "ratio"}:
+            raise ValueError(f"random_resized_crop takes scale and ratio, got {sorted(crop)}")
+        augment = cls(
+            crop_scale=_pair(crop["scale"]) if crop else None,
+            crop_ratio=_pair(crop.get("ratio", DEFAULT_CROP_RATIO)),
+            flip=float(options.get("flip") or 0.0),
+            rotate_degrees=float(options.get("rotate_degrees") or 0.0),
+            intensity_jitter=float(options.get("intensity_jitter") or 0.0))
+        augment.check()
+        return augment
+
+    def check(self) -> None:
+        """Raises ValueError on an option outside its range."""
+        if self.crop_scale and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop scale {self.crop_scale}: need 0 < low <= high <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop ratio {self.crop_ratio}: need 0 < low <= high")
+        if not 0 <= self.flip <= 1:
+            raise ValueError(f"flip {self.flip} is a probability")
+        if not 0 <= self.rotate_degrees <= 180:
+            raise ValueError(f"rotate_degrees {self.rotate_degrees}: need 0..180")
+        if not 0 <= self.intensity_jitter < 1:
+            raise ValueError(f"intensity_jitter {self.intensity_jitter}: need 0 <= j < 1")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.crop_scale or self.flip or self.rotate_degrees or self.intensity_jitter)
+
+
+def _pair(values: Any) -> tuple[float, float]:
+    low, high = (float(v) for v in values)
+    return low, high
+
+
+def apply(augment: Augment, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """`image` (uint8 H x W x 3) augmented with the stateless seed pair `seed`; uint8 again."""
+    if not augment.active:
+        return image
+    crop_seed, rotate_seed, flip_seed, intensity_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4))
+    x = tf.cast(image, tf.float32)
+    if augment.crop_scale:
+        x = random_resized_crop(x, crop_seed, augment.crop_scale, augment.crop_ratio)
+    if augment.rotate_degrees:
+        limit = math.radians(augment.rotate_degrees)
+        x = rotate(x, tf.random.stateless_uniform([], rotate_seed, -limit, limit))
+    if augment.flip:
+        flipped = tf.random.stateless_uniform([], flip_seed) < augment.flip
+        x = tf.cond(flipped, lambda: tf.reverse(x, axis=[1]), lambda: x)
+    if augment.intensity_jitter:
+        j = augment.intensity_jitter
+        contrast, brightness = tf.unstack(
+            tf.random.stateless_uniform([2], intensity_seed, -j, j))
+        x = adjust_intensity(x, 1.0 + contrast, 255.0 * brightness)
+    return to_uint8(x)
+
+
+def random_resized_crop(x: tf.Tensor, seed: tf.Tensor, scale: tuple[float, float],
+                        ratio: tuple[float, float]) -> tf.Tensor:
+    """A random box of area fraction in `scale` and aspect ratio in `ratio`, resized back to the
+    input's size (bilinear); float32 in and out."""
+    shape = tf.shape(x)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
+        max_attempts=CROP_ATTEMPTS, use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(x, begin, size)
+    return tf.image.resize(crop, shape[:2], method="bilinear")
+
+
+def rotate(x: tf.Tensor, angle: tf.Tensor | float) -> tf.Tensor:
+    """`x` (float32 H x W x C) rotated by `angle` radians about its centre; bilinear, zeros
+    outside. On a square image, angle pi / 2 gives `np.rot90(x, 1)`."""
+    height, width = tf.cast(tf.shape(x)[0], tf.float32), tf.cast(tf.shape(x)[1], tf.float32)
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    cos, sin = tf.cos(tf.cast(angle, tf.float32)), tf.sin(tf.cast(angle, tf.float32))
+    # output (x, y) reads input (cos (x-cx) - sin (y-cy) + cx, sin (x-cx) + cos (y-cy) + cy)
+    transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy,
+                          sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[None], transforms=transform[None], output_shape=tf.shape(x)[:2],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+
+
+def adjust_intensity(x: tf.Tensor, contrast: tf.Tensor | float,
+                     brightness: tf.Tensor | float) -> tf.Tensor:
+    """(x - mean(x)) * contrast + mean(x) + brightness, clipped to [0, 255]; float32."""
+    mean = tf.reduce_mean(x)
+    return tf.clip_by_value((x - mean) * contrast + mean + brightness, 0.0, 255.0)
+
+
+def to_uint8(x: tf.Tensor) -> tf.Tensor:
+    """Rounded and clipped to [0, 255] before the cast, so nothing wraps around."""
+    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)

@@ -1,0 +1,185 @@
+"""Input pipeline: prepared TFRecords -> numpy batches on each host -> global jax.Arrays.
+
+The only module of `her2jax` that uses TensorFlow (tf.data on the host CPU, in `her2jax.input`).
+
+Training stream of one process (`train_iterator`):
+    epoch e = the process's share (see `her2jax.input.records`), its files in an order drawn from
+    (seed, e), [balanced: rejection of examples, see `her2jax.input.sampling`], shuffled with a
+    seed drawn from (seed, e); epochs follow one another without end;
+    -> example t of the stream is decoded and augmented with the stateless seed (seed, t)
+    -> batches of global_batch_size // process_count -> prefetch.
+Everything random derives from (seed, process index, epoch, t), so `start_step=k` rebuilds the
+stream from the epoch holding element k * local_batch and skips the records before it in that
+epoch (no image decoded for them): the batches are exactly those of an uninterrupted run.
+
+Evaluation (`eval_batches`) reads every example of the share once in canonical order, without
+augmentation, and pads with `valid=False` examples up to the same number of full batches on
+every process (processes run the same number of steps, as collective ops require).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from her2jax.input import records, sampling
+from her2jax.input.augment import DEFAULT_AUGMENT, Augment, apply
+from her2jax.input.records import class_counts, open_dataset, preparation_metadata
+
+import tensorflow as tf  # noqa: E402  (after her2jax.input, which keeps it off the GPU)
+import tensorflow_datasets as tfds  # noqa: E402
+
+__all__ = ["DEFAULT_AUGMENT", "class_counts", "eval_batches", "open_dataset",
+           "preparation_metadata", "to_global", "train_iterator"]
+
+MAX_FILES_READ_AT_ONCE = 16
+
+
+def train_iterator(data_dir: str, *, split: str = "train", global_batch_size: int, seed: int,
+                   augment: Mapping[str, Any] | None, balance: str = "none",
+                   process_index: int | None = None, process_count: int | None = None,
+                   start_step: int = 0, shuffle_buffer: int = 4096
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Endless shuffled training batches of this process: {"image": uint8 (b, H, W, 3),
+    "label": int32 (b,)} with b = global_batch_size // process_count.
+
+    augment: options of `her2jax.input.augment.Augment.from_mapping` (None or {}: none).
+    balance: "none", "class" (labels equally often) or "patient" (every patient equally often,
+        whatever its slice count); both by rejection sampling, see `her2jax.input.sampling`.
+    process_index, process_count: default to jax's, read at call time (after
+        `jax.distributed.initialize`).
+    start_step: the first batch is the one an uninterrupted iterator yields at this step.
+    shuffle_buffer: records (still encoded) in the shuffle buffer of each epoch.
+    """
+    process_index, process_count = _processes(process_index, process_count)
+    local_batch = _local_batch_size(global_batch_size, process_count)
+    options = Augment.from_mapping(augment)
+    sampling.check_balance(balance)
+    builder = open_dataset(data_dir)
+    pieces = records.split_share(builder, split, process_index, process_count)
+    share_size = sum(piece.take for piece in pieces)
+    probabilities = _keep_probabilities(builder, split, balance, process_index, process_count)
+    seeds = {purpose: sampling.derived_seed(seed, process_index, purpose)
+             for purpose in (sampling.SHUFFLE, sampling.ACCEPT, sampling.AUGMENT)}
+    start = start_step * local_batch
+    epoch, skip = sampling.resume_position(start, share_size, probabilities,
+                                           seeds[sampling.ACCEPT])
+
+    def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+        dataset = _shuffled_pieces(pieces, seeds[sampling.SHUFFLE], epoch)
+        if probabilities is not None:
+            keep = sampling.kept(tf.constant(probabilities), seeds[sampling.ACCEPT], epoch)
+            dataset = dataset.filter(lambda position, record: keep[position])
+        return dataset.shuffle(shuffle_buffer,
+                               seed=sampling.epoch_shuffle_seed(seeds[sampling.SHUFFLE], epoch))
+
+    features = builder.info.features
+
+    def example(index: tf.Tensor, position_and_record: tuple[tf.Tensor, tf.Tensor]
+                ) -> dict[str, tf.Tensor]:
+        parsed = records.parse(features, position_and_record[1])
+        seed_pair = tf.stack([tf.constant(seeds[sampling.AUGMENT], tf.int64), index])
+        return {"image": apply(options, parsed["image"], seed_pair), "label": parsed["label"]}
+
+    dataset = (tf.data.Dataset.counter(epoch).flat_map(epoch_records)
+               .skip(skip)
+               .enumerate(start)
+               .map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               .batch(local_batch, drop_remainder=True)
+               .prefetch(tf.data.AUTOTUNE))
+    return _numpy_batches(dataset)
+
+
+def eval_batches(data_dir: str, *, split: str, global_batch_size: int,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of this process's share exactly once, in canonical order, unaugmented:
+    {"image", "label", "valid": bool, "patient_id": bytes objects, "slice_index": int32}, local
+    batches of global_batch_size // process_count. The tail is padded (valid False, image zeros,
+    label 0, patient_id b"", slice_index -1) up to the same number of batches on every process.
+    """
+    process_index, process_count = _processes(process_index, process_count)
+    local_batch = _local_batch_size(global_batch_size, process_count)
+    builder = open_dataset(data_dir)
+    pieces = records.split_share(builder, split, process_index, process_count)
+    share_size = sum(piece.take for piece in pieces)
+    largest_share = -(-builder.info.splits[split].num_examples // process_count)
+    batches = math.ceil(largest_share / local_batch)
+    features = builder.info.features
+
+    def example(position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
+        return dict(records.parse(features, record), valid=tf.constant(True))
+
+    padding = _padding(features["image"].shape)
+    dataset = (records.read_pieces(pieces)
+               .map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               .concatenate(tf.data.Dataset.from_tensors(padding)
+                            .repeat(batches * local_batch - share_size))
+               .batch(local_batch)
+               .prefetch(tf.data.AUTOTUNE))
+    return _numpy_batches(dataset)
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:
+    """Numeric entries of a process-local batch as global jax.Arrays sharded along their first
+    axis over the mesh axis 'data'; other entries (patient ids) stay host-side numpy."""
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {key: jax.make_array_from_process_local_data(sharding, value)
+            if np.asarray(value).dtype.kind in "biufc" else value
+            for key, value in batch.items()}
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    process_count = jax.process_count() if process_count is None else process_count
+    process_index = jax.process_index() if process_index is None else process_index
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+    return process_index, process_count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                         f"the process count {process_count}")
+    return global_batch_size // process_count
+
+
+def _keep_probabilities(builder: tfds.core.DatasetBuilder, split: str, balance: str,
+                        process_index: int, process_count: int) -> np.ndarray | None:
+    """This process's slice of the keep probabilities (weights need the whole split's counts)."""
+    if balance == "none":
+        return None
+    index = records.read_index(builder, split)
+    probabilities = sampling.keep_probabilities(balance, index["label"], index["patient_id"])
+    start, end = records.process_range(len(probabilities), process_index, process_count)
+    return probabilities[start:end]
+
+
+def _shuffled_pieces(pieces: list[records.Piece], seed: int, epoch: tf.Tensor
+                     ) -> tf.data.Dataset:
+    """(position, record) of the pieces, read a few files at a time in an order drawn from
+    (seed, epoch)."""
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(len(pieces), dtype=tf.int64),
+        seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]))
+    shuffled = tf.data.Dataset.from_tensor_slices(
+        tuple(tf.gather(column, order) for column in records.piece_columns(pieces)))
+    return shuffled.interleave(records.read_piece,
+                               cycle_length=min(len(pieces), MAX_FILES_READ_AT_ONCE),
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _padding(image_shape: tuple[int, ...]) -> dict[str, tf.Tensor]:
+    return {"image": tf.zeros(image_shape, tf.uint8), "label": tf.constant(0, tf.int32),
+            "patient_id": tf.constant(b""), "slice_index": tf.constant(-1, tf.int32),
+            "valid": tf.constant(False)}
+
+
+def _numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    options = tf.data.Options()
+    options.deterministic = True
+    yield from dataset.with_options(options).as_numpy_iterator()

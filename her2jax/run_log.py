@@ -1,0 +1,84 @@
+"""What a run writes as it goes: `metrics.jsonl`, TensorBoard events, and a console line with
+loss, learning rate, images per second and the time left. Only process 0 writes."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+class RunLog:
+    def __init__(self, workdir: epath.Path, total_steps: int, enabled: bool = True):
+        self.workdir = workdir
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self._last = (time.perf_counter(), None)
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+
+            self._writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write_config(self, config) -> None:
+        if self.enabled:
+            (self.workdir / CONFIG_FILE).write_text(config.to_json(indent=2))
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with (self.workdir / METRICS_FILE).open("a") as handle:
+            handle.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def train(self, step: int, step_metrics: list[dict[str, Any]], learning_rate: float,
+              batch_size: int) -> None:
+        """Averages the metrics of the steps since the last call; stops the run on NaN/inf."""
+        losses = np.array([float(m["loss"]) for m in step_metrics])
+        if not np.isfinite(losses).all():
+            first = step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))
+            raise FloatingPointError(
+                f"loss is NaN/inf at step {first} (steps {step - len(losses) + 1}..{step}); "
+                f"lower the learning rate, check the data, or resume from the last checkpoint")
+        now = time.perf_counter()
+        then, last_step = self._last
+        rate = (len(losses) * batch_size / (now - then)) if last_step is not None else math.nan
+        self._last = (now, step)
+        record = {"step": step, "split": "train", "learning_rate": learning_rate,
+                  "images_per_second": rate}
+        for key in step_metrics[0]:
+            record[key] = float(np.mean([float(m[key]) for m in step_metrics]))
+        if not self.enabled:
+            return
+        self._append(record)
+        for key, value in record.items():
+            if key not in ("step", "split") and math.isfinite(value):
+                self._writer.add_scalar(f"train/{key}", value, step)
+        eta = (self.total_steps - step) * batch_size / rate if rate == rate and rate > 0 else 0
+        print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f}  lr {learning_rate:.2e}"
+              f"  {rate:.1f} img/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+
+    def evaluation(self, step: int, split: str, report: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._append({"step": step, "split": split, **report})
+        for key in ("auc", "accuracy", "sensitivity", "specificity", "slice_auc"):
+            value = report.get(key)
+            if isinstance(value, float) and math.isfinite(value):
+                self._writer.add_scalar(f"{split}/{key}", value, step)
+        print(f"step {step}  {split}: patient AUC {report['auc']:.3f} "
+              f"[{report['auc_ci_low']:.3f}, {report['auc_ci_high']:.3f}]  accuracy "
+              f"{report['accuracy']:.3f}  ({report['patients']} patients, "
+              f"{report['aggregation']} of slices)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,178 @@
+"""Training and evaluation, one function read top to bottom: `train_and_evaluate(config, workdir)`.
+
+Sections: set up (mesh, run folder, dataset check) | model and optimiser | steps | checkpoints
+(resume) | evaluation | train loop. Data parallel: parameters replicated, batches sharded over a
+('data',) mesh of every device of every process.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from her2jax import input_pipeline, metrics, models, steps, weights
+from her2jax.losses import class_weights_from_counts
+from her2jax.optim import create_optimizer, learning_rate_schedule
+from her2jax.run_log import RunLog
+
+PREPARATION_FILE = "preparation.json"
+
+
+class StopRequested(Exception):
+    """Raised inside the loop after SIGTERM, once a checkpoint is safely written."""
+
+
+def check_dataset(workdir: epath.Path, metadata: dict[str, Any]) -> None:
+    """Records the dataset's preparation in the run folder; refuses a different one on resume."""
+    path = workdir / PREPARATION_FILE
+    preparation = metadata.get("preparation", {})
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != preparation:
+            changed = sorted(k for k in set(recorded) | set(preparation)
+                             if recorded.get(k) != preparation.get(k))
+            raise ValueError(f"{workdir} was started on data prepared differently ({changed}); "
+                             f"use another --workdir or the original dataset")
+    elif jax.process_index() == 0:
+        path.write_text(json.dumps(preparation, indent=2, sort_keys=True))
+
+
+def build_model(config: ml_collections.ConfigDict, image_size: int) -> nnx.Module:
+    kwargs = dict(config.model.kwargs)
+    if config.model.name.startswith("vit"):
+        kwargs.setdefault("image_size", image_size)
+    return models.create(config.model.name, num_classes=config.num_classes,
+                         rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.dtype), **kwargs)
+
+
+def evaluate(eval_step, params, rest, config, mesh, split: str) -> dict[str, Any]:
+    """Patient-level metrics on `split`: every slice exactly once (the last batch is padded)."""
+    ids, probabilities, labels, valid = [], [], [], []
+    for batch in input_pipeline.eval_batches(
+            config.data_dir, split=split, global_batch_size=config.eval.batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count()):
+        device_batch = input_pipeline.to_global({"image": batch["image"]}, mesh)
+        output = eval_step(params, rest, device_batch)
+        probabilities.append(np.concatenate([np.asarray(s.data) for s in
+                                             output.addressable_shards]))
+        ids.extend(batch["patient_id"])
+        labels.append(batch["label"])
+        valid.append(batch["valid"])
+    # one process holds all of a single-process run; several processes gather first (see note)
+    return metrics.patient_report(ids, np.concatenate(probabilities), np.concatenate(labels),
+                                  valid=np.concatenate(valid), method=config.eval.aggregation)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last
+    validation report."""
+    # ------------------------------------------------------------------ set up
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() > 1:
+        raise RuntimeError("training over several processes needs the evaluation gather, which "
+                           "this version does not have; run one process per machine set")
+    mesh = steps.data_mesh()
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size {config.batch_size} does not split over {mesh.size} devices")
+    metadata = input_pipeline.preparation_metadata(config.data_dir)
+    check_dataset(workdir, metadata)
+    log = RunLog(workdir, config.total_steps, enabled=jax.process_index() == 0)
+    log.write_config(config)
+
+    # ------------------------------------------------------------------ model and optimiser
+    model = build_model(config, metadata["preparation"]["image_size"])
+    if config.init.pretrained:
+        report = weights.load_pretrained(model, config.init.pretrained)
+        log.message(f"pretrained {config.init.pretrained}: {report.summary()}")
+    train_graph, eval_graph, params, rest = steps.split_model(model)
+    optimizer = create_optimizer(
+        params, learning_rate=config.optimizer.learning_rate,
+        warmup_steps=config.warmup_steps, total_steps=config.total_steps,
+        weight_decay=config.optimizer.weight_decay,
+        grad_clip_norm=config.optimizer.grad_clip_norm or None, b1=config.optimizer.b1,
+        b2=config.optimizer.b2, backbone_multiplier=config.optimizer.backbone_multiplier,
+        accumulation_steps=config.optimizer.accumulation_steps)
+    opt_state = optimizer.init(params)
+    schedule = learning_rate_schedule(config.optimizer.learning_rate, config.warmup_steps,
+                                      config.total_steps)
+    class_weights = None
+    if config.loss.class_weights:
+        counts = input_pipeline.class_counts(config.data_dir, config.train_split)
+        class_weights = jnp.asarray(class_weights_from_counts(counts))
+
+    # ------------------------------------------------------------------ steps
+    dtype = jnp.dtype(config.dtype)
+    train_step = steps.make_train_step(train_graph, optimizer, mesh, dtype=dtype,
+                                       label_smoothing=config.loss.label_smoothing,
+                                       class_weights=class_weights)
+    eval_step = steps.make_eval_step(eval_graph, mesh, dtype=dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+    state = {"params": params, "rest": rest, "opt_state": opt_state}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put(state, replicated)
+    latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=config.checkpoint.keep, create=True))
+    best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda m: m["patient_auc"], best_mode="max", create=True))
+    start_step = latest.latest_step() or 0
+    if start_step:
+        # restored onto this run's mesh, whatever number of devices wrote it
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=replicated), state)
+        state = latest.restore(start_step, args=ocp.args.StandardRestore(target))
+        log.message(f"resumed from step {start_step}")
+
+    def save(step: int) -> None:
+        latest.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    stop = {"requested": False}
+    previous_handler = signal.signal(signal.SIGTERM,
+                                     lambda *_: stop.__setitem__("requested", True))
+
+    # ------------------------------------------------------------------ train loop
+    iterator = input_pipeline.train_iterator(
+        config.data_dir, split=config.train_split, global_batch_size=config.batch_size,
+        seed=config.seed, augment=config.input.augment.to_dict(), balance=config.input.balance,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start_step)
+    report: dict[str, Any] = {}
+    pending: list[dict[str, jax.Array]] = []
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            batch = input_pipeline.to_global(next(iterator), mesh)
+            params, rest, opt_state, step_metrics = train_step(
+                state["params"], state["rest"], state["opt_state"], batch)
+            state = {"params": params, "rest": rest, "opt_state": opt_state}
+            pending.append(step_metrics)
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                log.train(step, jax.device_get(pending), float(schedule(step - 1)),
+                          config.batch_size)
+                pending = []
+            if step % config.eval.every_steps == 0 or step == config.total_steps:
+                report = evaluate(eval_step, state["params"], state["rest"], config, mesh,
+                                  config.eval_split)
+                log.evaluation(step, config.eval_split, report)
+                if np.isfinite(report["auc"]):
+                    best.save(step, args=ocp.args.StandardSave(state),
+                              metrics={"patient_auc": report["auc"]}, force=True)
+            if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
+                save(step)
+            if stop["requested"]:
+                save(step)
+                raise StopRequested(f"SIGTERM: checkpoint written at step {step}")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        latest.wait_until_finished()
+        best.wait_until_finished()
+        log.close()
+    return report

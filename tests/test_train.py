@@ -1,0 +1,138 @@
+"""train_and_evaluate end to end on a tiny prepared dataset: logs, checkpoints, resume, SIGTERM,
+the NaN guard, and the dataset check."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import resnet
+from conftest import write_cohort
+from data_prep import prepare
+from her2jax import input_pipeline, steps, train
+
+
+def prepared(folder: str, *extra: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert prepare.main(["--source", folder, "--data_dir", folder + "_prepared",
+                             "--image_size", "16", "--workers", "1", "--quiet", *extra]) == 0
+    return out.getvalue().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("train") / "cohort")
+    write_cohort(folder, patients=12)
+    return folder, prepared(folder)
+
+
+def tiny_config(data_dir: str):
+    config = resnet.get_config("resnet18,runlocal")
+    config.data_dir = data_dir
+    config.batch_size = 4
+    config.eval.batch_size = 3          # does not divide the validation split
+    return config
+
+
+def final_params(workdir: str, step: int) -> list[np.ndarray]:
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+def records(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_run_writes_logs_checkpoints_and_reports(dataset, tmp_path):
+    _, data_dir = dataset
+    workdir = str(tmp_path / "run")
+    report = train.train_and_evaluate(tiny_config(data_dir), workdir)
+    rows = records(workdir)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]
+    evaluations = [r for r in rows if r["split"] == "validation"]
+    assert [r["step"] for r in evaluations] == [3, 6]
+    # every validation slice counted once although 3 does not divide the split
+    counts = input_pipeline.open_dataset(data_dir).info.splits["validation"].num_examples
+    assert evaluations[-1]["slices"] == counts
+    assert report["patients"] == evaluations[-1]["patients"] == 2
+    for name in ("config.json", "preparation.json", "checkpoints", "best", "tensorboard"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(dataset, tmp_path, monkeypatch):
+    _, data_dir = dataset
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.train_and_evaluate(tiny_config(data_dir), straight)
+
+    make_train_step = steps.make_train_step
+
+    def preempted_after_step_4(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+        calls = {"n": 0}
+
+        def wrapped(*inputs):
+            calls["n"] += 1
+            outputs = step(*inputs)
+            if calls["n"] == 4:
+                os.kill(os.getpid(), signal.SIGTERM)     # preemption notice mid-run
+            return outputs
+
+        return wrapped
+
+    monkeypatch.setattr(steps, "make_train_step", preempted_after_step_4)
+    with pytest.raises(train.StopRequested, match="step 4"):
+        train.train_and_evaluate(tiny_config(data_dir), resumed)
+    assert "4" in os.listdir(os.path.join(resumed, "checkpoints"))   # SIGTERM's checkpoint
+    monkeypatch.setattr(steps, "make_train_step", make_train_step)
+    train.train_and_evaluate(tiny_config(data_dir), resumed)
+    for a, b in zip(final_params(straight, 6), final_params(resumed, 6), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nan_loss_stops_the_run_naming_the_step(dataset, tmp_path, monkeypatch):
+    _, data_dir = dataset
+    normalize = steps.normalize_images
+
+    def poisoned_aware(images, dtype=jnp.float32):
+        x = normalize(images, dtype)
+        poisoned = jnp.all(images == 255)
+        return jnp.where(poisoned, jnp.nan, x).astype(x.dtype)
+
+    to_global = input_pipeline.to_global
+    calls = {"n": 0}
+
+    def poison_second_batch(batch, mesh):
+        calls["n"] += 1
+        if calls["n"] == 2 and "label" in batch:
+            batch = dict(batch, image=np.full_like(batch["image"], 255))
+        return to_global(batch, mesh)
+
+    monkeypatch.setattr(steps, "normalize_images", poisoned_aware)
+    monkeypatch.setattr(input_pipeline, "to_global", poison_second_batch)
+    with pytest.raises(FloatingPointError, match=r"NaN/inf at step 2 \(steps 1\.\.2\)"):
+        train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "run"))
+
+
+def test_resume_refuses_data_prepared_differently(dataset, tmp_path):
+    folder, data_dir = dataset
+    workdir = str(tmp_path / "run")
+    config = tiny_config(data_dir)
+    config.total_steps, config.eval.every_steps, config.checkpoint.every_steps = 3, 3, 3
+    config.warmup_steps = 1
+    train.train_and_evaluate(config, workdir)
+    other = prepared(folder, "--normalization", "zscore")
+    config.data_dir = other
+    with pytest.raises(ValueError, match="prepared differently.*normalization"):
+        train.train_and_evaluate(config, workdir)
