@@ -20,7 +20,8 @@ class RunLog:
         self.workdir = workdir
         self.total_steps = total_steps
         self.enabled = enabled
-        self._last = (time.perf_counter(), None)
+        self._start = time.perf_counter()
+        self._last = (self._start, None)
         self._writer = None
         if enabled:
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
@@ -36,6 +37,8 @@ class RunLog:
             print(text, file=sys.stderr, flush=True)
 
     def _append(self, record: dict[str, Any]) -> None:
+        """One JSON line; `elapsed_seconds` counts from this process's start of the run."""
+        record = dict(record, elapsed_seconds=round(time.perf_counter() - self._start, 2))
         with (self.workdir / METRICS_FILE).open("a") as handle:
             handle.write(json.dumps(record, allow_nan=True) + "\n")
 

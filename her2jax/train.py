@@ -56,8 +56,10 @@ def build_model(config: ml_collections.ConfigDict, image_size: int) -> nnx.Modul
 def evaluate(eval_step, params, rest, config, mesh, split: str) -> dict[str, Any]:
     """Patient-level metrics on `split`: every slice exactly once (the last batch is padded)."""
     ids, probabilities, labels, valid = [], [], [], []
+    # a batch must split evenly over the devices; padding covers the extra rows
+    batch_size = -(-config.eval.batch_size // mesh.size) * mesh.size
     for batch in input_pipeline.eval_batches(
-            config.data_dir, split=split, global_batch_size=config.eval.batch_size,
+            config.data_dir, split=split, global_batch_size=batch_size,
             process_index=jax.process_index(), process_count=jax.process_count()):
         device_batch = input_pipeline.to_global({"image": batch["image"]}, mesh)
         output = eval_step(params, rest, device_batch)

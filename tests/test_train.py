@@ -60,6 +60,8 @@ def test_run_writes_logs_checkpoints_and_reports(dataset, tmp_path):
     report = train.train_and_evaluate(tiny_config(data_dir), workdir)
     rows = records(workdir)
     assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]
+    elapsed = [r["elapsed_seconds"] for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > 0
     evaluations = [r for r in rows if r["split"] == "validation"]
     assert [r["step"] for r in evaluations] == [3, 6]
     # every validation slice counted once although 3 does not divide the split
@@ -136,3 +138,51 @@ def test_resume_refuses_data_prepared_differently(dataset, tmp_path):
     config.data_dir = other
     with pytest.raises(ValueError, match="prepared differently.*normalization"):
         train.train_and_evaluate(config, workdir)
+
+
+TWO_DEVICE_RESUME = """
+import sys, torchvision, jax
+from configs import resnet
+from her2jax import train
+assert len(jax.devices()) == 2
+config = resnet.get_config("resnet18,runlocal")
+config.data_dir, config.batch_size, config.eval.batch_size = sys.argv[1], 4, 3
+train.train_and_evaluate(config, sys.argv[2])
+print("ok")
+"""
+
+
+def test_checkpoint_restores_onto_two_devices(dataset, tmp_path, monkeypatch):
+    """Written by one device at step 4 (SIGTERM), finished by a two-device process."""
+    import subprocess
+    import sys
+
+    _, data_dir = dataset
+    workdir = str(tmp_path / "run")
+    make_train_step = steps.make_train_step
+
+    def preempted_after_step_4(*args, **kwargs):
+        step, calls = make_train_step(*args, **kwargs), {"n": 0}
+
+        def wrapped(*inputs):
+            calls["n"] += 1
+            outputs = step(*inputs)
+            if calls["n"] == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return outputs
+
+        return wrapped
+
+    monkeypatch.setattr(steps, "make_train_step", preempted_after_step_4)
+    with pytest.raises(train.StopRequested):
+        train.train_and_evaluate(tiny_config(data_dir), workdir)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    result = subprocess.run([sys.executable, "-c", TWO_DEVICE_RESUME, data_dir, workdir],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 4" in result.stderr
+    assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
+    last = [r for r in records(workdir) if r["split"] == "train"][-1]
+    assert last["step"] == 6 and np.isfinite(last["loss"])
