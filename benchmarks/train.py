@@ -5,7 +5,8 @@ pipeline ever limits training.
                                [--batch 32] [--steps 30] [--repeats 3]
 
 Three measurements per repeat, each after a warm-up (compilation excluded):
-  input      train_iterator with the config's augmentation alone (host tf.data)
+  input      a fresh train_iterator with the config's augmentation alone (host tf.data),
+             5x as many batches, after 2 warm-up batches (its prefetch buffer starts empty)
   step       the jitted train step on one device-resident batch (compute alone)
   end-to-end iterator -> to_global -> train step, as in training
 Prints medians (images/s) and the end-to-end rate as a fraction of each of the other two.
@@ -64,9 +65,17 @@ def main() -> None:
     optimizer = create_optimizer(params, learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
     opt_state = optimizer.init(params)
     step = steps.make_train_step(graph, optimizer, mesh, dtype=jnp.dtype(config.dtype))
-    iterator = input_pipeline.train_iterator(
-        args.data_dir, global_batch_size=args.batch, seed=0,
-        augment=config.input.augment.to_dict(), balance=config.input.balance)
+    def new_iterator():
+        return input_pipeline.train_iterator(
+            args.data_dir, global_batch_size=args.batch, seed=0,
+            augment=config.input.augment.to_dict(), balance=config.input.balance)
+
+    def input_rate() -> float:
+        fresh = new_iterator()
+        next(fresh), next(fresh)
+        return rate(lambda: next(fresh)["image"], 5 * args.steps, args.batch)
+
+    iterator = new_iterator()
     batch = input_pipeline.to_global(next(iterator), mesh)
     state = [params, rest, opt_state]
 
@@ -81,7 +90,7 @@ def main() -> None:
     compute(), end_to_end()  # compile
     results = {"input": [], "step": [], "end-to-end": []}
     for _ in range(args.repeats):
-        results["input"].append(rate(lambda: next(iterator)["image"], args.steps, args.batch))
+        results["input"].append(input_rate())
         results["step"].append(rate(compute, args.steps, args.batch))
         results["end-to-end"].append(rate(end_to_end, args.steps, args.batch))
     device = jax.devices()[0]
