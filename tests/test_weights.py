@@ -8,35 +8,17 @@ import pytest
 
 import timm
 import torch
-import torchvision
 from flax import nnx
 from safetensors.torch import save_file as save_torch_safetensors
 
 from her2jax import convert, models, weights
-
-
-def randomised_resnet18() -> torch.nn.Module:
-    """torchvision resnet18 with random weights and non-trivial BatchNorm statistics."""
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return net.eval()
-
-
-def torch_logits(net: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return net(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+from test_resnet import randomised, torch_logits
 
 
 @pytest.fixture(scope="module")
 def resnet_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resnet")
-    net = randomised_resnet18()
+    net = randomised("resnet18")
     source, converted = str(folder / "resnet18.pth"), str(folder / "resnet18.safetensors")
     torch.save(net.state_dict(), source)
     assert convert.main(["--source", "torchvision", "--arch", "resnet18", source, converted]) == 0
