@@ -68,7 +68,7 @@ def evaluate(eval_step, params, rest, config, mesh, split: str) -> dict[str, Any
         ids.extend(batch["patient_id"])
         labels.append(batch["label"])
         valid.append(batch["valid"])
-    # one process holds all of a single-process run; several processes gather first (see note)
+    # single process: every patient's slices are here (train_and_evaluate refuses several)
     return metrics.patient_report(ids, np.concatenate(probabilities), np.concatenate(labels),
                                   valid=np.concatenate(valid), method=config.eval.aggregation)
 
