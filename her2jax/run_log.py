@@ -1,10 +1,15 @@
 """What a run writes as it goes: `metrics.jsonl`, TensorBoard events, and a console line with
-loss, learning rate, images per second and the time left. Only process 0 writes."""
+loss, learning rate, images per second and the time left. Only process 0 writes.
+
+The run folder may be a bucket (`gs://...`): object stores cannot append, so there the metrics
+file is rewritten whole at each record, and TensorBoard events are written to a local folder and
+copied up after each evaluation and at the end."""
 from __future__ import annotations
 
 import json
 import math
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -23,10 +28,15 @@ class RunLog:
         self._start = time.perf_counter()
         self._last = (self._start, None)
         self._writer = None
+        self._remote = "://" in str(workdir)
+        self._lines: str | None = None      # the metrics file's text, kept when remote
+        self._events = None                 # local folder of the event files, when remote
         if enabled:
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-            self._writer = SummaryWriter(str(workdir / "tensorboard"))
+            if self._remote:
+                self._events = epath.Path(tempfile.mkdtemp(prefix="her2jax_events_"))
+            self._writer = SummaryWriter(str(self._events or workdir / "tensorboard"))
 
     def write_config(self, config) -> None:
         if self.enabled:
@@ -39,8 +49,25 @@ class RunLog:
     def _append(self, record: dict[str, Any]) -> None:
         """One JSON line; `elapsed_seconds` counts from this process's start of the run."""
         record = dict(record, elapsed_seconds=round(time.perf_counter() - self._start, 2))
-        with (self.workdir / METRICS_FILE).open("a") as handle:
-            handle.write(json.dumps(record, allow_nan=True) + "\n")
+        line = json.dumps(record, allow_nan=True) + "\n"
+        path = self.workdir / METRICS_FILE
+        if not self._remote:
+            with path.open("a") as handle:
+                handle.write(line)
+            return
+        if self._lines is None:      # a resumed run continues the file
+            self._lines = path.read_text() if path.exists() else ""
+        self._lines += line
+        path.write_text(self._lines)
+
+    def _upload_events(self) -> None:
+        if self._events is None:
+            return
+        self._writer.flush()
+        target = self.workdir / "tensorboard"
+        target.mkdir(parents=True, exist_ok=True)
+        for event_file in self._events.iterdir():
+            (target / event_file.name).write_bytes(event_file.read_bytes())
 
     def train(self, step: int, step_metrics: list[dict[str, Any]], learning_rate: float,
               batch_size: int) -> None:
@@ -77,6 +104,7 @@ class RunLog:
             value = report.get(key)
             if isinstance(value, float) and math.isfinite(value):
                 self._writer.add_scalar(f"{split}/{key}", value, step)
+        self._upload_events()
         print(f"step {step}  {split}: patient AUC {report['auc']:.3f} "
               f"[{report['auc_ci_low']:.3f}, {report['auc_ci_high']:.3f}]  accuracy "
               f"{report['accuracy']:.3f}  ({report['patients']} patients, "
@@ -84,4 +112,5 @@ class RunLog:
 
     def close(self) -> None:
         if self._writer is not None:
+            self._upload_events()
             self._writer.close()

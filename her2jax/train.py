@@ -2,10 +2,16 @@
 
 Sections: set up (mesh, run folder, dataset check) | model and optimiser | steps | checkpoints
 (resume) | evaluation | train loop. Data parallel: parameters replicated, batches sharded over a
-('data',) mesh of every device of every process.
+('data',) mesh of every device of every process. Several processes (`her2jax.distributed`) each
+read their share of the data; evaluation gathers every process's slices before the patient-level
+metrics, so every process holds the same report (and agrees on the best checkpoint); only process
+0 writes logs, every process writes its checkpoint shards.
+
+`restore(workdir, checkpoint)` loads a trained model back for evaluation and prediction.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from typing import Any
@@ -18,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from her2jax import input_pipeline, metrics, models, steps, weights
+from her2jax import distributed, input_pipeline, metrics, models, steps, weights
 from her2jax.losses import class_weights_from_counts
 from her2jax.optim import create_optimizer, learning_rate_schedule
 from her2jax.run_log import RunLog
@@ -34,15 +40,26 @@ def check_dataset(workdir: epath.Path, metadata: dict[str, Any]) -> None:
     """Records the dataset's preparation in the run folder; refuses a different one on resume."""
     path = workdir / PREPARATION_FILE
     preparation = metadata.get("preparation", {})
-    if path.exists():
+
+    def compare() -> None:
         recorded = json.loads(path.read_text())
         if recorded != preparation:
             changed = sorted(k for k in set(recorded) | set(preparation)
                              if recorded.get(k) != preparation.get(k))
             raise ValueError(f"{workdir} was started on data prepared differently ({changed}); "
                              f"use another --workdir or the original dataset")
-    elif jax.process_index() == 0:
-        path.write_text(json.dumps(preparation, indent=2, sort_keys=True))
+
+    if jax.process_index() == 0:
+        if path.exists():
+            compare()
+        else:
+            path.write_text(json.dumps(preparation, indent=2, sort_keys=True))
+    if jax.process_count() > 1:  # the others read what process 0 found or wrote
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("her2jax: preparation recorded")
+        if jax.process_index() != 0:
+            compare()
 
 
 def build_model(config: ml_collections.ConfigDict, image_size: int) -> nnx.Module:
@@ -63,14 +80,16 @@ def evaluate(eval_step, params, rest, config, mesh, split: str) -> dict[str, Any
             process_index=jax.process_index(), process_count=jax.process_count()):
         device_batch = input_pipeline.to_global({"image": batch["image"]}, mesh)
         output = eval_step(params, rest, device_batch)
-        probabilities.append(np.concatenate([np.asarray(s.data) for s in
-                                             output.addressable_shards]))
+        probabilities.append(distributed.local_rows(output))
         ids.extend(batch["patient_id"])
         labels.append(batch["label"])
         valid.append(batch["valid"])
-    # single process: every patient's slices are here (train_and_evaluate refuses several)
-    return metrics.patient_report(ids, np.concatenate(probabilities), np.concatenate(labels),
-                                  valid=np.concatenate(valid), method=config.eval.aggregation)
+    # a patient's slices may sit in several processes' shares: gather all before aggregating
+    rows = distributed.allgather_rows({
+        "patient_id": np.array(ids, dtype=object), "probability": np.concatenate(probabilities),
+        "label": np.concatenate(labels), "valid": np.concatenate(valid)})
+    return metrics.patient_report(rows["patient_id"], rows["probability"], rows["label"],
+                                  valid=rows["valid"], method=config.eval.aggregation)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -79,9 +98,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ------------------------------------------------------------------ set up
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_count() > 1:
-        raise RuntimeError("training over several processes needs the evaluation gather, which "
-                           "this version does not have; run one process per machine set")
     mesh = steps.data_mesh()
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} does not split over {mesh.size} devices")
@@ -96,13 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         report = weights.load_pretrained(model, config.init.pretrained)
         log.message(f"pretrained {config.init.pretrained}: {report.summary()}")
     train_graph, eval_graph, params, rest = steps.split_model(model)
-    optimizer = create_optimizer(
-        params, learning_rate=config.optimizer.learning_rate,
-        warmup_steps=config.warmup_steps, total_steps=config.total_steps,
-        weight_decay=config.optimizer.weight_decay,
-        grad_clip_norm=config.optimizer.grad_clip_norm or None, b1=config.optimizer.b1,
-        b2=config.optimizer.b2, backbone_multiplier=config.optimizer.backbone_multiplier,
-        accumulation_steps=config.optimizer.accumulation_steps)
+    optimizer = make_optimizer(config, params)
     opt_state = optimizer.init(params)
     schedule = learning_rate_schedule(config.optimizer.learning_rate, config.warmup_steps,
                                       config.total_steps)
@@ -121,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ------------------------------------------------------------------ checkpoints
     state = {"params": params, "rest": rest, "opt_state": opt_state}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.device_put(state, replicated)
+    state = distributed.replicate(state, mesh)
     latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=config.checkpoint.keep, create=True))
     best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
@@ -138,8 +148,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         latest.save(step, args=ocp.args.StandardSave(state), force=True)
 
     stop = {"requested": False}
-    previous_handler = signal.signal(signal.SIGTERM,
-                                     lambda *_: stop.__setitem__("requested", True))
+    several = jax.process_count() > 1
+    if several:
+        # jax.distributed's preemption notifier owns SIGTERM; all processes stop at one step
+        from jax.experimental.multihost_utils import reached_preemption_sync_point
+    else:
+        previous_handler = signal.signal(signal.SIGTERM,
+                                         lambda *_: stop.__setitem__("requested", True))
 
     # ------------------------------------------------------------------ train loop
     iterator = input_pipeline.train_iterator(
@@ -169,12 +184,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               metrics={"patient_auc": report["auc"]}, force=True)
             if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
                 save(step)
-            if stop["requested"]:
+            if stop["requested"] or (several and reached_preemption_sync_point(step)):
                 save(step)
                 raise StopRequested(f"SIGTERM: checkpoint written at step {step}")
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if not several:
+            signal.signal(signal.SIGTERM, previous_handler)
         latest.wait_until_finished()
         best.wait_until_finished()
         log.close()
     return report
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State):
+    return create_optimizer(
+        params, learning_rate=config.optimizer.learning_rate,
+        warmup_steps=config.warmup_steps, total_steps=config.total_steps,
+        weight_decay=config.optimizer.weight_decay,
+        grad_clip_norm=config.optimizer.grad_clip_norm or None, b1=config.optimizer.b1,
+        b2=config.optimizer.b2, backbone_multiplier=config.optimizer.backbone_multiplier,
+        accumulation_steps=config.optimizer.accumulation_steps)
+
+
+@dataclasses.dataclass
+class Restored:
+    """A trained model read back from a run folder (in eval mode)."""
+    model: nnx.Module
+    config: ml_collections.ConfigDict
+    step: int
+    checkpoint: str             # "best", "latest" or the step asked for
+    preparation: dict[str, Any]  # how the run's training data was prepared
+
+
+def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{workdir} is not a run folder (no config.json); train first "
+                                f"with python -m her2jax.main --workdir {workdir}")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore(workdir: str | epath.Path, checkpoint: str | int = "best",
+            mesh: jax.sharding.Mesh | None = None) -> Restored:
+    """The model of run `workdir` at `checkpoint`: "best" (highest validation patient AUC),
+    "latest", or a step number of the latest-checkpoints folder."""
+    workdir = epath.Path(workdir)
+    config = load_config(workdir)
+    preparation = json.loads((workdir / PREPARATION_FILE).read_text())
+    mesh = mesh or steps.data_mesh()
+    model = build_model(config, preparation["image_size"])
+    _, _, params, rest = steps.split_model(model)
+    state = {"params": params, "rest": rest,
+             "opt_state": make_optimizer(config, params).init(params)}
+    folder = "best" if checkpoint == "best" else "checkpoints"
+    manager = ocp.CheckpointManager(workdir / folder)
+    available = list(manager.all_steps())
+    if checkpoint in ("best", "latest"):
+        step = max(available, default=None)
+    else:
+        step = int(checkpoint)
+        if step not in available:
+            step = None
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {workdir / folder} (steps "
+                                f"there: {sorted(available) or 'none'})")
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          state)
+    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    manager.close()
+    nnx.update(model, state["params"], state["rest"])
+    model.eval()
+    return Restored(model, config, step, str(checkpoint), preparation)

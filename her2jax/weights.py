@@ -7,16 +7,20 @@ parts the checkpoint lacks (attention modules, a triple head) keep their fresh i
 and a head with another class count is left fresh; the report lists every key in each group.
 
 PyTorch files are read with `torch.load(weights_only=True)` or safetensors, so loading weights
-never runs code from the file.
+never runs code from the file. Paths may be buckets (`gs://...`): such files are copied to a
+local temporary file first.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import re
+import tempfile
+from collections.abc import Iterator
 from typing import Mapping
 
 import numpy as np
+from etils import epath
 
 FORMAT = "her2jax-pretrained/1"
 SOURCES = ("torchvision", "timm", "hf")
@@ -27,17 +31,16 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
 
     Wrapped checkpoints ({'state_dict': ...}, {'model': ...}) are unwrapped.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-    import torch
+    with _local_copy(path, "checkpoint") as local:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
+            return {k: np.asarray(v, np.float32) for k, v in load_file(local).items()}
+        import torch
 
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle refusing code, truncated file, not a torch file
-        raise ValueError(f"{path}: not a plain PyTorch state dict ({error})") from None
+        try:
+            loaded = torch.load(local, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle refusing code, truncated file, not a torch file
+            raise ValueError(f"{path}: not a plain PyTorch state dict ({error})") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
@@ -101,25 +104,41 @@ def convert(source: str, state_dict: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 
 def save(arrays: Mapping[str, np.ndarray], path: str, **metadata: str) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as save_bytes
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}, path,
-              metadata={"format": FORMAT, **metadata})
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(save_bytes({k: np.ascontiguousarray(v, np.float32)
+                                   for k, v in arrays.items()},
+                                  metadata={"format": FORMAT, **metadata}))
 
 
 def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """A converted file: (arrays by parameter path, metadata)."""
     from safetensors import safe_open
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no converted weights at {path}")
-    with safe_open(path, framework="numpy") as handle:
+    with _local_copy(path, "converted weights") as local, \
+            safe_open(local, framework="numpy") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a converted her2jax checkpoint (format "
                              f"{metadata.get('format')!r}); convert it with python -m her2jax.convert")
         return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+
+
+@contextlib.contextmanager
+def _local_copy(path: str, what: str) -> Iterator[str]:
+    """`path` itself when local, else a temporary local copy of the remote file."""
+    source = epath.Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    if "://" not in str(path):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="her2jax_weights_") as folder:
+        local = epath.Path(folder) / source.name
+        local.write_bytes(source.read_bytes())
+        yield str(local)
 
 
 @dataclasses.dataclass

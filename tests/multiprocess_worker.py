@@ -1,0 +1,49 @@
+"""One process of the two-process training test (tests/test_multiprocess.py):
+    python tests/multiprocess_worker.py PORT PROCESS_ID DATA_DIR WORKDIR OUT
+trains two steps with its peer over gloo, then writes what it holds to OUT/process_<id>.npz and
+OUT/process_<id>.json."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.pop("XLA_FLAGS", None)          # one CPU device per process
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(port: str, process_id: str, data_dir: str, workdir: str, out: str) -> None:
+    from her2jax import distributed
+
+    kind = distributed.initialize("auto", coordinator_address=f"127.0.0.1:{port}",
+                                  num_processes=2, process_id=int(process_id))
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from configs import resnet
+    from her2jax import train
+
+    config = resnet.get_config("resnet18,runlocal")
+    config.data_dir = data_dir
+    config.batch_size = 4
+    config.total_steps = 2
+    config.warmup_steps = 1
+    config.log_every_steps = 1
+    config.eval.every_steps = 2
+    config.eval.batch_size = 3      # 2 per process after rounding up to the device count
+    config.checkpoint.every_steps = 2
+    report = train.train_and_evaluate(config, workdir)
+    restored = train.restore(workdir, "latest")
+    leaves = jax.tree.leaves(nnx.state(restored.model, nnx.Param))
+    np.savez(os.path.join(out, f"process_{process_id}.npz"),
+             *[np.asarray(leaf.addressable_data(0)) for leaf in leaves])
+    with open(os.path.join(out, f"process_{process_id}.json"), "w") as handle:
+        json.dump({"kind": kind, "process_index": jax.process_index(),
+                   "process_count": jax.process_count(), "devices": jax.device_count(),
+                   "report": report, "step": restored.step}, handle, default=float)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,105 @@
+"""Two real processes on localhost (gloo collectives) train together: they agree on the
+parameters, evaluation gathers every slice from both shares, and only process 0 writes logs."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import write_cohort
+from her2jax import distributed, input_pipeline
+from test_train import prepared
+
+WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    folder = str(root / "cohort")
+    write_cohort(folder, patients=12)
+    data_dir = prepared(folder)
+    workdir, out = str(root / "run"), str(root / "out")
+    os.makedirs(out)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_"))}
+    workers = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), data_dir, workdir,
+                                 out], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    try:
+        for worker in workers:
+            logs.append(worker.communicate(timeout=600)[0])
+    finally:
+        for worker in workers:
+            worker.kill()
+    for i, worker in enumerate(workers):
+        assert worker.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+    return data_dir, workdir, out
+
+
+def test_both_processes_hold_the_same_parameters(two_process_run):
+    _, _, out = two_process_run
+    infos = [json.load(open(os.path.join(out, f"process_{i}.json"))) for i in range(2)]
+    assert [(i["process_index"], i["process_count"], i["devices"]) for i in infos] == \
+        [(0, 2, 2), (1, 2, 2)]
+    assert infos[0]["kind"] == "explicit" and infos[0]["step"] == infos[1]["step"] == 2
+    first, second = (np.load(os.path.join(out, f"process_{i}.npz")) for i in range(2))
+    assert len(first.files) == len(second.files) > 50
+    for key in first.files:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+def test_evaluation_gathers_every_slice_from_both_processes(two_process_run):
+    data_dir, workdir, out = two_process_run
+    infos = [json.load(open(os.path.join(out, f"process_{i}.json"))) for i in range(2)]
+    builder = input_pipeline.open_dataset(data_dir)
+    validation = builder.info.splits["validation"].num_examples
+    # each process read only its share, the report covers the whole split, the same on both
+    assert infos[0]["report"]["slices"] == infos[1]["report"]["slices"] == validation
+    assert infos[0]["report"] == infos[1]["report"]
+    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+        rows = [json.loads(line) for line in handle]
+    assert [(r["step"], r["split"]) for r in rows] == \
+        [(1, "train"), (2, "train"), (2, "validation")]   # process 0 alone writes
+
+
+def test_allgather_rows_is_the_identity_in_one_process():
+    rows = distributed.allgather_rows({"id": np.array([b"a", b"bb"], dtype=object),
+                                       "p": np.array([0.1, 0.2]), "v": np.array([True, False])})
+    assert list(rows["id"]) == [b"a", b"bb"] and rows["v"].dtype == bool
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "openmpi"),
+    ({"TPU_WORKER_HOSTNAMES": "t1"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2"}, "tpu"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     "explicit"),
+])
+def test_detect_reads_the_environment(environ, expected):
+    assert distributed.detect(environ) == expected
+
+
+def test_initialize_refuses_partial_settings_and_stays_single_when_nothing_is_detected():
+    with pytest.raises(ValueError, match="go together"):
+        distributed.initialize("auto", coordinator_address="127.0.0.1:1")
+    with pytest.raises(ValueError, match="multihost mode"):
+        distributed.initialize("sometimes")
+    assert distributed.initialize("auto", environ={}) is None
+    assert distributed.initialize("off", environ={"OMPI_COMM_WORLD_SIZE": "2"}) is None
