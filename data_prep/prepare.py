@@ -45,13 +45,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the whole source is an external validation set with this name")
     parser.add_argument("--fit_from", default=None, metavar="DATASET_DIR",
                         help="reuse the normalisation fitted on this prepared dataset (nyul)")
+    parser.add_argument("--like", default=None, metavar="RUN",
+                        help="prepare exactly as the training data of this run folder "
+                             "(normalisation, N4, size, crop, slices, phases; the normalisation "
+                             "fit is taken from its dataset): for external validation")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (patients in parallel)")
     parser.add_argument("--skip_bad", action="store_true",
                         help="record bad cases in the report and go on, instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.like:
+        try:
+            apply_like(args, defaults)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(str(error))
+    return args
+
+
+LIKE_PARAMETERS = ("normalization", "n4", "n4_shrink", "n4_iterations", "image_size",
+                   "slices_per_patient", "crop_margin", "phases")
+
+
+def apply_like(args: argparse.Namespace, defaults: PrepParams) -> None:
+    """Copies the image parameters of run `args.like`'s training data into `args`; a parameter
+    also given on the command line with another value is an error."""
+    import json
+
+    from etils import epath
+
+    run = epath.Path(args.like)
+    if not (run / "preparation.json").exists():
+        raise FileNotFoundError(f"--like {args.like}: not a run folder (no preparation.json)")
+    recorded = json.loads((run / "preparation.json").read_text())
+    for key in LIKE_PARAMETERS:
+        value = recorded.get(key)
+        value = tuple(value) if isinstance(value, list) else value
+        given = getattr(args, key)
+        given = tuple(given) if isinstance(given, list) else given
+        default = getattr(defaults, key)
+        if given != default and given != value:
+            raise ValueError(f"--{key} {given!r} contradicts --like {args.like} ({value!r})")
+        setattr(args, key, value)
+    if normalization.get(args.normalization).needs_fit and not args.fit_from:
+        config = json.loads((run / "config.json").read_text())
+        args.fit_from = config["data_dir"]
 
 
 def _integers(text: str) -> tuple[int, ...]:

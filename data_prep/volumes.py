@@ -22,7 +22,8 @@ class Volume:
 
 
 def read_volume(patient_id: str, path: str, stored_zyx: bool = False) -> Volume:
-    """Reads a NIfTI file (nibabel) or a DICOM series folder (SimpleITK).
+    """Reads a NIfTI file (nibabel), an NRRD or MetaImage file or a DICOM series folder
+    (SimpleITK).
 
     NIfTI voxel order (i, j, k) is reversed to (z, y, x), as SimpleITK's arrays are, except with
     `stored_zyx=True`: BreastDCEDL arrays were written (z, y, x) straight into the NIfTI index
@@ -33,7 +34,12 @@ def read_volume(patient_id: str, path: str, stored_zyx: bool = False) -> Volume:
     """
     if not os.path.exists(path):
         raise BadCaseError(patient_id, path, "file not found")
-    reader = _read_dicom_series if os.path.isdir(path) else _read_nifti
+    if os.path.isdir(path):
+        reader = _read_dicom_series
+    elif path.lower().endswith(ITK_SUFFIXES):
+        reader = _read_itk_file
+    else:
+        reader = _read_nifti
     array, spacing = reader(patient_id, path, stored_zyx)
     if array.ndim != 3:
         raise BadCaseError(patient_id, path, f"expected a 3-D volume, got shape {array.shape}")
@@ -54,6 +60,18 @@ def _read_nifti(patient_id: str, path: str, stored_zyx: bool) -> tuple[np.ndarra
     if stored_zyx or array.ndim != 3:
         return array, spacing
     return array.transpose(2, 1, 0), spacing[::-1]
+
+
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _read_itk_file(patient_id: str, path: str, stored_zyx: bool = False) -> tuple:
+    """NRRD / MetaImage through SimpleITK; the file's geometry is explicit, as for DICOM."""
+    try:
+        image = sitk.ReadImage(path)
+    except Exception as error:  # ITK's multi-line traces, reduced to one line with the file
+        raise BadCaseError(patient_id, path, f"unreadable image ({_last_line(error)})") from None
+    return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
 
 
 def _last_line(error: Exception) -> str:

@@ -34,7 +34,7 @@ import tensorflow as tf  # noqa: E402  (after her2jax.input, which keeps it off 
 import tensorflow_datasets as tfds  # noqa: E402
 
 __all__ = ["DEFAULT_AUGMENT", "class_counts", "eval_batches", "open_dataset",
-           "preparation_metadata", "to_global", "train_iterator"]
+           "preparation_metadata", "read_examples", "to_global", "train_iterator"]
 
 MAX_FILES_READ_AT_ONCE = 16
 
@@ -98,9 +98,10 @@ def eval_batches(data_dir: str, *, split: str, global_batch_size: int,
                  process_index: int | None = None, process_count: int | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of this process's share exactly once, in canonical order, unaugmented:
-    {"image", "label", "valid": bool, "patient_id": bytes objects, "slice_index": int32}, local
-    batches of global_batch_size // process_count. The tail is padded (valid False, image zeros,
-    label 0, patient_id b"", slice_index -1) up to the same number of batches on every process.
+    {"image", "label", "valid": bool, "patient_id" and "cohort": bytes objects, "slice_index":
+    int32}, local batches of global_batch_size // process_count. The tail is padded (valid False,
+    image zeros, label 0, patient_id and cohort b"", slice_index -1) up to the same number of
+    batches on every process.
     """
     process_index, process_count = _processes(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, process_count)
@@ -122,6 +123,39 @@ def eval_batches(data_dir: str, *, split: str, global_batch_size: int,
                .batch(local_batch)
                .prefetch(tf.data.AUTOTUNE))
     return _numpy_batches(dataset)
+
+
+def read_examples(data_dir: str, split: str, patient_ids: set[str] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Every example of `split` (or of the patients in `patient_ids`) in canonical order, with
+    the tumour mask: {"image" uint8 (n, H, W, 3), "mask" uint8 (n, H, W), "label",
+    "patient_id" and "cohort" (str objects), "slice_index"}. For looking at a few patients
+    (explanations), not for streaming a split."""
+    builder = open_dataset(data_dir)
+    if split not in builder.info.splits:
+        raise ValueError(f"{data_dir} has no split {split!r} (splits: "
+                         f"{', '.join(sorted(builder.info.splits))})")
+    columns: dict[str, list] = {k: [] for k in ("image", "mask", "label", "patient_id",
+                                                "cohort", "slice_index")}
+    for example in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
+        patient = example["patient_id"].decode()
+        if patient_ids is not None and patient not in patient_ids:
+            continue
+        columns["image"].append(example["image"])
+        columns["mask"].append(example["mask"][..., 0])
+        columns["label"].append(int(example["label"]))
+        columns["patient_id"].append(patient)
+        columns["cohort"].append(example["cohort"].decode())
+        columns["slice_index"].append(int(example["slice_index"]))
+    size = builder.info.features["image"].shape
+    return {"image": np.stack(columns["image"]) if columns["image"]
+            else np.zeros((0, *size), np.uint8),
+            "mask": np.stack(columns["mask"]) if columns["mask"]
+            else np.zeros((0, *size[:2]), np.uint8),
+            "label": np.array(columns["label"], np.int64),
+            "patient_id": np.array(columns["patient_id"], dtype=object),
+            "cohort": np.array(columns["cohort"], dtype=object),
+            "slice_index": np.array(columns["slice_index"], np.int64)}
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:
@@ -175,7 +209,8 @@ def _shuffled_pieces(pieces: list[records.Piece], seed: int, epoch: tf.Tensor
 
 def _padding(image_shape: tuple[int, ...]) -> dict[str, tf.Tensor]:
     return {"image": tf.zeros(image_shape, tf.uint8), "label": tf.constant(0, tf.int32),
-            "patient_id": tf.constant(b""), "slice_index": tf.constant(-1, tf.int32),
+            "patient_id": tf.constant(b""), "cohort": tf.constant(b""),
+            "slice_index": tf.constant(-1, tf.int32),
             "valid": tf.constant(False)}
 
 

@@ -214,6 +214,7 @@ class Restored:
     step: int
     checkpoint: str             # "best", "latest" or the step asked for
     preparation: dict[str, Any]  # how the run's training data was prepared
+    workdir: str
 
 
 def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
@@ -255,4 +256,4 @@ def restore(workdir: str | epath.Path, checkpoint: str | int = "best",
     manager.close()
     nnx.update(model, state["params"], state["rest"])
     model.eval()
-    return Restored(model, config, step, str(checkpoint), preparation)
+    return Restored(model, config, step, str(checkpoint), preparation, str(workdir))

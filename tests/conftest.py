@@ -36,8 +36,11 @@ def save_zyx(array: np.ndarray, path: str) -> None:
 
 
 def write_cohort(folder: str, patients: int = 8, times: int = 4, seed: int = 0,
-                 splits: list[int] | None = None) -> list[dict]:
-    """A tiny I-SPY2-named cohort with the 29-column metadata; returns the CSV rows."""
+                 splits: list[int] | None = None, planted: bool = False) -> list[dict]:
+    """A tiny I-SPY2-named cohort with the 29-column metadata; returns the CSV rows.
+
+    planted: only HER2-positive tumours enhance (the others look like background), so a model
+    can learn the label from the tumour region alone."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "dce"), exist_ok=True)
     os.makedirs(os.path.join(folder, "mask"), exist_ok=True)
@@ -47,11 +50,11 @@ def write_cohort(folder: str, patients: int = 8, times: int = 4, seed: int = 0,
         pid = f"T-{i:03d}"
         mask = np.zeros(SHAPE, np.int32)
         mask[TUMOUR] = 1
+        her2 = int(i % 3 == 0)
         for t in range(times):
-            save_zyx(phase_volume(rng, t, mask),
+            save_zyx(phase_volume(rng, t, mask * (her2 or not planted)),
                      os.path.join(folder, "dce", f"{pid}_spy2_vis1_dce_aqc_{t}.nii.gz"))
         save_zyx(mask, os.path.join(folder, "mask", f"{pid}_spy2_vis1_mask.nii.gz"))
-        her2 = int(i % 3 == 0)
         row = dict.fromkeys(COLUMNS_V2, "0")
         row.update(pid=pid, n_xy=SHAPE[1], n_z=SHAPE[0], n_times=times, pre=0, post_early=1,
                    post_late=times - 1, slice_thick=2.5, xy_spacing=0.7, mask_start=3,

@@ -92,13 +92,14 @@ def read_pieces(pieces: list[Piece]) -> tf.data.Dataset:
 
 
 def parse(features: tfds.features.FeaturesDict, record: tf.Tensor) -> dict[str, tf.Tensor]:
-    """A serialized example as image (uint8 H x W x 3), label (int32), patient_id and slice_index;
-    the mask is neither decoded nor kept."""
+    """A serialized example as image (uint8 H x W x 3), label (int32), patient_id, cohort and
+    slice_index; the mask is neither decoded nor kept."""
     skip = tfds.decode.SkipDecoding()
     example = features.deserialize_example(record, decoders={"image": skip, "mask": skip})
     return {"image": features["image"].decode_example(example["image"]),
             "label": tf.cast(example["label"], tf.int32),
             "patient_id": example["patient_id"],
+            "cohort": example["cohort"],
             "slice_index": tf.cast(example["slice_index"], tf.int32)}
 
 

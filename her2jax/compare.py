@@ -1,0 +1,100 @@
+"""Compare two runs on the same patients: `python -m her2jax.compare RUN_A RUN_B [--split test]`.
+
+A paired DeLong test of the two patient-level AUCs (DeLong, DeLong & Clarke-Pearson 1988): both
+AUCs are computed on the same patients, so their errors are correlated and the test uses the
+covariance of the two sets of placement values. Prints the AUCs, the difference A - B with its
+confidence interval, z and the two-sided p-value, and writes them as JSON. Each run's
+`eval/<split>/predictions.csv` is used (written by `python -m her2jax.evaluate`, which runs first
+when the file is missing). Runs evaluated on different patients, or whose labels disagree, are
+refused: "model A outperforms model B" needs the same cases.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from her2jax import stats
+
+
+def read_predictions(workdir: str, split: str, *, evaluate_missing: bool = True,
+                     progress: bool = True) -> dict[str, tuple[int, float]]:
+    """{patient_id: (label, probability)} from RUN/eval/<split>/predictions.csv."""
+    path = epath.Path(workdir) / "eval" / split / "predictions.csv"
+    if not path.exists():
+        if not evaluate_missing:
+            raise FileNotFoundError(f"{path} is missing; run python -m her2jax.evaluate "
+                                    f"--workdir {workdir} --split {split}")
+        from her2jax import evaluate
+
+        print(f"evaluating {workdir} on {split} first", file=sys.stderr)
+        evaluate.evaluate_run(workdir, split=split, progress=progress)
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    return {row["patient_id"]: (int(row["label"]), float(row["probability"])) for row in rows}
+
+
+def compare(a: dict[str, tuple[int, float]], b: dict[str, tuple[int, float]], *,
+            level: float = 0.95, names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
+    """Paired DeLong test on the patients both prediction tables share (they must be the same)."""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        raise ValueError(
+            f"the runs were evaluated on different patients ({len(only_a)} only in {names[0]}: "
+            f"{only_a[:5]}; {len(only_b)} only in {names[1]}: {only_b[:5]}); evaluate both on "
+            f"the same split of the same dataset")
+    patients = sorted(a)
+    disagree = [p for p in patients if a[p][0] != b[p][0]]
+    if disagree:
+        raise ValueError(f"the runs disagree on the labels of {disagree[:5]}: not the same data")
+    labels = np.array([a[p][0] for p in patients])
+    result = stats.delong_paired_test(labels, np.array([a[p][1] for p in patients]),
+                                      np.array([b[p][1] for p in patients]), level=level)
+    return dict(result, run_a=names[0], run_b=names[1], patients=len(patients))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m her2jax.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_a")
+    parser.add_argument("run_b")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--level", type=float, default=0.95, help="confidence level of the CI")
+    parser.add_argument("--out", help="JSON file (default RUN_A/eval/<split>/compare_<B>.json)")
+    parser.add_argument("--no_evaluate", action="store_true",
+                        help="fail instead of evaluating a run without predictions")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        a = read_predictions(args.run_a, args.split, evaluate_missing=not args.no_evaluate)
+        b = read_predictions(args.run_b, args.split, evaluate_missing=not args.no_evaluate)
+        result = compare(a, b, level=args.level, names=(args.run_a, args.run_b))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    out = epath.Path(args.out) if args.out else (
+        epath.Path(args.run_a) / "eval" / args.split
+        / f"compare_{epath.Path(args.run_b).name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(result, split=args.split), indent=2, allow_nan=True))
+    level = int(round(args.level * 100))
+    print(f"{args.split}, {result['patients']} patients ({result['positives']} HER2-positive)")
+    print(f"  A {args.run_a}: AUC {result['auc_a']:.3f}")
+    print(f"  B {args.run_b}: AUC {result['auc_b']:.3f}")
+    print(f"  A - B = {result['difference']:+.3f}  {level}% CI [{result['ci_low']:+.3f}, "
+          f"{result['ci_high']:+.3f}]  z = {result['z']:.2f}  p = {result['p_value']:.4f} "
+          f"(paired DeLong)")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

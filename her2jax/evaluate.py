@@ -1,0 +1,432 @@
+"""Evaluate a trained run on a split: `python -m her2jax.evaluate --workdir RUN [--split test]
+[--data_dir PATH] [--checkpoint best|latest|STEP] [--out DIR]`.
+
+Writes under RUN/eval/<split>/ (or --out):
+    metrics.json             slice- and patient-level AUC with bootstrap CIs (patients resampled,
+                             seeded); accuracy, balanced accuracy, sensitivity, specificity, PPV,
+                             NPV, F1 at the threshold chosen on the validation split (Youden's J)
+                             and at 0.5; the majority-class baseline; counts; every aggregation
+                             rule; calibration; a per-cohort breakdown when the split holds several
+    predictions.csv          one row per patient: id, cohort, label, probability, slices, decision
+    slice_predictions.csv    one row per slice
+    roc.png, calibration.png
+    report.md                the above for a reader
+
+The threshold is fixed on the validation split of the run's own training data before the
+evaluated split is looked at. Data prepared differently from the run's training data (another
+normalisation, N4, size, crop, slices, phases, or another normalisation fit) is refused, naming
+what differs; an external cohort is prepared with `--fit_from` the training dataset and the same
+parameters (see README, "External validation").
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from her2jax import metrics, stats
+
+# preparation parameters that change what the model sees; the split rule and the cohort name
+# (external, fit_from) may differ between a run's training data and an evaluated dataset
+IMAGE_PARAMETERS = ("normalization", "n4", "n4_shrink", "n4_iterations", "image_size",
+                    "slices_per_patient", "crop_margin", "phases")
+
+
+class PreparationMismatch(ValueError):
+    """The evaluated data was not prepared like the run's training data."""
+
+
+def check_preparation(run_preparation: dict[str, Any], data_preparation: dict[str, Any],
+                      data_dir: str, run_fit: Any = None, data_fit: Any = None,
+                      check_fit: bool = False) -> None:
+    """Raises PreparationMismatch naming every image parameter (and the normalisation fit) that
+    differs between the run's training data and `data_dir`."""
+    differences = [f"{key}: run {run_preparation.get(key)!r}, data {data_preparation.get(key)!r}"
+                   for key in IMAGE_PARAMETERS
+                   if _canonical(run_preparation.get(key)) != _canonical(data_preparation.get(key))]
+    if check_fit and _canonical(run_fit) != _canonical(data_fit):
+        differences.append("normalization_fit: the data was normalised with parameters fitted "
+                           "elsewhere (prepare it with --fit_from the run's training dataset)")
+    if differences:
+        raise PreparationMismatch(
+            f"{data_dir} was prepared differently from the run's training data: "
+            + "; ".join(differences) + ". Prepare it with the run's parameters "
+            "(python -m data_prep.prepare ... --like RUN)")
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def predict_slices(model: Any, data_dir: str, split: str, *, batch_size: int = 64,
+                   dtype: str = "float32", progress: bool = True) -> dict[str, np.ndarray]:
+    """The positive-class probability of every slice of `split`, in canonical order:
+    {"patient_id", "cohort" (str objects), "slice_index", "label", "probability"}."""
+    import jax.numpy as jnp
+
+    from her2jax import distributed, input_pipeline, steps
+
+    mesh = steps.data_mesh()
+    _, eval_graph, params, rest = steps.split_model(model)
+    model.eval()
+    eval_step = steps.make_eval_step(eval_graph, mesh, dtype=jnp.dtype(dtype))
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    builder = input_pipeline.open_dataset(data_dir)
+    if split not in builder.info.splits:
+        raise ValueError(f"{data_dir} has no split {split!r} (splits: "
+                         f"{', '.join(sorted(builder.info.splits))})")
+    total = builder.info.splits[split].num_examples
+    columns: dict[str, list] = {k: [] for k in ("patient_id", "cohort", "slice_index", "label",
+                                                "probability", "valid")}
+    bar = _progress(total, f"{split} slices", progress)
+    for batch in input_pipeline.eval_batches(data_dir, split=split, global_batch_size=batch_size):
+        output = eval_step(params, rest, input_pipeline.to_global({"image": batch["image"]}, mesh))
+        columns["probability"].append(distributed.local_rows(output))
+        for key in ("patient_id", "cohort"):
+            columns[key].extend(v.decode() if isinstance(v, bytes) else str(v) for v in batch[key])
+        for key in ("slice_index", "label", "valid"):
+            columns[key].append(batch[key])
+        bar.update(int(np.sum(batch["valid"])))
+    bar.close()
+    rows = distributed.allgather_rows({
+        "patient_id": np.array(columns["patient_id"], dtype=object),
+        "cohort": np.array(columns["cohort"], dtype=object),
+        "slice_index": np.concatenate(columns["slice_index"]),
+        "label": np.concatenate(columns["label"]),
+        "probability": np.concatenate(columns["probability"]).astype(np.float64),
+        "valid": np.concatenate(columns["valid"])})
+    keep = rows.pop("valid")
+    out = {k: v[keep] for k, v in rows.items()}
+    for key in ("patient_id", "cohort"):
+        out[key] = np.array([v.decode() if isinstance(v, bytes) else v for v in out[key]],
+                            dtype=object)
+    return out
+
+
+def patient_table(slices: dict[str, np.ndarray], aggregation: str) -> dict[str, np.ndarray]:
+    """One row per patient: id, cohort, label, probability (slices aggregated), slices."""
+    ids, probabilities, labels = metrics.aggregate_patients(
+        slices["patient_id"], slices["probability"], slices["label"], method=aggregation)
+    cohort = dict(zip(slices["patient_id"], slices["cohort"]))
+    counts = dict(zip(*np.unique(slices["patient_id"].astype(str), return_counts=True)))
+    return {"patient_id": np.array(ids, dtype=object),
+            "cohort": np.array([cohort[i] for i in ids], dtype=object),
+            "label": labels, "probability": probabilities,
+            "slices": np.array([counts[i] for i in ids], np.int64)}
+
+
+def f1(rates: dict[str, Any]) -> float:
+    """F1 = 2 TP / (2 TP + FP + FN) (NaN when there is nothing positive at all)."""
+    denominator = 2 * rates["tp"] + rates["fp"] + rates["fn"]
+    return 2 * rates["tp"] / denominator if denominator else math.nan
+
+
+def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    rates = metrics.threshold_metrics(labels, scores, threshold)
+    return dict(rates, f1=f1(rates))
+
+
+def slice_auc_ci(slices: dict[str, np.ndarray], *, samples: int, level: float,
+                 seed: int) -> tuple[float, float]:
+    """Bootstrap CI of the slice-level AUC resampling patients (with all their slices), within
+    each class, so that correlated slices of one patient move together."""
+    ids = slices["patient_id"].astype(str)
+    patients, group = np.unique(ids, return_inverse=True)
+    patient_label = np.zeros(patients.size, np.int64)
+    patient_label[group] = slices["label"]
+    positive, negative = np.flatnonzero(patient_label == 1), np.flatnonzero(patient_label == 0)
+    if positive.size == 0 or negative.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((samples, patients.size))
+    weights[:, positive] = rng.multinomial(positive.size, np.full(positive.size, 1 / positive.size),
+                                           size=samples)
+    weights[:, negative] = rng.multinomial(negative.size, np.full(negative.size, 1 / negative.size),
+                                           size=samples)
+    slice_weights = weights[:, group]
+    is_positive = slices["label"] == 1
+    aucs = metrics._mann_whitney_auc(slices["probability"][is_positive],
+                                     slices["probability"][~is_positive],
+                                     slice_weights[:, is_positive], slice_weights[:, ~is_positive])
+    alpha = 1 - level
+    low, high = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def summarize(slices: dict[str, np.ndarray], *, aggregation: str, threshold: float,
+              samples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Every number of metrics.json from slice predictions and the validation threshold."""
+    table = patient_table(slices, aggregation)
+    labels, scores = table["label"], table["probability"]
+    low, high = metrics.bootstrap_auc_ci(labels, scores, samples=samples, level=level, seed=seed)
+    slice_low, slice_high = slice_auc_ci(slices, samples=samples, level=level, seed=seed)
+    baseline = metrics.majority_baseline(labels)
+    calibration = stats.calibration_bins(labels, scores) if labels.size else None
+    result = {
+        "aggregation": aggregation,
+        "ci_level": level, "bootstrap_samples": samples, "bootstrap_seed": seed,
+        "patients": int(labels.size), "positives": int(labels.sum()),
+        "negatives": int(labels.size - labels.sum()),
+        "slices": int(slices["label"].size),
+        "patient": {"auc": metrics.roc_auc(labels, scores), "auc_ci_low": low,
+                    "auc_ci_high": high,
+                    "at_validation_threshold": at_threshold(labels, scores, threshold),
+                    "at_0.5": at_threshold(labels, scores, 0.5)},
+        "slice": {"auc": metrics.roc_auc(slices["label"], slices["probability"]),
+                  "auc_ci_low": slice_low, "auc_ci_high": slice_high},
+        "majority_baseline": {"class": "HER2+" if baseline["majority_class"] else "HER2-",
+                              "accuracy": baseline["accuracy"], "auc": baseline["auc"]},
+        "calibration": None if calibration is None else {
+            "brier": calibration["brier"],
+            "expected_calibration_error": calibration["expected_calibration_error"]},
+        "aggregations": {},
+    }
+    for rule in metrics.AGGREGATIONS:
+        other = patient_table(slices, rule)
+        rule_low, rule_high = metrics.bootstrap_auc_ci(other["label"], other["probability"],
+                                                       samples=samples, level=level, seed=seed)
+        result["aggregations"][rule] = {
+            "auc": metrics.roc_auc(other["label"], other["probability"]),
+            "auc_ci_low": rule_low, "auc_ci_high": rule_high}
+    cohorts = sorted(set(table["cohort"]))
+    if len(cohorts) > 1:
+        result["cohorts"] = {}
+        for cohort in cohorts:
+            chosen = table["cohort"] == cohort
+            c_low, c_high = metrics.bootstrap_auc_ci(labels[chosen], scores[chosen],
+                                                     samples=samples, level=level, seed=seed)
+            result["cohorts"][cohort] = {
+                "patients": int(chosen.sum()), "positives": int(labels[chosen].sum()),
+                "auc": metrics.roc_auc(labels[chosen], scores[chosen]),
+                "auc_ci_low": c_low, "auc_ci_high": c_high,
+                "at_validation_threshold": at_threshold(labels[chosen], scores[chosen],
+                                                        threshold)}
+    return result
+
+
+def validation_threshold(restored: Any, *, aggregation: str, batch_size: int,
+                         progress: bool) -> dict[str, Any]:
+    """Youden's J threshold on the validation split of the run's training data (cached in
+    RUN/eval/validation_threshold.json per checkpoint step and aggregation)."""
+    config = restored.config
+    cache = epath.Path(restored.workdir) / "eval" / "validation_threshold.json"
+    key = f"{restored.checkpoint}@{restored.step}/{aggregation}"
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if key in cached:
+        return cached[key]
+    slices = predict_slices(restored.model, config.data_dir, config.eval_split,
+                            batch_size=batch_size, dtype=config.dtype, progress=progress)
+    table = patient_table(slices, aggregation)
+    threshold = stats.youden_threshold(table["label"], table["probability"])
+    entry = {"split": config.eval_split, "data_dir": config.data_dir,
+             "patients": int(table["label"].size), "positives": int(table["label"].sum()),
+             "auc": metrics.roc_auc(table["label"], table["probability"]),
+             "youden_threshold": threshold,
+             "threshold": threshold if math.isfinite(threshold) else 0.5,
+             "note": "" if math.isfinite(threshold) else
+             "validation split has one class only: the threshold falls back to 0.5"}
+    cached[key] = entry
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(cached, indent=2, allow_nan=True))
+    return entry
+
+
+def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = None,
+                 checkpoint: str = "best", out: str | None = None,
+                 aggregation: str | None = None, samples: int = 2000, seed: int = 0,
+                 batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Evaluates run `workdir` on `split` of `data_dir` (default: the run's own dataset) and
+    writes the files listed in the module docstring; returns metrics.json's content."""
+    from her2jax import input_pipeline, train
+
+    restored = train.restore(workdir, checkpoint)
+    config = restored.config
+    own_data = config.data_dir
+    data_dir = data_dir or own_data
+    aggregation = aggregation or config.eval.aggregation
+    data_metadata = input_pipeline.preparation_metadata(data_dir)
+    other_data = str(epath.Path(data_dir)) != str(epath.Path(own_data))
+    run_fit = data_fit = None
+    check_fit = False
+    if other_data and (epath.Path(own_data) / "metadata.json").exists():
+        run_fit = input_pipeline.preparation_metadata(own_data).get("normalization_fit")
+        data_fit = data_metadata.get("normalization_fit")
+        check_fit = run_fit is not None or data_fit is not None
+    check_preparation(restored.preparation, data_metadata["preparation"], data_dir,
+                      run_fit, data_fit, check_fit)
+
+    chosen = validation_threshold(restored, aggregation=aggregation, batch_size=batch_size,
+                                  progress=progress)
+    slices = predict_slices(restored.model, data_dir, split, batch_size=batch_size,
+                            dtype=config.dtype, progress=progress)
+    result = summarize(slices, aggregation=aggregation, threshold=chosen["threshold"],
+                       samples=samples, seed=seed)
+    result = {"run": str(workdir), "checkpoint": restored.checkpoint, "step": restored.step,
+              "model": config.model.name, "split": split, "data_dir": str(data_dir),
+              "normalization": data_metadata["preparation"]["normalization"],
+              "threshold": dict(chosen, value=chosen["threshold"]), **result}
+
+    folder = epath.Path(out) if out else epath.Path(workdir) / "eval" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=True))
+    table = patient_table(slices, aggregation)
+    decisions = (table["probability"] >= chosen["threshold"]).astype(int)
+    _write_csv(folder / "predictions.csv",
+               ["patient_id", "cohort", "label", "probability", "slices", "decision"],
+               zip(table["patient_id"], table["cohort"], table["label"],
+                   [f"{p:.6f}" for p in table["probability"]], table["slices"], decisions))
+    _write_csv(folder / "slice_predictions.csv",
+               ["patient_id", "cohort", "slice_index", "label", "probability"],
+               zip(slices["patient_id"], slices["cohort"], slices["slice_index"],
+                   slices["label"], [f"{p:.6f}" for p in slices["probability"]]))
+    _figures(folder, table, result, chosen["threshold"], seed)
+    (folder / "report.md").write_text(report_markdown(result))
+    return result
+
+
+def _figures(folder: epath.Path, table: dict[str, np.ndarray], result: dict[str, Any],
+             threshold: float, seed: int) -> None:
+    from her2jax import plots
+
+    labels, scores = table["label"], table["probability"]
+    if labels.size == 0 or labels.min() == labels.max():
+        return
+    rates = metrics.threshold_metrics(labels, scores, threshold)
+    patient = result["patient"]
+    plots.roc_figure([{
+        "label": result["model"], "labels": labels, "scores": scores,
+        "band": plots.roc_band(labels, scores, seed=seed),
+        "operating_point": (1 - rates["specificity"], rates["sensitivity"]),
+        "auc_text": f"AUC {patient['auc']:.3f} [{patient['auc_ci_low']:.3f}, "
+                    f"{patient['auc_ci_high']:.3f}]"}], folder / "roc.png",
+        title=f"{result['split']}: {result['patients']} patients; dot = validation threshold "
+              f"{threshold:.3f}")
+    plots.calibration_figure(stats.calibration_bins(labels, scores), scores,
+                             folder / "calibration.png",
+                             title=f"{result['split']}: {result['patients']} patients")
+
+
+def _write_csv(path: epath.Path, header: list[str], rows: Any) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue())
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) \
+        else f"{value:.{digits}f}"
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    patient, slices = result["patient"], result["slice"]
+    chosen, half = patient["at_validation_threshold"], patient["at_0.5"]
+    level = int(round(result["ci_level"] * 100))
+    lines = [
+        f"# {result['model']} on `{result['split']}`",
+        "",
+        f"Run `{result['run']}`, checkpoint {result['checkpoint']} (step {result['step']}); data "
+        f"`{result['data_dir']}` ({result['normalization']}). {result['patients']} patients "
+        f"({result['positives']} HER2-positive), {result['slices']} slices; patient probability "
+        f"= {result['aggregation']} of its slices.",
+        "",
+        f"**Patient-level AUC {_number(patient['auc'])} [{_number(patient['auc_ci_low'])}, "
+        f"{_number(patient['auc_ci_high'])}]** ({level}% bootstrap interval, "
+        f"{result['bootstrap_samples']} resamples of patients, seed {result['bootstrap_seed']}); "
+        f"slice-level AUC {_number(slices['auc'])} [{_number(slices['auc_ci_low'])}, "
+        f"{_number(slices['auc_ci_high'])}].",
+        "",
+        f"| threshold | accuracy | balanced acc. | sensitivity | specificity | PPV | NPV | F1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rates in ((f"validation Youden {_number(chosen['threshold'])}", chosen),
+                        ("0.5", half)):
+        lines.append(f"| {name} | " + " | ".join(_number(rates[k]) for k in (
+            "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1"))
+            + " |")
+    baseline = result["majority_baseline"]
+    lines += [
+        "",
+        f"Majority-class baseline (always {baseline['class']}): accuracy "
+        f"{_number(baseline['accuracy'])}, AUC 0.5. The threshold was chosen on "
+        f"{result['threshold']['split']} ({result['threshold']['patients']} patients) before "
+        f"this split was scored. {result['threshold'].get('note', '')}".rstrip(),
+        "",
+        "| aggregation | patient AUC | CI |", "|---|---|---|",
+    ]
+    for rule, entry in result["aggregations"].items():
+        lines.append(f"| {rule} | {_number(entry['auc'])} | [{_number(entry['auc_ci_low'])}, "
+                     f"{_number(entry['auc_ci_high'])}] |")
+    if result.get("cohorts"):
+        lines += ["", "| cohort | patients | HER2+ | AUC | CI | sensitivity | specificity |",
+                  "|---|---|---|---|---|---|---|"]
+        for cohort, entry in result["cohorts"].items():
+            rates = entry["at_validation_threshold"]
+            lines.append(f"| {cohort} | {entry['patients']} | {entry['positives']} | "
+                         f"{_number(entry['auc'])} | [{_number(entry['auc_ci_low'])}, "
+                         f"{_number(entry['auc_ci_high'])}] | {_number(rates['sensitivity'])} | "
+                         f"{_number(rates['specificity'])} |")
+    if result.get("calibration"):
+        lines += ["", f"Calibration: Brier score {_number(result['calibration']['brier'])}, "
+                      f"expected calibration error "
+                      f"{_number(result['calibration']['expected_calibration_error'])}."]
+    lines += ["", "![ROC](roc.png) ![calibration](calibration.png)", "",
+              "Per-patient predictions: `predictions.csv`; per slice: `slice_predictions.csv`."]
+    return "\n".join(lines) + "\n"
+
+
+def _progress(total: int, description: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="slice", disable=not enabled, leave=False,
+                file=sys.stderr)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m her2jax.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="run folder (python -m her2jax.main)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument("--data_dir", help="prepared dataset (default: the run's own)")
+    parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
+    parser.add_argument("--out", help="output folder (default RUN/eval/<split>)")
+    parser.add_argument("--aggregation", choices=metrics.AGGREGATIONS,
+                        help="slice -> patient rule (default: the run's)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = evaluate_run(args.workdir, split=args.split, data_dir=args.data_dir,
+                              checkpoint=args.checkpoint, out=args.out,
+                              aggregation=args.aggregation, samples=args.bootstrap,
+                              seed=args.seed, batch_size=args.batch_size,
+                              progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    patient = result["patient"]
+    rates = patient["at_validation_threshold"]
+    print(f"{result['split']}: patient AUC {_number(patient['auc'])} "
+          f"[{_number(patient['auc_ci_low'])}, {_number(patient['auc_ci_high'])}]  "
+          f"sensitivity {_number(rates['sensitivity'])}  specificity "
+          f"{_number(rates['specificity'])}  ({result['patients']} patients)")
+    print(epath.Path(args.out) if args.out else epath.Path(args.workdir) / "eval" / args.split)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Where a trained model looks: `python -m her2jax.explain --workdir RUN [--split test]
+[--patients N | --patient_ids A,B] [--checkpoint best] [--out DIR]`.
+
+For each chosen patient (N patients, HER2-positive and negative alternately, in id order) and
+each of its slices, one PNG with the fused slice and the heat maps over it, the tumour outlined
+in green:
+    ResNet    Grad-CAM of the HER2-positive logit from the last stage; with the triple head also
+              one map per head from its own stage; the gate of every spatial-attention module
+    ViT       attention rollout
+Written to RUN/eval/<split>/explain/ (or --out) with `explain.json`: per slice and map, the share
+of the heat inside the tumour mask and the ratio of mean heat inside to outside (above 1: the
+map favours the tumour). Methods and formulas: `her2jax.explain_maps`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from her2jax import explain_maps
+from her2jax.models.resnet import ResNet
+from her2jax.models.vit import VisionTransformer
+
+
+def heat_maps(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
+    """{name: float (N, H, W)} of every explanation that applies to `model`."""
+    if isinstance(model, ResNet):
+        maps = {"Grad-CAM": explain_maps.grad_cam(model, images)}
+        if model.head != "single":
+            for head in range(len(model.heads)):
+                maps[f"Grad-CAM head {head} (layer{head + 2})"] = explain_maps.grad_cam(
+                    model, images, head=head)
+        for name, gate in explain_maps.spatial_attention_maps(model, images).items():
+            maps[f"gate {name}"] = gate
+        return maps
+    if isinstance(model, VisionTransformer):
+        return {"attention rollout": explain_maps.attention_rollout(model, images)}
+    raise TypeError(f"no explanation for {type(model).__name__}")
+
+
+def write_overlays(model: Any, images: np.ndarray, masks: np.ndarray, folder: Any,
+                   names: Sequence[str], titles: Sequence[str]) -> list[dict[str, Any]]:
+    """One PNG per image (slice, then each heat map over it) named `names[i].png` in `folder`;
+    returns per image its file and, per map, inside_fraction and concentration_ratio."""
+    folder = epath.Path(folder)
+    maps = heat_maps(model, images)
+    entries = []
+    for i, (name, title) in enumerate(zip(names, titles)):
+        image, mask = images[i], masks[i] > 0
+        panels = [(title, explain_maps.overlay(image, np.zeros(mask.shape), mask, alpha=0.0))]
+        summary = {}
+        for map_name, values in maps.items():
+            panels.append((map_name, explain_maps.overlay(image, values[i], mask)))
+            summary[map_name] = {
+                "inside_fraction": explain_maps.inside_fraction(values[i], mask),
+                "concentration_ratio": explain_maps.concentration_ratio(values[i], mask),
+                "mask_fraction": float(mask.mean())}
+        path = folder / f"{name}.png"
+        explain_maps.save_overlay_png(path, panels)
+        entries.append({"file": path.name, "maps": summary})
+    return entries
+
+
+def choose_patients(patient_ids: np.ndarray, labels: np.ndarray, count: int) -> list[str]:
+    """`count` patients, positive and negative alternately (positives first), in id order."""
+    label_of = dict(zip(patient_ids, labels))
+    positive = sorted(p for p, y in label_of.items() if y == 1)
+    negative = sorted(p for p, y in label_of.items() if y == 0)
+    chosen = []
+    while len(chosen) < count and (positive or negative):
+        for group in (positive, negative):
+            if group and len(chosen) < count:
+                chosen.append(group.pop(0))
+    return chosen
+
+
+def explain_run(workdir: str, *, split: str = "test", patients: int = 4,
+                patient_ids: Sequence[str] | None = None, checkpoint: str = "best",
+                data_dir: str | None = None, out: str | None = None) -> dict[str, Any]:
+    from her2jax import evaluate, input_pipeline, predict, train
+
+    restored = train.restore(workdir, checkpoint)
+    data_dir = data_dir or restored.config.data_dir
+    evaluate.check_preparation(restored.preparation,
+                               input_pipeline.preparation_metadata(data_dir)["preparation"],
+                               data_dir)
+    examples = input_pipeline.read_examples(data_dir, split)
+    if patient_ids:
+        missing = sorted(set(patient_ids) - set(examples["patient_id"]))
+        if missing:
+            raise ValueError(f"not in {split}: {missing}")
+        chosen = list(patient_ids)
+    else:
+        chosen = choose_patients(examples["patient_id"], examples["label"], patients)
+    keep = np.isin(examples["patient_id"], chosen)
+    examples = {k: v[keep] for k, v in examples.items()}
+    probabilities = predict.slice_probabilities(restored.model, examples["image"],
+                                                restored.config.dtype)
+    folder = epath.Path(out) if out else epath.Path(workdir) / "eval" / split / "explain"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"{p}_slice{z:03d}" for p, z in zip(examples["patient_id"],
+                                                  examples["slice_index"])]
+    titles = [f"{p} {'HER2+' if y else 'HER2-'} z={z} p={q:.2f}"
+              for p, y, z, q in zip(examples["patient_id"], examples["label"],
+                                    examples["slice_index"], probabilities)]
+    entries = write_overlays(restored.model, examples["image"], examples["mask"], folder,
+                             names, titles)
+    for entry, patient, label, z, probability in zip(
+            entries, examples["patient_id"], examples["label"], examples["slice_index"],
+            probabilities):
+        entry.update(patient_id=patient, label=int(label), slice_index=int(z),
+                     probability=float(probability))
+    summary = {"run": str(workdir), "checkpoint": restored.checkpoint, "step": restored.step,
+               "split": split, "patients": chosen, "slices": entries,
+               "mean_concentration_ratio": _mean_ratio(entries)}
+    (folder / "explain.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    summary["folder"] = str(folder)
+    return summary
+
+
+def _mean_ratio(entries: list[dict[str, Any]]) -> dict[str, float]:
+    """Per map, the mean concentration ratio over slices where it is defined."""
+    out: dict[str, list[float]] = {}
+    for entry in entries:
+        for name, values in entry["maps"].items():
+            if math.isfinite(values["concentration_ratio"]):
+                out.setdefault(name, []).append(values["concentration_ratio"])
+    return {name: float(np.mean(values)) for name, values in out.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m her2jax.explain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--patients", type=int, default=4, help="how many patients")
+    parser.add_argument("--patient_ids", help="comma-separated patient ids instead")
+    parser.add_argument("--checkpoint", default="best")
+    parser.add_argument("--data_dir", help="prepared dataset (default: the run's own)")
+    parser.add_argument("--out", help="output folder (default RUN/eval/<split>/explain)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = explain_run(args.workdir, split=args.split, patients=args.patients,
+                              patient_ids=args.patient_ids.split(",") if args.patient_ids
+                              else None, checkpoint=args.checkpoint, data_dir=args.data_dir,
+                              out=args.out)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for name, ratio in summary["mean_concentration_ratio"].items():
+        print(f"{name}: mean heat inside / outside the tumour {ratio:.2f}")
+    print(f"{len(summary['slices'])} overlays of {len(summary['patients'])} patients in "
+          f"{summary['folder']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

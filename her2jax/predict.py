@@ -1,0 +1,186 @@
+"""HER2 status of one new patient: `python -m her2jax.predict --workdir RUN --pre F --early F
+--late F --mask F [--out DIR] [--explain]`.
+
+Each phase is a NIfTI file, an NRRD/MetaImage file or a DICOM series folder; the tumour is a mask
+volume (`--mask`) or a box (`--box z0,z1,y0,y1,x0,x1`, voxel indices, inclusive). The study goes
+through exactly the preparation code the training data went through (`data_prep.pipeline`, with
+the run's recorded parameters and the normalisation fitted on its training split), then the
+model. Prints JSON and writes `prediction.json` (and with `--explain`, overlays) to --out:
+    probability       HER2-positive probability of the patient (slices aggregated as in training)
+    decision          "HER2-positive" / "HER2-negative" at the validation threshold
+    threshold         that threshold (Youden's J on the run's validation split)
+    slices            each slice used: index in the volume and its probability
+A research tool: not a medical device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from her2jax import metrics
+
+
+def preparation_params(preparation: dict[str, Any]):
+    """The run's recorded preparation as `data_prep.params.PrepParams` (lists back to tuples;
+    the cohort and fit source do not apply to a single study)."""
+    from data_prep.params import PrepParams
+
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in preparation.items()
+              if k in PrepParams.__dataclass_fields__}
+    fields.update(external=None, fit_from=None)
+    return PrepParams(**fields)
+
+
+def prepare_study(restored: Any, *, pre: str, early: str, late: str, mask: str | None = None,
+                  box: tuple[int, ...] | None = None, layout: str = "standard",
+                  spacing: tuple[float, float, float] | None = None,
+                  patient_id: str = "patient"):
+    """The study's fused slices, prepared like the run's training data."""
+    from data_prep import normalization, pipeline
+    from data_prep.sources import Case
+    from her2jax import input_pipeline
+
+    if (mask is None) == (box is None):
+        raise ValueError("give the tumour as --mask FILE or --box z0,z1,y0,y1,x0,x1 (one of them)")
+    params = preparation_params(restored.preparation)
+    fitted = None
+    if normalization.get(params.normalization).needs_fit:
+        data_dir = restored.config.data_dir
+        fitted = input_pipeline.preparation_metadata(data_dir).get("normalization_fit")
+        if fitted is None:
+            raise ValueError(f"{params.normalization} needs the parameters fitted on the training "
+                             f"data, and {data_dir}/metadata.json has none")
+    case = Case(patient_id=patient_id, label=0, cohort="predict", phases=(pre, early, late),
+                mask=mask, box=tuple(box) if box else None,
+                stored_zyx=layout == "breastdcedl", spacing=spacing)
+    return pipeline.prepare_case(case, params, fitted)
+
+
+def slice_probabilities(model: Any, images: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """Positive-class probability of each uint8 image (N, H, W, 3), through the same jitted eval
+    step as evaluation."""
+    import jax.numpy as jnp
+
+    from her2jax import distributed, input_pipeline, steps
+
+    mesh = steps.data_mesh()
+    _, eval_graph, params, rest = steps.split_model(model)
+    model.eval()
+    step = steps.make_eval_step(eval_graph, mesh, dtype=jnp.dtype(dtype))
+    size = -(-len(images) // mesh.size) * mesh.size
+    padded = np.zeros((size, *images.shape[1:]), np.uint8)
+    padded[:len(images)] = images
+    output = step(params, rest, input_pipeline.to_global({"image": padded}, mesh))
+    return distributed.local_rows(output)[:len(images)].astype(np.float64)
+
+
+def predict(workdir: str, *, pre: str, early: str, late: str, mask: str | None = None,
+            box: tuple[int, ...] | None = None, layout: str = "standard",
+            spacing: tuple[float, float, float] | None = None, patient_id: str = "patient",
+            checkpoint: str = "best", out: str | None = None, explain: bool = False,
+            progress: bool = False) -> dict[str, Any]:
+    from data_prep.errors import BadCaseError
+    from her2jax import evaluate, train
+
+    restored = train.restore(workdir, checkpoint)
+    try:
+        prepared = prepare_study(restored, pre=pre, early=early, late=late, mask=mask, box=box,
+                                 layout=layout, spacing=spacing, patient_id=patient_id)
+    except BadCaseError as error:
+        raise ValueError(str(error)) from None
+    images = np.stack([s.image for s in prepared.slices])
+    probabilities = slice_probabilities(restored.model, images, restored.config.dtype)
+    aggregation = restored.config.eval.aggregation
+    _, patient, _ = metrics.aggregate_patients([patient_id] * len(images), probabilities,
+                                               np.zeros(len(images), int), method=aggregation)
+    chosen = evaluate.validation_threshold(restored, aggregation=aggregation, batch_size=64,
+                                           progress=progress)
+    probability = float(patient[0])
+    result = {
+        "patient_id": patient_id, "probability": probability,
+        "decision": "HER2-positive" if probability >= chosen["threshold"] else "HER2-negative",
+        "threshold": chosen["threshold"], "threshold_source": (
+            f"Youden's J on {chosen['split']} ({chosen['patients']} patients)"
+            + (f"; {chosen['note']}" if chosen.get("note") else "")),
+        "aggregation": aggregation,
+        "slices": [{"slice_index": int(s.slice_index), "probability": float(p)}
+                   for s, p in zip(prepared.slices, probabilities)],
+        "run": str(workdir), "checkpoint": restored.checkpoint, "step": restored.step,
+        "inputs": {"pre": pre, "early": early, "late": late, "mask": mask,
+                   "box": list(box) if box else None, "layout": layout},
+    }
+    if out:
+        folder = epath.Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        if explain:
+            from her2jax import explain as explain_lib
+
+            result["explanations"] = explain_lib.write_overlays(
+                restored.model, images, np.stack([s.mask[..., 0] for s in prepared.slices]),
+                folder, names=[f"{patient_id}_slice{s.slice_index:03d}"
+                               for s in prepared.slices],
+                titles=[f"{patient_id} z={s.slice_index} p={p:.2f}"
+                        for s, p in zip(prepared.slices, probabilities)])
+        (folder / "prediction.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _numbers(kind: type, count: int):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(part) for part in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got "
+                                             f"{text!r}")
+        return values
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m her2jax.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="trained run folder")
+    parser.add_argument("--pre", required=True, help="pre-contrast phase")
+    parser.add_argument("--early", required=True, help="early post-contrast phase")
+    parser.add_argument("--late", required=True, help="late post-contrast phase")
+    parser.add_argument("--mask", help="tumour mask volume (non-zero = tumour)")
+    parser.add_argument("--box", type=_numbers(int, 6), help="tumour box z0,z1,y0,y1,x0,x1")
+    parser.add_argument("--layout", choices=("standard", "breastdcedl"), default="standard",
+                        help="breastdcedl: NIfTI arrays stored (z, y, x) with an identity "
+                             "affine, as in the BreastDCEDL release")
+    parser.add_argument("--spacing", type=_numbers(float, 3),
+                        help="z,y,x spacing in mm when the headers lack it (used by N4)")
+    parser.add_argument("--patient_id", default="patient")
+    parser.add_argument("--checkpoint", default="best")
+    parser.add_argument("--out", help="folder for prediction.json (and overlays)")
+    parser.add_argument("--explain", action="store_true",
+                        help="write heat-map overlays of each slice to --out")
+    args = parser.parse_args(argv)
+    if args.explain and not args.out:
+        parser.error("--explain writes images: give --out")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = predict(args.workdir, pre=args.pre, early=args.early, late=args.late,
+                         mask=args.mask, box=args.box, layout=args.layout, spacing=args.spacing,
+                         patient_id=args.patient_id, checkpoint=args.checkpoint, out=args.out,
+                         explain=args.explain)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

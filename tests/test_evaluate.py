@@ -1,0 +1,196 @@
+"""Evaluation, comparison, external validation and prediction on a tiny trained run: every
+metric against scikit-learn, the threshold fixed on validation only, the refusal of data prepared
+differently, and predict == evaluate for one patient."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from configs import resnet
+from conftest import write_cohort
+from data_prep import prepare
+from her2jax import compare, evaluate, predict, stats, train
+
+# 18 patients, HER2+ where i % 3 == 0: validation {3+, 4, 5, 7}, test {0+, 1, 2, 6+}
+SPLITS = [1, 1, 1, 2, 2, 2, 1, 2] + [0] * 10   # 1 = test, 2 = validation
+
+
+def run_prepare(*args: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert prepare.main([*args, "--workers", "1", "--quiet"]) == 0
+    return out.getvalue().splitlines()[-1]
+
+
+def tiny_run(data_dir: str, workdir: str, seed: int = 0) -> str:
+    config = resnet.get_config("resnet18,runlocal")
+    config.data_dir = data_dir
+    config.seed = seed
+    config.batch_size = 4
+    config.eval.batch_size = 5
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    cohort = str(root / "cohort")
+    rows = write_cohort(cohort, patients=18, splits=SPLITS)
+    data_dir = run_prepare("--source", cohort, "--data_dir", str(root / "prepared"),
+                           "--image_size", "16")
+    run_a = tiny_run(data_dir, str(root / "run_a"))
+    run_b = tiny_run(data_dir, str(root / "run_b"), seed=1)
+    return {"root": root, "cohort": cohort, "rows": rows, "data_dir": data_dir,
+            "run_a": run_a, "run_b": run_b,
+            "result": evaluate.evaluate_run(run_a, split="test", samples=300, progress=False)}
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_files_and_every_metric_against_sklearn(setup):
+    result, folder = setup["result"], os.path.join(setup["run_a"], "eval", "test")
+    for name in ("metrics.json", "predictions.csv", "slice_predictions.csv", "roc.png",
+                 "calibration.png", "report.md"):
+        assert os.path.getsize(os.path.join(folder, name)) > 0, name
+    assert json.load(open(os.path.join(folder, "metrics.json")))["step"] == result["step"]
+    patients = read_csv(os.path.join(folder, "predictions.csv"))
+    slices = read_csv(os.path.join(folder, "slice_predictions.csv"))
+    assert sorted(p["patient_id"] for p in patients) == ["T-000", "T-001", "T-002", "T-006"]
+    assert len(slices) == result["slices"] == sum(int(p["slices"]) for p in patients)
+    # patient probability = median of its slices
+    for patient in patients:
+        mine = [float(s["probability"]) for s in slices if s["patient_id"] == patient["patient_id"]]
+        assert float(patient["probability"]) == pytest.approx(np.median(mine), abs=2e-6)
+    y = np.array([int(p["label"]) for p in patients])
+    p = np.array([float(p["probability"]) for p in patients])
+    assert result["patient"]["auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-5)
+    ys = np.array([int(s["label"]) for s in slices])
+    ps = np.array([float(s["probability"]) for s in slices])
+    assert result["slice"]["auc"] == pytest.approx(skm.roc_auc_score(ys, ps), abs=1e-5)
+    for key, threshold in (("at_validation_threshold", result["threshold"]["value"]),
+                           ("at_0.5", 0.5)):
+        rates = result["patient"][key]
+        predicted = (p >= threshold).astype(int)
+        tn, fp, fn, tp = skm.confusion_matrix(y, predicted, labels=[0, 1]).ravel()
+        assert (rates["tp"], rates["fp"], rates["tn"], rates["fn"]) == (tp, fp, tn, fn)
+        assert rates["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted))
+        assert rates["sensitivity"] == pytest.approx(skm.recall_score(y, predicted))
+        assert rates["specificity"] == pytest.approx(
+            skm.recall_score(y, predicted, pos_label=0))
+        assert rates["balanced_accuracy"] == pytest.approx(
+            skm.balanced_accuracy_score(y, predicted))
+        assert rates["f1"] == pytest.approx(skm.f1_score(y, predicted, zero_division=np.nan),
+                                            nan_ok=True)
+    assert result["majority_baseline"]["accuracy"] == pytest.approx(0.5)
+    assert result["patients"] == 4 and result["positives"] == 2
+    low, high = result["patient"]["auc_ci_low"], result["patient"]["auc_ci_high"]
+    assert low <= result["patient"]["auc"] <= high
+    assert set(result["aggregations"]) == {"median", "mean", "max"}
+    report = open(os.path.join(folder, "report.md")).read()
+    assert f"{result['patient']['auc']:.3f}" in report and "roc.png" in report
+
+
+def test_threshold_is_fixed_on_validation_only(setup):
+    result = setup["result"]
+    restored = train.restore(setup["run_a"], "best")
+    validation = evaluate.predict_slices(restored.model, setup["data_dir"], "validation",
+                                         progress=False)
+    table = evaluate.patient_table(validation, "median")
+    assert list(table["patient_id"]) == ["T-003", "T-004", "T-005", "T-007"]
+    expected = stats.youden_threshold(table["label"], table["probability"])
+    assert result["threshold"]["value"] == pytest.approx(expected)
+    assert result["threshold"]["split"] == "validation"
+    # evaluating another split reuses that threshold: the test split never moves it
+    other = evaluate.evaluate_run(setup["run_a"], split="train", samples=50, progress=False,
+                                  out=str(setup["root"] / "train_eval"))
+    assert other["threshold"]["value"] == result["threshold"]["value"]
+
+
+def test_data_prepared_differently_is_refused_naming_the_parameters(setup):
+    other = run_prepare("--source", setup["cohort"], "--data_dir",
+                        str(setup["root"] / "other"), "--image_size", "24",
+                        "--normalization", "global_minmax")
+    with pytest.raises(evaluate.PreparationMismatch) as error:
+        evaluate.evaluate_run(setup["run_a"], data_dir=other, progress=False)
+    message = str(error.value)
+    assert "normalization" in message and "image_size" in message and "n4" not in message
+    assert evaluate.main(["--workdir", setup["run_a"], "--data_dir", other, "--quiet"]) == 1
+
+
+def test_external_cohort_prepared_like_the_run(setup, capsys):
+    external_source = str(setup["root"] / "external_cohort")
+    write_cohort(external_source, patients=6, seed=5)
+    # --like copies the run's parameters; a contradicting flag is refused
+    with pytest.raises(SystemExit):
+        prepare.parse_args(["--source", external_source, "--data_dir", "x",
+                            "--like", setup["run_a"], "--image_size", "32"])
+    external = run_prepare("--source", external_source, "--data_dir",
+                           str(setup["root"] / "external"), "--like", setup["run_a"],
+                           "--external", "hospital_b")
+    assert evaluate.main(["--workdir", setup["run_a"], "--data_dir", external,
+                          "--split", "external", "--quiet", "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    result = json.load(open(os.path.join(setup["run_a"], "eval", "external", "metrics.json")))
+    assert result["patients"] == 6 and result["data_dir"] == external
+    assert "patient AUC" in printed
+
+
+def test_predict_gives_the_probability_evaluate_gives(setup, tmp_path):
+    cohort, patient = setup["cohort"], "T-006"
+    files = [os.path.join(cohort, "dce", f"{patient}_spy2_vis1_dce_aqc_{t}.nii.gz")
+             for t in (0, 1, 3)]
+    mask = os.path.join(cohort, "mask", f"{patient}_spy2_vis1_mask.nii.gz")
+    result = predict.predict(setup["run_a"], pre=files[0], early=files[1], late=files[2],
+                             mask=mask, layout="breastdcedl", patient_id=patient,
+                             out=str(tmp_path / "out"))
+    rows = read_csv(os.path.join(setup["run_a"], "eval", "test", "predictions.csv"))
+    expected = next(float(r["probability"]) for r in rows if r["patient_id"] == patient)
+    assert result["probability"] == pytest.approx(expected, abs=1e-5)
+    slices = read_csv(os.path.join(setup["run_a"], "eval", "test", "slice_predictions.csv"))
+    mine = {int(s["slice_index"]): float(s["probability"]) for s in slices
+            if s["patient_id"] == patient}
+    assert {s["slice_index"]: pytest.approx(s["probability"], abs=1e-5)
+            for s in result["slices"]} == mine
+    threshold = setup["result"]["threshold"]["value"]
+    assert result["threshold"] == threshold
+    assert result["decision"] == ("HER2-positive" if expected >= threshold else "HER2-negative")
+    assert json.load(open(tmp_path / "out" / "prediction.json"))["probability"] == \
+        result["probability"]
+
+
+def test_predict_reports_bad_input_by_file(setup, tmp_path, capsys):
+    cohort = setup["cohort"]
+    pre = os.path.join(cohort, "dce", "T-006_spy2_vis1_dce_aqc_0.nii.gz")
+    code = predict.main(["--workdir", setup["run_a"], "--pre", pre, "--early", pre,
+                         "--late", str(tmp_path / "missing.nii.gz"), "--box", "1,2,3,4,5,6"])
+    assert code == 1 and "missing.nii.gz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--workdir", "r", "--pre", "a", "--early", "b", "--late", "c",
+                            "--box", "1,2,3"])
+
+
+def test_compare_runs_a_paired_delong_test(setup, tmp_path, capsys):
+    assert compare.main([setup["run_a"], setup["run_b"], "--out",
+                         str(tmp_path / "c.json")]) == 0
+    result = json.load(open(tmp_path / "c.json"))
+    a = compare.read_predictions(setup["run_a"], "test")
+    b = compare.read_predictions(setup["run_b"], "test")
+    ids = sorted(a)
+    expected = stats.delong_paired_test([a[i][0] for i in ids], [a[i][1] for i in ids],
+                                        [b[i][1] for i in ids])
+    assert result["p_value"] == pytest.approx(expected["p_value"], nan_ok=True)
+    assert result["difference"] == pytest.approx(expected["auc_a"] - expected["auc_b"])
+    assert "paired DeLong" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="different patients"):
+        compare.compare(a, {k: v for k, v in b.items() if k != ids[0]})
