@@ -194,3 +194,36 @@ def test_compare_runs_a_paired_delong_test(setup, tmp_path, capsys):
     assert "paired DeLong" in capsys.readouterr().out
     with pytest.raises(ValueError, match="different patients"):
         compare.compare(a, {k: v for k, v in b.items() if k != ids[0]})
+
+
+def test_summary_breaks_down_by_cohort_and_slice_ci_resamples_patients():
+    rng = np.random.default_rng(0)
+    patients = [f"P{i:02d}" for i in range(30)]
+    label_of = {p: int(i % 3 == 0) for i, p in enumerate(patients)}
+    cohort_of = {p: ("site_a" if i < 18 else "site_b") for i, p in enumerate(patients)}
+    ids = np.array([p for p in patients for _ in range(4)], dtype=object)
+    labels = np.array([label_of[p] for p in ids])
+    slices = {"patient_id": ids, "cohort": np.array([cohort_of[p] for p in ids], dtype=object),
+              "slice_index": np.tile(np.arange(4), 30), "label": labels,
+              # slices of one patient are alike: a patient effect plus a little slice noise
+              "probability": np.clip(0.3 * labels + np.repeat(rng.uniform(0, 0.6, 30), 4)
+                                     + rng.uniform(0, 0.1, ids.size), 0, 1)}
+    result = evaluate.summarize(slices, aggregation="median", threshold=0.5, samples=200)
+    table = evaluate.patient_table(slices, "median")
+    for cohort in ("site_a", "site_b"):
+        chosen = table["cohort"] == cohort
+        entry = result["cohorts"][cohort]
+        assert entry["patients"] == chosen.sum()
+        assert entry["auc"] == pytest.approx(skm.roc_auc_score(table["label"][chosen],
+                                                               table["probability"][chosen]))
+    low, high = result["slice"]["auc_ci_low"], result["slice"]["auc_ci_high"]
+    assert low < result["slice"]["auc"] < high
+    # resampling whole patients: wider than an interval that treats the 120 correlated slices
+    # as independent patients
+    independent = dict(slices, patient_id=np.array([f"S{i}" for i in range(ids.size)],
+                                                   dtype=object))
+    i_low, i_high = evaluate.slice_auc_ci(independent, samples=500, level=0.95, seed=0)
+    assert (high - low) > (i_high - i_low)
+    single = dict(slices, cohort=np.array(["one"] * ids.size, dtype=object))
+    assert "cohorts" not in evaluate.summarize(single, aggregation="median", threshold=0.5,
+                                               samples=50)
