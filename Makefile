@@ -18,9 +18,7 @@ test: setup
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 demo: setup
-	$(PY) -m data_prep.synthetic --out demo/cohort --patients 40
-	$(PY) -m data_prep.prepare --source demo/cohort --data_dir demo/prepared \
-		--normalization per_channel_clip_q98 --image_size 128
+	$(PY) -m her2jax.demo --out demo_out
 
 clean:
-	rm -rf $(VENV) demo
+	rm -rf $(VENV) demo_out

@@ -2,6 +2,7 @@
 
 Variants: tiny16, small16, base16 (patch 16), small32 (patch 32); class-token pooling, dropout
 0.1 on the head input, stochastic depth 0.1; AdamW at a lower peak learning rate than ResNets.
+tiny4: ViT-Ti with 4-pixel patches and 6 blocks, for small crops (the synthetic demo at 32 px).
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import ml_collections
 from configs.common import apply_runlocal, base_config, parse_arg
 
 VARIANTS = {"tiny16": "vit_tiny_patch16", "small16": "vit_small_patch16",
-            "base16": "vit_base_patch16", "small32": "vit_small_patch32"}
+            "base16": "vit_base_patch16", "small32": "vit_small_patch32",
+            "tiny4": "vit_tiny_patch4"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -23,6 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # image_size is set from the dataset at run time (position embeddings follow it)
     config.model.kwargs = ml_collections.ConfigDict({"pool": "token", "dropout": 0.1,
                                                      "drop_path": 0.1})
+    if variant == "tiny4":
+        config.model.kwargs.depth = 6
     config.optimizer.learning_rate = 3e-4
     if "runlocal" in flags:
         apply_runlocal(config)

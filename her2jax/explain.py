@@ -4,8 +4,10 @@
 For each chosen patient (N patients, HER2-positive and negative alternately, in id order) and
 each of its slices, one PNG with the fused slice and the heat maps over it, the tumour outlined
 in green:
-    ResNet    Grad-CAM of the HER2-positive logit from the last stage; with the triple head also
-              one map per head from its own stage; the gate of every spatial-attention module
+    ResNet    Grad-CAM of the HER2-positive logit from the last stage, and from the deepest
+              stage with at least 4 x 4 cells when the last one is coarser (small images); with
+              the triple head one map per head from its own stage; the gate of every
+              spatial-attention module
     ViT       attention rollout
 Written to RUN/eval/<split>/explain/ (or --out) with `explain.json`: per slice and map, the share
 of the heat inside the tumour mask and the ratio of mean heat inside to outside (above 1: the
@@ -32,6 +34,9 @@ def heat_maps(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
     """{name: float (N, H, W)} of every explanation that applies to `model`."""
     if isinstance(model, ResNet):
         maps = {"Grad-CAM": explain_maps.grad_cam(model, images)}
+        layer = finer_layer(images.shape[1])
+        if model.head == "single" and layer is not None:
+            maps[f"Grad-CAM layer{layer}"] = explain_maps.grad_cam(model, images, layer=layer)
         if model.head != "single":
             for head in range(len(model.heads)):
                 maps[f"Grad-CAM head {head} (layer{head + 2})"] = explain_maps.grad_cam(
@@ -42,6 +47,17 @@ def heat_maps(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
     if isinstance(model, VisionTransformer):
         return {"attention rollout": explain_maps.attention_rollout(model, images)}
     raise TypeError(f"no explanation for {type(model).__name__}")
+
+
+def finer_layer(image_size: int) -> int | None:
+    """When layer4's map is under 4 x 4 cells (images under 128 px; strides 4, 8, 16, 32), the
+    deepest layer whose map has at least 4 x 4 cells, else None."""
+    if image_size // 32 >= 4:
+        return None
+    for layer, stride in ((3, 16), (2, 8), (1, 4)):
+        if image_size // stride >= 4:
+            return layer
+    return None
 
 
 def write_overlays(model: Any, images: np.ndarray, masks: np.ndarray, folder: Any,

@@ -129,14 +129,36 @@ def _combine(model: ResNet, logits: Sequence[jax.Array]) -> jax.Array:
     return jnp.einsum("k,knc->nc", jax.nn.softmax(model.head_weights[...]), stacked)
 
 
-def _cam_target(model: ResNet, stages: list[jax.Array],
-                head: int | None) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """(feature map A, function A -> logits) for the chosen head."""
+def _rest_of_network(model: ResNet, layer: int) -> Callable[[jax.Array], jax.Array]:
+    """The single-head ResNet from the output of `layer` (1..4, after its stage attention) to
+    the logits: the later layers with their stage attention, then the head."""
+    layers = (model.layer1, model.layer2, model.layer3, model.layer4)
+
+    def forward(a: jax.Array) -> jax.Array:
+        for index in range(layer, 4):
+            for block in layers[index]:
+                a = block(a)
+            a = model.stage_attention[index](a)
+        return classify(a, model.attention, model.dropout, model.fc)
+    return forward
+
+
+def _cam_target(model: ResNet, stages: list[jax.Array], head: int | None,
+                layer: int | None = None
+                ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """(feature map A, function A -> logits) for the chosen head or layer."""
     if model.head == "single":
         if head is not None:
             raise ValueError(f"head={head} asks for one of the triple head's heads, but the "
                              "model has a single head")
+        if layer is not None:
+            if layer not in (1, 2, 3, 4):
+                raise ValueError(f"layer must be 1, 2, 3 or 4, got {layer}")
+            return stages[layer - 1], _rest_of_network(model, layer)
         return stages[-1], lambda a: classify(a, model.attention, model.dropout, model.fc)
+    if layer is not None:
+        raise ValueError("layer= applies to single-head ResNets; a triple head's maps come "
+                         "from each head's own stage (head=)")
     if head is None:
         fixed = [jax.lax.stop_gradient(stage) for stage in stages[1:-1]]
         return stages[-1], lambda a: _combine(
@@ -146,12 +168,12 @@ def _cam_target(model: ResNet, stages: list[jax.Array],
     return stages[1:][head], model.heads[head]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def _grad_cam_jit(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array,
-                  target_class: int, head: int | None) -> jax.Array:
+                  target_class: int, head: int | None, layer: int | None) -> jax.Array:
     model = nnx.merge(graphdef, state)
     stages = model.features(normalize_images(images, model.conv1.dtype or jnp.float32))
-    features, logits_of = _cam_target(model, stages, head)
+    features, logits_of = _cam_target(model, stages, head, layer)
 
     def target(a: jax.Array) -> jax.Array:
         # Images are independent (running statistics), so the sum's gradient is per image.
@@ -164,7 +186,7 @@ def _grad_cam_jit(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array,
 
 
 def grad_cam_features(model: ResNet, images: np.ndarray, target_class: int = 1,
-                      head: int | None = None) -> np.ndarray:
+                      head: int | None = None, layer: int | None = None) -> np.ndarray:
     """ReLU(sum_c w_c A_c) at the feature map's own resolution (N, h, w), not normalised.
 
     The first two steps of `grad_cam`; see the module docstring.
@@ -173,11 +195,12 @@ def grad_cam_features(model: ResNet, images: np.ndarray, target_class: int = 1,
         raise TypeError(f"Grad-CAM is implemented for ResNet, got {type(model).__name__}")
     graphdef, state = _split(model)
     return np.asarray(_grad_cam_jit(graphdef, state, _images(images), int(target_class),
-                                    None if head is None else int(head)))
+                                    None if head is None else int(head),
+                                    None if layer is None else int(layer)))
 
 
 def grad_cam(model: ResNet, images: np.ndarray, target_class: int = 1,
-             head: int | None = None) -> np.ndarray:
+             head: int | None = None, layer: int | None = None) -> np.ndarray:
     """Grad-CAM of the `target_class` logit on the last stage (or head `head`'s stage).
 
     Args:
@@ -185,12 +208,15 @@ def grad_cam(model: ResNet, images: np.ndarray, target_class: int = 1,
         images: uint8 (N, H, W, 3).
         target_class: which logit to explain (1 = HER2-positive).
         head: None, or 0/1/2 for one head of a triple-head model (layer2/3/4 respectively).
+        layer: None (layer4), or 1..4: A is that layer's output and y runs the later layers
+            and the head from it (single head only). Small images leave layer4 a few cells
+            wide (1 x 1 at 32 px), where an earlier layer still localises.
 
     Returns:
         float32 (N, H, W) in [0, 1], each map divided by its maximum (zero maps stay zero).
     """
     images = _images(images)
-    cams = grad_cam_features(model, images, target_class, head)
+    cams = grad_cam_features(model, images, target_class, head, layer)
     return np.asarray(_normalise_by_max(upsample(jnp.asarray(cams), images.shape[1:3])))
 
 

@@ -49,9 +49,9 @@ def test_overlays_and_grad_cam_on_the_tumour(trained, capsys):
     for entry in summary["slices"]:
         with Image.open(os.path.join(out, entry["file"])) as image:
             pixels = np.asarray(image.convert("RGB"))
-        # slice, Grad-CAM, the dual attention's spatial gate: three panels side by side
-        assert pixels.shape[1] >= 3 * pixels.shape[0] * 0.8 and pixels.std() > 10
-        assert set(entry["maps"]) == {"Grad-CAM", "gate attention.spatial"}
+        # slice, Grad-CAM (layer4 is 3 x 3 at 96 px, so layer3 too), the spatial gate
+        assert pixels.shape[1] >= 4 * pixels.shape[0] * 0.8 and pixels.std() > 10
+        assert set(entry["maps"]) == {"Grad-CAM", "Grad-CAM layer3", "gate attention.spatial"}
     positive = [e for e in summary["slices"] if e["label"] == 1]
     assert min(e["probability"] for e in positive) > max(
         e["probability"] for e in summary["slices"] if e["label"] == 0), "did not learn"
@@ -62,6 +62,10 @@ def test_overlays_and_grad_cam_on_the_tumour(trained, capsys):
     # every positive slice has more heat per pixel on the tumour than around it
     assert min(ratios) > 1.0 and np.mean(ratios) > 1.05, ratios
     assert np.mean(inside) > np.mean(area), (inside, area)
+    finer = [e["maps"]["Grad-CAM layer3"]["concentration_ratio"] for e in positive]
+    assert np.mean(finer) > 1.0, finer
+    assert explain.finer_layer(32) == 2 and explain.finer_layer(64) == 3
+    assert explain.finer_layer(128) is None and explain.finer_layer(8) is None
 
 
 def test_predict_with_explain_writes_overlays(trained, tmp_path):

@@ -73,12 +73,13 @@ def randomised_resnet18() -> torch.nn.Module:
     return net.eval()
 
 
-def torch_grad_cam(net: torch.nn.Module, images: np.ndarray,
-                   target_class: int) -> tuple[np.ndarray, np.ndarray]:
+def torch_grad_cam(net: torch.nn.Module, images: np.ndarray, target_class: int,
+                   layer: str = "layer4") -> tuple[np.ndarray, np.ndarray]:
     """(feature-resolution ReLU(sum_c w_c A_c), upsampled and max-normalised), via a forward
-    hook on layer4 and torch.autograd."""
+    hook on `layer` and torch.autograd."""
     captured = {}
-    handle = net.layer4.register_forward_hook(lambda m, i, out: captured.__setitem__("A", out))
+    handle = getattr(net, layer).register_forward_hook(
+        lambda m, i, out: captured.__setitem__("A", out))
     try:
         logits = net(torch_input(images))
     finally:
@@ -113,6 +114,21 @@ def test_grad_cam_matches_torch(converted_resnet18, target_class):
     assert maps.shape == (3, SIZE, SIZE) and maps.dtype == np.float32
     np.testing.assert_allclose(maps, expected, atol=1e-4, rtol=0)
     assert maps.min() >= 0 and np.allclose(maps.max(axis=(1, 2)), 1.0)
+
+
+@pytest.mark.parametrize("layer, side", [(2, 8), (3, 4), (4, 2)])
+def test_grad_cam_of_an_earlier_layer_matches_torch(converted_resnet18, layer, side):
+    net, model = converted_resnet18
+    images = uint8_images()
+    low_expected, expected = torch_grad_cam(net, images, 1, f"layer{layer}")
+    assert (low_expected.max(axis=(1, 2)) > 0).all()
+    low = em.grad_cam_features(model, images, 1, layer=layer)
+    assert low.shape == (3, side, side)
+    np.testing.assert_allclose(low, low_expected, atol=1e-4 * low_expected.max(), rtol=0)
+    np.testing.assert_allclose(em.grad_cam(model, images, 1, layer=layer), expected,
+                               atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="layer"):
+        em.grad_cam(model, images, layer=5)
 
 
 def test_grad_cam_is_per_image_in_either_mode(converted_resnet18):

@@ -12,7 +12,7 @@ from her2jax import models
 from her2jax.models import vit
 
 VIT_NAMES = [f"vit_{size}_patch{patch}" for size in ("tiny", "small", "base")
-             for patch in (16, 32)]
+             for patch in (16, 32)] + ["vit_tiny_patch4"]
 
 
 def images(batch: int, size: int, seed: int = 0) -> np.ndarray:
@@ -72,9 +72,9 @@ def timm_model(name: str, **kwargs):
     import timm
     import timm.models.vision_transformer as timm_vit
 
-    if name == "vit_tiny_patch32":   # timm has no ViT-Ti/32 entry point; same class, same args
-        return timm_vit.VisionTransformer(patch_size=32, embed_dim=192, depth=12, num_heads=3,
-                                          **kwargs)
+    if name in ("vit_tiny_patch32", "vit_tiny_patch4"):  # no timm entry point; same class
+        return timm_vit.VisionTransformer(patch_size=int(name.rsplit("patch", 1)[1]),
+                                          embed_dim=192, depth=12, num_heads=3, **kwargs)
     return timm.create_model(f"{name}_224", pretrained=False, **kwargs)
 
 
@@ -91,7 +91,7 @@ def test_parameter_count_equals_timm(name):
 
 def test_unknown_options_and_bad_values_fail():
     with pytest.raises(ValueError, match="unknown options"):
-        models.create("vit_tiny_patch16", depth=3)
+        models.create("vit_tiny_patch16", blocks=3)
     with pytest.raises(ValueError, match="pool"):
         tiny(pool="max")
     with pytest.raises(ValueError, match="multiple"):

@@ -29,7 +29,7 @@ MLP_RATIO = 4
 LAYER_NORM_EPS = 1e-6
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}   # name: (width, heads)
 POOLS = ("token", "avg")
-OPTIONS = ("image_size", "pool", "dropout", "drop_path", "dtype")
+OPTIONS = ("image_size", "pool", "dropout", "drop_path", "dtype", "depth")
 WEIGHT_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
 
@@ -290,6 +290,12 @@ def _variant(size: str, patch_size: int, num_classes: int, rngs: nnx.Rngs,
     width, heads = SIZES[size]
     return VisionTransformer(num_classes=num_classes, width=width, heads=heads,
                              patch_size=patch_size, rngs=rngs, **options)
+
+
+@register("vit_tiny_patch4")
+def vit_tiny_patch4(*, num_classes: int, rngs: nnx.Rngs, **options: Any) -> VisionTransformer:
+    """ViT-Ti/4: width 192, 3 heads, 4-pixel patches, for small images (32-64 px crops)."""
+    return _variant("tiny", 4, num_classes, rngs, options)
 
 
 @register("vit_tiny_patch16")

@@ -1,0 +1,326 @@
+"""The study end to end on the synthetic cohort: `python -m her2jax.demo [--out demo_out]`
+(`make demo`).
+
+    1 synthetic cohort (BreastDCEDL layout, planted HER2 kinetics)
+    2 preparation with two normalisations: per-channel q0.98 (the study's best), global min-max
+    3 training: the dual-attention ResNet-18 and a small ViT on each prepared dataset
+    4 evaluation of every run on the test split (threshold fixed on validation)
+    5 Grad-CAM overlays of the ResNet on a few test patients
+    6 the results table in the form of the study's, ROC curves of all runs, QC montages, and
+      OUT/report.md that puts them together
+Every step is cached under OUT: a rerun reuses what is there and says so (delete OUT, or a step's
+folder, to redo it). The defaults fit about 10 minutes on two CPU cores; `--patients`,
+`--steps`, `--image_size` scale it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import shutil
+import sys
+import time
+from typing import Any
+
+from etils import epath
+
+NORMALIZATIONS = ("per_channel_clip_q98", "global_minmax")
+MODELS = {  # name in the table: (config file, variant)
+    "dual-attention ResNet-18": ("configs/resnet.py", "resnet18"),
+    "ViT-Ti/4 (6 blocks)": ("configs/vit.py", "tiny4"),
+}
+
+
+class Stage:
+    """Prints a numbered banner, times the stage, and records (name, seconds, cached)."""
+
+    def __init__(self, log: list[dict[str, Any]], total: int):
+        self.log, self.total = log, total
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        record = {"stage": name, "cached": False}
+        print(f"\n[{len(self.log) + 1}/{self.total}] {name}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        yield record
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        self.log.append(record)
+        print(f"    {'cached, reused' if record['cached'] else 'done'} in "
+              f"{record['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+
+def make_cohort(out: epath.Path, args: argparse.Namespace, record: dict[str, Any]) -> str:
+    from data_prep.synthetic import __main__ as synthetic
+
+    folder = out / "cohort"
+    wanted = {"patients": args.patients, "size": args.volume_size, "seed": args.seed}
+    stamp = folder / "demo_cohort.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        record["cached"] = True
+        return str(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = synthetic.main(["--out", str(folder), "--patients", str(args.patients),
+                               "--size", str(args.volume_size), "--seed", str(args.seed)])
+    if code:
+        raise RuntimeError("the synthetic cohort could not be written")
+    stamp.write_text(json.dumps(wanted))
+    return str(folder)
+
+
+def prepare(cohort: str, out: epath.Path, normalization: str, args: argparse.Namespace,
+            record: dict[str, Any]) -> str:
+    from data_prep import prepare as prepare_cli
+    from data_prep.her2_dce import Her2Dce, config_for
+    from data_prep.params import PrepParams
+
+    params = PrepParams(normalization=normalization, image_size=args.image_size)
+    config = config_for(params)
+    name = config if isinstance(config, str) else config.name
+    expected = out / "prepared" / "her2_dce" / name / str(Her2Dce.VERSION)
+    record["cached"] = (expected / "metadata.json").exists()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = prepare_cli.main(["--source", cohort, "--data_dir", str(out / "prepared"),
+                                 "--normalization", normalization, "--image_size",
+                                 str(args.image_size), "--workers", str(args.workers),
+                                 *(["--quiet"] if args.quiet else [])])
+    if code:
+        raise RuntimeError(f"preparation with {normalization} failed (see above)")
+    return printed.getvalue().strip().splitlines()[-1]
+
+
+def run_config(config_file: str, variant: str, data_dir: str, args: argparse.Namespace):
+    import importlib
+
+    module = importlib.import_module(config_file.removesuffix(".py").replace("/", "."))
+    config = module.get_config(variant)
+    config.data_dir = data_dir
+    config.seed = args.seed
+    config.batch_size = args.batch_size
+    config.total_steps = args.steps
+    config.warmup_steps = max(1, min(20, args.steps // 10))
+    config.eval.every_steps = max(1, args.steps // 3)
+    config.eval.batch_size = 64
+    config.checkpoint.every_steps = max(1, args.steps // 3)
+    config.log_every_steps = max(1, min(20, args.steps // 5))
+    return config
+
+
+def finished(workdir: epath.Path, total_steps: int) -> bool:
+    """The run has logged its last step and written its last checkpoint."""
+    metrics = workdir / "metrics.jsonl"
+    if not metrics.exists() or not (workdir / "checkpoints" / str(total_steps)).exists():
+        return False
+    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line]
+    return total_steps in steps
+
+
+def train_run(config: Any, workdir: epath.Path, record: dict[str, Any]) -> None:
+    from her2jax import train
+
+    if finished(workdir, config.total_steps):
+        record["cached"] = True
+        return
+    train.train_and_evaluate(config, str(workdir))
+
+
+def evaluate_run(workdir: epath.Path, record: dict[str, Any], args: argparse.Namespace
+                 ) -> dict[str, Any]:
+    from her2jax import evaluate
+
+    path = workdir / "eval" / "test" / "metrics.json"
+    if path.exists():
+        record["cached"] = True
+        return json.loads(path.read_text())
+    return evaluate.evaluate_run(str(workdir), split="test", samples=args.bootstrap,
+                                 progress=not args.quiet)
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | normalisation | patient AUC [95% CI] | accuracy | sensitivity | "
+             "specificity |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        patient = row["metrics"]["patient"]
+        rates = patient["at_validation_threshold"]
+        lines.append(
+            f"| {row['model']} | {row['normalization']} | {_f(patient['auc'])} "
+            f"[{_f(patient['auc_ci_low'])}, {_f(patient['auc_ci_high'])}] | "
+            f"{_f(rates['accuracy'])} | {_f(rates['sensitivity'])} | "
+            f"{_f(rates['specificity'])} |")
+    return "\n".join(lines)
+
+
+def _f(value: Any) -> str:
+    return "n/a" if not isinstance(value, (int, float)) or not math.isfinite(value) \
+        else f"{value:.3f}"
+
+
+def roc_all(rows: list[dict[str, Any]], path: epath.Path) -> None:
+    import csv
+
+    import numpy as np
+
+    from her2jax import plots
+
+    curves = []
+    for row in rows:
+        table = list(csv.DictReader(io.StringIO(
+            (row["workdir"] / "eval" / "test" / "predictions.csv").read_text())))
+        labels = np.array([int(r["label"]) for r in table])
+        if labels.min() == labels.max():
+            continue
+        curves.append({"label": f"{row['model']}, {row['normalization']}", "labels": labels,
+                       "scores": np.array([float(r["probability"]) for r in table]),
+                       "auc_text": f"AUC {_f(row['metrics']['patient']['auc'])}"})
+    if curves:
+        plots.roc_figure(curves, path, title="test split, patient level")
+
+
+def report(out: epath.Path, rows: list[dict[str, Any]], stages: list[dict[str, Any]],
+           args: argparse.Namespace, overlays: list[str], montages: list[str]) -> str:
+    first = rows[0]["metrics"]
+    total = sum(s["seconds"] for s in stages)
+    lines = [
+        "# her2jax demo: the study on the synthetic cohort",
+        "",
+        f"{args.patients} synthetic patients (planted HER2 kinetics; the Bayes-optimal "
+        f"classifier on the planted parameters reaches AUC 0.918), slices at {args.image_size} "
+        f"px, {args.steps} training steps of {args.batch_size} slices per run, seed {args.seed}. "
+        f"Test split: {first['patients']} patients ({first['positives']} HER2-positive); "
+        f"patient probability = {first['aggregation']} of its slices; accuracy, sensitivity "
+        f"and specificity at the threshold chosen on the validation split (Youden's J).",
+        "",
+        results_table(rows),
+        "",
+        f"Majority-class baseline accuracy: {_f(first['majority_baseline']['accuracy'])}. The "
+        f"study reports, on I-SPY test data, patient-level AUC 0.744 for the dual-attention "
+        f"ResNet with per-channel q0.98 and 0.700 with global min-max, and 0.64-0.67 for ViTs; "
+        f"synthetic numbers are not comparable to those, only the workflow is.",
+        "",
+        "## ROC curves (test split)",
+        "",
+        "![ROC curves of all runs](roc_all.png)",
+        "",
+        "## Preparation QC (fused slices with the tumour outline)",
+        "",
+        *[f"![{name}]({name})" for name in montages],
+        "",
+        "## Grad-CAM of the ResNet (per-channel q0.98) on test patients",
+        "",
+        *[f"![{name}]({name})" for name in overlays],
+        "",
+        "## Steps",
+        "",
+        "| step | seconds | |",
+        "|---|---|---|",
+        *[f"| {s['stage']} | {s['seconds']:.1f} | {'cached' if s['cached'] else ''} |"
+          for s in stages],
+        f"| total | {total:.1f} | |",
+        "",
+        "Each run's folder holds its logs, checkpoints and `eval/test/report.md`.",
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m her2jax.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo_out", help="everything goes here")
+    parser.add_argument("--patients", type=int, default=800)
+    parser.add_argument("--volume_size", type=int, default=64,
+                        help="in-plane size of the synthetic volumes")
+    parser.add_argument("--image_size", type=int, default=32, help="prepared slice size")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="preparation processes")
+    parser.add_argument("--explain_patients", type=int, default=4)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> str:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
+    out = epath.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages: list[dict[str, Any]] = []
+    stage = Stage(stages, 1 + len(NORMALIZATIONS) * (1 + 2 * len(MODELS)) + 2)
+
+    with stage(f"synthetic cohort: {args.patients} patients") as record:
+        cohort = make_cohort(out, args, record)
+    datasets = {}
+    for normalization in NORMALIZATIONS:
+        with stage(f"prepare with {normalization}") as record:
+            datasets[normalization] = prepare(cohort, out, normalization, args, record)
+    rows = []
+    for normalization in NORMALIZATIONS:
+        for model, (config_file, variant) in MODELS.items():
+            workdir = out / "runs" / f"{variant}_{normalization}"
+            config = run_config(config_file, variant, datasets[normalization], args)
+            with stage(f"train {model} on {normalization}") as record:
+                train_run(config, workdir, record)
+            with stage(f"evaluate {model} on {normalization} (test)") as record:
+                metrics = evaluate_run(workdir, record, args)
+            rows.append({"model": model, "normalization": normalization, "workdir": workdir,
+                         "metrics": metrics})
+
+    with stage("Grad-CAM overlays") as record:
+        from her2jax import explain
+
+        folder = out / "gradcam"
+        resnet_run = out / "runs" / f"resnet18_{NORMALIZATIONS[0]}"
+        if (folder / "explain.json").exists():
+            record["cached"] = True
+            summary = json.loads((folder / "explain.json").read_text())
+        else:
+            summary = explain.explain_run(str(resnet_run), split="test",
+                                          patients=args.explain_patients, out=str(folder))
+        # one slice per patient in the report (the second of each, near the tumour's middle)
+        seen: dict[str, list[str]] = {}
+        for entry in summary["slices"]:
+            seen.setdefault(entry["patient_id"], []).append(entry["file"])
+        overlays = [f"gradcam/{files[min(1, len(files) - 1)]}" for files in seen.values()]
+
+    with stage("results table, ROC curves, report") as record:
+        table = results_table(rows)
+        (out / "results.md").write_text(table + "\n")
+        (out / "results.json").write_text(json.dumps(
+            [{"model": r["model"], "normalization": r["normalization"],
+              "workdir": str(r["workdir"]), "patient": r["metrics"]["patient"]} for r in rows],
+            indent=2, allow_nan=True))
+        roc_all(rows, out / "roc_all.png")
+        montages = []
+        for normalization, data_dir in datasets.items():
+            montage = epath.Path(data_dir) / "qc_montage.png"
+            if montage.exists():
+                name = f"qc_{normalization}.png"
+                (out / name).write_bytes(montage.read_bytes())
+                montages.append(name)
+    report(out, rows, stages, args, overlays, montages)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        table = run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"\n{table}\n")
+    print(f"report: {epath.Path(args.out) / 'report.md'}  ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
