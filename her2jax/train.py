@@ -36,6 +36,13 @@ class StopRequested(Exception):
     """Raised inside the loop after SIGTERM, once a checkpoint is safely written."""
 
 
+def run_folder(workdir: str | epath.Path) -> epath.Path:
+    """The run folder as an absolute path (orbax refuses relative ones); buckets as given."""
+    if "://" in str(workdir):
+        return epath.Path(workdir)
+    return epath.Path(workdir).expanduser().resolve()
+
+
 def check_dataset(workdir: epath.Path, metadata: dict[str, Any]) -> None:
     """Records the dataset's preparation in the run folder; refuses a different one on resume."""
     path = workdir / PREPARATION_FILE
@@ -96,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last
     validation report."""
     # ------------------------------------------------------------------ set up
-    workdir = epath.Path(workdir)
+    workdir = run_folder(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = steps.data_mesh()
     if config.batch_size % mesh.size:
@@ -229,7 +236,7 @@ def restore(workdir: str | epath.Path, checkpoint: str | int = "best",
             mesh: jax.sharding.Mesh | None = None) -> Restored:
     """The model of run `workdir` at `checkpoint`: "best" (highest validation patient AUC),
     "latest", or a step number of the latest-checkpoints folder."""
-    workdir = epath.Path(workdir)
+    workdir = run_folder(workdir)
     config = load_config(workdir)
     preparation = json.loads((workdir / PREPARATION_FILE).read_text())
     mesh = mesh or steps.data_mesh()

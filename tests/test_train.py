@@ -54,10 +54,11 @@ def records(workdir: str) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
-def test_run_writes_logs_checkpoints_and_reports(dataset, tmp_path):
+def test_run_writes_logs_checkpoints_and_reports(dataset, tmp_path, monkeypatch):
     _, data_dir = dataset
+    monkeypatch.chdir(tmp_path)          # a relative run folder, as users type it
+    report = train.train_and_evaluate(tiny_config(data_dir), "run")
     workdir = str(tmp_path / "run")
-    report = train.train_and_evaluate(tiny_config(data_dir), workdir)
     rows = records(workdir)
     assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]
     elapsed = [r["elapsed_seconds"] for r in rows]
