@@ -19,10 +19,11 @@ mkdir -p "$out"
 rm -rf "$out"/gradcam
 mkdir -p "$out/gradcam"
 cp demo_out/report.md demo_out/results.md demo_out/roc_all.png demo_out/qc_*.png "$out/"
-for picture in $(grep -o 'gradcam/[^)]*\.png' demo_out/report.md | sort -u); do
+pictures=$(grep -o '(gradcam/[^)]*\.png)' demo_out/report.md | tr -d '()')
+for picture in $pictures; do
   cp "demo_out/$picture" "$out/$picture"
 done
-first=$(grep -o 'gradcam/[^)]*\.png' demo_out/report.md | head -1)
+first=$(echo "$pictures" | head -1)
 {
   echo "# Recorded demo run"
   echo

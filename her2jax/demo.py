@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import math
-import shutil
 import sys
 import time
 from typing import Any
@@ -61,7 +60,7 @@ def make_cohort(out: epath.Path, args: argparse.Namespace, record: dict[str, Any
         record["cached"] = True
         return str(folder)
     if folder.exists():
-        shutil.rmtree(folder)
+        folder.rmtree()
     with contextlib.redirect_stdout(io.StringIO()):
         code = synthetic.main(["--out", str(folder), "--patients", str(args.patients),
                                "--size", str(args.volume_size), "--seed", str(args.seed)])

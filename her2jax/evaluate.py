@@ -233,9 +233,17 @@ def validation_threshold(restored: Any, *, aggregation: str, batch_size: int,
              "note": "" if math.isfinite(threshold) else
              "validation split has one class only: the threshold falls back to 0.5"}
     cached[key] = entry
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(cached, indent=2, allow_nan=True))
+    if _writer():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(cached, indent=2, allow_nan=True))
     return entry
+
+
+def _writer() -> bool:
+    """Only process 0 writes files (every process computes the same numbers)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = None,
@@ -273,6 +281,8 @@ def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = No
               "normalization": data_metadata["preparation"]["normalization"],
               "threshold": dict(chosen, value=chosen["threshold"]), **result}
 
+    if not _writer():
+        return result
     folder = epath.Path(out) if out else epath.Path(workdir) / "eval" / split
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=True))
@@ -404,18 +414,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--multihost", choices=("auto", "on", "off"), default="auto",
+                        help="several processes (TPU pod slices: on), as her2jax.main")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        from her2jax import distributed
+
+        distributed.initialize(args.multihost)
         result = evaluate_run(args.workdir, split=args.split, data_dir=args.data_dir,
                               checkpoint=args.checkpoint, out=args.out,
                               aggregation=args.aggregation, samples=args.bootstrap,
                               seed=args.seed, batch_size=args.batch_size,
                               progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     patient = result["patient"]

@@ -247,6 +247,13 @@ def restore(workdir: str | epath.Path, checkpoint: str | int = "best",
     folder = "best" if checkpoint == "best" else "checkpoints"
     manager = ocp.CheckpointManager(workdir / folder)
     available = list(manager.all_steps())
+    label = str(checkpoint)
+    if checkpoint == "best" and not available:
+        # no validation AUC was ever defined (e.g. a validation split with one class)
+        manager.close()
+        folder, label = "checkpoints", "latest (no best: the validation AUC was never defined)"
+        manager = ocp.CheckpointManager(workdir / folder)
+        available = list(manager.all_steps())
     if checkpoint in ("best", "latest"):
         step = max(available, default=None)
     else:
@@ -263,4 +270,4 @@ def restore(workdir: str | epath.Path, checkpoint: str | int = "best",
     manager.close()
     nnx.update(model, state["params"], state["rest"])
     model.eval()
-    return Restored(model, config, step, str(checkpoint), preparation, str(workdir))
+    return Restored(model, config, step, label, preparation, str(workdir))

@@ -227,3 +227,17 @@ def test_summary_breaks_down_by_cohort_and_slice_ci_resamples_patients():
     single = dict(slices, cohort=np.array(["one"] * ids.size, dtype=object))
     assert "cohorts" not in evaluate.summarize(single, aggregation="median", threshold=0.5,
                                                samples=50)
+
+
+def test_a_run_without_a_best_checkpoint_falls_back_to_the_latest(setup, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(setup["run_a"], workdir)
+    shutil.rmtree(os.path.join(workdir, "best"))
+    os.makedirs(os.path.join(workdir, "best"))
+    shutil.rmtree(os.path.join(workdir, "eval"))
+    restored = train.restore(workdir, "best")
+    assert restored.checkpoint.startswith("latest") and restored.step == 6
+    result = evaluate.evaluate_run(workdir, samples=50, progress=False)
+    assert result["step"] == 6 and "no best" in result["checkpoint"]

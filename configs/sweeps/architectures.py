@@ -1,0 +1,27 @@
+"""Architectures: ResNet depths against ViT sizes, ImageNet-pretrained against from scratch.
+
+    --sweep configs/sweeps/architectures.py[:WEIGHTS_DIR]   (default weights/)
+
+Pretrained runs read converted weights WEIGHTS_DIR/<model>.safetensors; convert them first,
+e.g. `python -m her2jax.convert --source torchvision --arch resnet34 resnet34.pth
+weights/resnet34.safetensors` (a missing file makes that run fail with the path in its log).
+"""
+from launch.spec import Sweep, runs_of
+
+MODELS = [("configs/resnet.py:resnet18", "resnet18"), ("configs/resnet.py:resnet34", "resnet34"),
+          ("configs/resnet.py:resnet50", "resnet50"), ("configs/vit.py:tiny16", "vit_tiny_patch16"),
+          ("configs/vit.py:small16", "vit_small_patch16"),
+          ("configs/vit.py:base16", "vit_base_patch16")]
+
+
+def get_sweep(arg=None):
+    weights = (arg or "weights").rstrip("/")
+    points = []
+    for config, model in MODELS:
+        for pretrained in ("", f"{weights}/{model}.safetensors"):
+            points.append({"config": config, "init.pretrained": pretrained, "data": "q98"})
+    runs = runs_of([dict(point, seed=seed) for point in points for seed in range(2)])
+    return Sweep("architectures", runs=runs,
+                 data={"q98": {"normalization": "per_channel_clip_q98"}},
+                 pivot=("config", "init.pretrained"),
+                 description="ResNet depths vs ViT sizes, pretrained vs scratch")

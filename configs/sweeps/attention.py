@@ -1,0 +1,27 @@
+"""Attention ablation: module x placement x head on ResNet-18/34/50.
+
+    --sweep configs/sweeps/attention.py[:DEPTHS]        e.g. :18 for ResNet-18 only
+
+Every run starts from configs/resnet.py:plain18 (no attention) and sets the attention keys, so
+'none' is the baseline of each depth. The pivot table is attention module x placement.
+"""
+from launch.spec import Sweep, axis, product, seeds
+
+MODULES = ["none", "channel", "spatial", "cbam", "dual", "danet"]
+PLACEMENTS = ["last", "stages", "blocks"]
+HEADS = ["single", "triple"]
+
+
+def get_sweep(arg=None):
+    depths = [int(d) for d in (arg or "18,34,50").split(",")]
+    runs = product(
+        axis("config", ["configs/resnet.py:plain18"]),
+        axis("model.name", [f"resnet{d}" for d in depths]),
+        axis("model.kwargs.attention", MODULES),
+        axis("model.kwargs.placement", PLACEMENTS),
+        axis("model.kwargs.head", HEADS),
+        seeds(2),
+        base={"data": "q98"})
+    return Sweep("attention", runs=runs, data={"q98": {"normalization": "per_channel_clip_q98"}},
+                 pivot=("model.kwargs.attention", "model.kwargs.placement"),
+                 description="attention module x placement x head x depth")

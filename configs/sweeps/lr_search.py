@@ -1,0 +1,24 @@
+"""Random search over learning rate, weight decay, dropout and label smoothing for the
+dual-attention ResNet-18; the points are drawn from a fixed seed, so the same runs (and names)
+come back in every session.
+
+    --sweep configs/sweeps/lr_search.py[:POINTS]        (default 24 points, one seed each)
+"""
+import numpy as np
+
+from launch.spec import Sweep, runs_of
+
+
+def get_sweep(arg=None):
+    rng = np.random.default_rng(20251015)
+    points = []
+    for _ in range(int(arg or 24)):
+        points.append({
+            "config": "configs/resnet.py:resnet18", "data": "q98",
+            "optimizer.learning_rate": float(f"{10 ** rng.uniform(-4.5, -2.5):.2e}"),
+            "optimizer.weight_decay": float(f"{10 ** rng.uniform(-4, -0.5):.2e}"),
+            "model.kwargs.dropout": round(float(rng.uniform(0.0, 0.6)), 2),
+            "loss.label_smoothing": round(float(rng.uniform(0.0, 0.2)), 2)})
+    return Sweep("lr_search", runs=runs_of(points),
+                 data={"q98": {"normalization": "per_channel_clip_q98"}},
+                 description="random search: learning rate, weight decay, dropout, smoothing")

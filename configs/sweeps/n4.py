@@ -1,0 +1,14 @@
+"""N4 bias-field correction on and off, with the study's best normalisation, for the
+dual-attention ResNet-18.
+
+    --sweep configs/sweeps/n4.py[:SEEDS]                (default 3 seeds)
+"""
+from launch.spec import Sweep, axis, product, seeds
+
+
+def get_sweep(arg=None):
+    data = {"q98": {"normalization": "per_channel_clip_q98"},
+            "q98_n4": {"normalization": "per_channel_clip_q98", "n4": True}}
+    runs = product(axis("config", ["configs/resnet.py:resnet18"]),
+                   axis("data", ["q98", "q98_n4"]), seeds(int(arg or 3)))
+    return Sweep("n4", runs=runs, data=data, description="N4 off / on (per-channel q98)")

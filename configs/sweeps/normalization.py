@@ -1,0 +1,18 @@
+"""The study's normalisation benchmark: every 8-bit strategy x {dual-attention ResNet-18,
+ViT-S/16} x seeds, each strategy on its own prepared dataset.
+
+    --sweep configs/sweeps/normalization.py[:SEEDS]     (default 3 seeds)
+"""
+from data_prep import normalization
+from launch.spec import Sweep, axis, product, seeds
+
+
+def get_sweep(arg=None):
+    strategies = normalization.names()
+    data = {name: {"normalization": name} for name in strategies}
+    runs = product(
+        axis("config", ["configs/resnet.py:resnet18", "configs/vit.py:small16"]),
+        axis("data", strategies),
+        seeds(int(arg or 3)))
+    return Sweep("normalization", runs=runs, data=data, pivot=("data", "config"),
+                 description="8-bit normalisation strategy x model")

@@ -1,0 +1,551 @@
+"""Launch a sweep: `python -m launch.sweep --sweep configs/sweeps/NAME.py[:ARG] --backend
+local|slurm|tpu [--dry_run] [--only PATTERN] [--source COHORT] [--sweep_dir DIR]`.
+
+Every run gets a stable name (`launch.spec`) and the work directory SWEEP_DIR/runs/NAME; the
+data variants the runs need are prepared once, into SWEEP_DIR/data, before those runs. A run
+whose test evaluation exists is finished and skipped; a failed run is reported and retried with
+`--retry_failed`; an interrupted one resumes from its latest checkpoint (training does that by
+itself). SWEEP_DIR/manifest.json records every run's commands, config, status and timings;
+`python -m launch.collect SWEEP_DIR` turns the finished runs into the leaderboard.
+
+Backends:
+    local   runs here, one after the other, or `--parallel N` at a time, each with its own
+            devices (`--devices 0,1,2,3`: CUDA_VISIBLE_DEVICES round-robin) or, on CPU, its
+            own share of threads
+    slurm   writes SWEEP_DIR/slurm/prepare.sbatch and an array script, one task per run
+            (multi-node runs, `--nodes K`, start one process per node through srun and get the
+            jax.distributed environment from SLURM), and submits them (the array after the
+            preparation); `--dry_run` prints them
+    tpu     the gcloud commands for a Cloud TPU VM: create (or `--queued` spot capacity through
+            queued resources), copy the code, install, prepare, and run each run on every
+            worker (`--worker=all`, `--multihost=on`); data and run folders in `--bucket`;
+            `--dry_run` prints them
+`--set key=value` overrides a config key in every run (e.g. `--set total_steps=100`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from etils import epath
+
+from launch.spec import Run, Sweep
+
+BACKENDS = ("local", "slurm", "tpu")
+FINISHED, FAILED, PENDING, RUNNING, SKIPPED = "finished", "failed", "pending", "running", "skipped"
+
+
+# ---------------------------------------------------------------- loading a sweep
+
+def load_sweep(spec: str) -> Sweep:
+    """`configs/sweeps/attention.py[:arg]` -> the Sweep its get_sweep(arg) returns."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no sweep file {path}")
+    module_spec = importlib.util.spec_from_file_location(
+        f"her2jax_sweep_{os.path.basename(path).removesuffix('.py')}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise ValueError(f"{path} has no get_sweep(arg)")
+    sweep = module.get_sweep(arg or None)
+    if not isinstance(sweep, Sweep):
+        raise ValueError(f"{path}: get_sweep must return launch.spec.Sweep")
+    return sweep
+
+
+def parse_value(text: str) -> Any:
+    """'1e-3' -> 0.001, 'true' -> True, '[1,2]' -> [1, 2], anything else stays text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def with_settings(run: Run, settings: dict[str, Any]) -> Run:
+    if not settings:
+        return run
+    overrides = dict(run.overrides)
+    overrides.update(settings)
+    return Run(config=run.config, overrides=tuple(sorted(overrides.items())), seed=run.seed,
+               data=run.data)
+
+
+# ---------------------------------------------------------------- commands
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(str(v) for v in value) + (",)" if len(value) == 1 else ")")
+    return str(value)
+
+
+def train_command(run: Run, workdir: str, data_dir: str | None, python: str = "python",
+                  extra: Sequence[str] = ()) -> list[str]:
+    command = [python, "-m", "her2jax.main", "--config", run.config, "--workdir", workdir,
+               f"--config.seed={run.seed}"]
+    if data_dir:
+        command.append(f"--config.data_dir={data_dir}")
+    command += [f"--config.{key}={_flag_value(value)}" for key, value in run.overrides]
+    return command + list(extra)
+
+
+def evaluate_command(workdir: str, python: str = "python") -> list[str]:
+    return [python, "-m", "her2jax.evaluate", "--workdir", workdir, "--split", "test", "--quiet"]
+
+
+def prepare_command(source: str, data_root: str, options: dict[str, Any],
+                    python: str = "python") -> list[str]:
+    command = [python, "-m", "data_prep.prepare", "--source", source, "--data_dir", data_root,
+               "--quiet"]
+    for key, value in sorted(options.items()):
+        if isinstance(value, bool):
+            if value:
+                command.append(f"--{key}")
+        elif isinstance(value, (list, tuple)):
+            command += [f"--{key}", ",".join(str(v) for v in value)]
+        else:
+            command += [f"--{key}", str(value)]
+    return command
+
+
+def dataset_path(data_root: str, options: dict[str, Any]) -> str:
+    """Where `data_prep.prepare` writes a variant: DATA_ROOT/her2_dce/<config name>/<version>
+    (computed the way the builder names it, so scripts can refer to it before it exists)."""
+    from data_prep.her2_dce import Her2Dce
+    from data_prep.params import PrepParams
+
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    name = PrepParams(**fields).config_name()
+    return f"{data_root.rstrip('/')}/her2_dce/{name}/{Her2Dce.VERSION}"
+
+
+# ---------------------------------------------------------------- the plan
+
+class Plan:
+    """The runs of a sweep with their folders, commands and manifest entries."""
+
+    def __init__(self, sweep: Sweep, sweep_dir: str, *, source: str | None,
+                 only: str | None = None, settings: dict[str, Any] | None = None,
+                 python: str = "python", data_root: str | None = None,
+                 extra_train: Sequence[str] = ()):
+        self.sweep = sweep
+        self.sweep_dir = sweep_dir.rstrip("/")
+        self.source = source
+        self.python = python
+        self.data_root = data_root or f"{self.sweep_dir}/data"
+        runs = [with_settings(run, settings or {}) for run in sweep.runs]
+        if only:
+            runs = [run for run in runs if fnmatch.fnmatch(run.name, only)
+                    or fnmatch.fnmatch(run.name, f"*{only}*")]
+        self.runs = runs
+        variants = sorted({run.data for run in runs if run.data})
+        if variants and not source:
+            raise ValueError(f"sweep {sweep.name} prepares data variants {variants}: give "
+                             f"--source (the cohort to prepare)")
+        self.datasets = {v: dataset_path(self.data_root, sweep.data[v]) for v in variants}
+        self.extra_train = list(extra_train)
+
+    def workdir(self, run: Run) -> str:
+        return f"{self.sweep_dir}/runs/{run.name}"
+
+    def commands(self, run: Run) -> dict[str, list[str]]:
+        workdir = self.workdir(run)
+        return {"train": train_command(run, workdir, self.datasets.get(run.data), self.python,
+                                       self.extra_train),
+                "evaluate": evaluate_command(workdir, self.python)}
+
+    def prepare_commands(self) -> dict[str, list[str]]:
+        return {variant: prepare_command(self.source, self.data_root, self.sweep.data[variant],
+                                         self.python) for variant in self.datasets}
+
+    def manifest(self, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        old = {r["name"]: r for r in (previous or {}).get("runs", [])}
+        runs = []
+        for run in self.runs:
+            entry = {"name": run.name, "group": run.group, "config": run.config,
+                     "overrides": dict(run.overrides), "seed": run.seed, "data": run.data,
+                     "data_dir": self.datasets.get(run.data), "workdir": self.workdir(run),
+                     "commands": {k: shlex.join(v) for k, v in self.commands(run).items()},
+                     "status": PENDING}
+            for key in ("status", "started", "finished", "seconds", "returncode", "log"):
+                if key in old.get(run.name, {}):
+                    entry[key] = old[run.name][key]
+            runs.append(entry)
+        return {"sweep": self.sweep.name, "description": self.sweep.description,
+                "sweep_dir": self.sweep_dir, "source": self.source,
+                "datasets": self.datasets, "pivot": list(self.sweep.pivot or []) or None,
+                "runs": runs}
+
+
+def read_manifest(sweep_dir: str) -> dict[str, Any] | None:
+    path = epath.Path(sweep_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_manifest(sweep_dir: str, manifest: dict[str, Any]) -> None:
+    folder = epath.Path(sweep_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest["updated"] = _now()
+    temporary = folder / "manifest.json.tmp"
+    temporary.write_text(json.dumps(manifest, indent=2, default=str))
+    temporary.replace(folder / "manifest.json")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_finished(workdir: str) -> bool:
+    return (epath.Path(workdir) / "eval" / "test" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- local backend
+
+def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
+              devices: Sequence[str] = (), cpu_threads: int | None = None,
+              dry_run: bool = False, out=None) -> dict[str, Any]:
+    out = out or sys.stdout
+    manifest = plan.manifest(read_manifest(plan.sweep_dir))
+    entries = {e["name"]: e for e in manifest["runs"]}
+    todo = []
+    for run in plan.runs:
+        entry = entries[run.name]
+        if is_finished(entry["workdir"]):
+            entry["status"] = FINISHED
+            print(f"finished, skipped: {run.name}", file=out)
+        elif entry["status"] == FAILED and not retry_failed:
+            print(f"failed before, not retried (--retry_failed): {run.name} "
+                  f"(log {entry.get('log')})", file=out)
+        else:
+            todo.append(run)
+    if dry_run:
+        for variant, command in plan.prepare_commands().items():
+            print(f"prepare {variant}: {shlex.join(command)}", file=out)
+        for run in todo:
+            for step, command in plan.commands(run).items():
+                print(f"{step} {run.name}: {shlex.join(command)}", file=out)
+        return manifest
+    write_manifest(plan.sweep_dir, manifest)
+    needed = {run.data for run in todo if run.data}
+    for variant, command in plan.prepare_commands().items():
+        if variant not in needed:
+            continue
+        if (epath.Path(plan.datasets[variant]) / "metadata.json").exists():
+            print(f"data {variant}: prepared already ({plan.datasets[variant]})", file=out)
+            continue
+        print(f"data {variant}: {shlex.join(command)}", file=out, flush=True)
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        if result.returncode:
+            raise RuntimeError(f"preparing data variant {variant} failed:\n"
+                               f"{result.stderr[-3000:]}")
+    slots = list(devices) or [None] * max(1, parallel)
+    parallel = max(1, min(parallel, len(slots))) if devices else max(1, parallel)
+    running: list[tuple[subprocess.Popen, Run, Any, float]] = []
+    queue = list(todo)
+    free = list(range(parallel))
+    while queue or running:
+        while queue and free:
+            run = queue.pop(0)
+            slot = free.pop(0)
+            running.append((*_start(plan, run, entries[run.name], slot, devices, cpu_threads,
+                                    parallel), slot))
+            write_manifest(plan.sweep_dir, manifest)
+            print(f"started: {run.name}", file=out, flush=True)
+        time.sleep(0.2)
+        for item in list(running):
+            process, run, started, slot = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            free.append(slot)
+            entry = entries[run.name]
+            entry["returncode"] = process.returncode
+            entry["finished"] = _now()
+            entry["seconds"] = round(time.perf_counter() - started, 1)
+            entry["status"] = FINISHED if process.returncode == 0 and \
+                is_finished(entry["workdir"]) else FAILED
+            write_manifest(plan.sweep_dir, manifest)
+            print(f"{entry['status']}: {run.name} ({entry['seconds']} s)"
+                  + (f", log {entry['log']}" if entry["status"] == FAILED else ""),
+                  file=out, flush=True)
+    return manifest
+
+
+def _start(plan: Plan, run: Run, entry: dict[str, Any], slot: int, devices: Sequence[str],
+           cpu_threads: int | None, parallel: int) -> tuple[subprocess.Popen, Run, float]:
+    env = dict(os.environ)
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = str(devices[slot])
+    threads = cpu_threads or (max(1, (os.cpu_count() or 1) // parallel) if parallel > 1
+                              else None)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), TF_NUM_INTRAOP_THREADS=str(threads),
+                   TF_NUM_INTEROP_THREADS="1",
+                   XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                              f"{'false' if threads == 1 else 'true'} "
+                              f"intra_op_parallelism_threads={threads}").strip())
+    log = epath.Path(entry["workdir"]) / "launch.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    commands = plan.commands(run)
+    script = f"{shlex.join(commands['train'])} && {shlex.join(commands['evaluate'])}"
+    entry.update(status=RUNNING, started=_now(), log=str(log))
+    handle = open(os.fspath(log), "a")     # a local file: the local backend runs here
+    process = subprocess.Popen(["bash", "-c", script], stdout=handle, stderr=subprocess.STDOUT,
+                               env=env)
+    handle.close()
+    return process, run, time.perf_counter()
+
+
+# ---------------------------------------------------------------- SLURM backend
+
+def slurm_scripts(plan: Plan, *, repo: str, partition: str | None = None,
+                  time_limit: str = "24:00:00", gpus_per_task: int = 0, cpus_per_task: int = 8,
+                  nodes: int = 1, max_parallel: int | None = None,
+                  setup: str = "source .venv/bin/activate") -> dict[str, str]:
+    """{'prepare.sbatch': ..., 'runs.sbatch': ...} (prepare only when data is needed)."""
+    logs = f"{plan.sweep_dir}/slurm"
+    header = ["#!/bin/bash"]
+
+    def directives(name: str, extra: Sequence[str]) -> list[str]:
+        lines = [f"#SBATCH --job-name={name}", f"#SBATCH --time={time_limit}",
+                 f"#SBATCH --cpus-per-task={cpus_per_task}"]
+        if partition:
+            lines.append(f"#SBATCH --partition={partition}")
+        return lines + list(extra)
+
+    body_start = ["set -euo pipefail", f"cd {shlex.quote(repo)}", setup]
+    scripts = {}
+    prepare = plan.prepare_commands()
+    if prepare:
+        lines = header + directives(f"her2jax-{plan.sweep.name}-prepare",
+                                    [f"#SBATCH --output={logs}/prepare_%j.out"]) + body_start
+        for variant, command in prepare.items():
+            lines.append(f"# data variant {variant} -> {plan.datasets[variant]}")
+            lines.append(shlex.join(command))
+        scripts["prepare.sbatch"] = "\n".join(lines) + "\n"
+    count = len(plan.runs)
+    array = f"0-{count - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    extra = [f"#SBATCH --array={array}", f"#SBATCH --output={logs}/%x_%A_%a.out"]
+    if nodes > 1:
+        extra += [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
+    if gpus_per_task:
+        extra.append(f"#SBATCH --gpus-per-task={gpus_per_task}")
+    lines = header + directives(f"her2jax-{plan.sweep.name}", extra) + body_start
+    lines.append('case "$SLURM_ARRAY_TASK_ID" in')
+    for index, run in enumerate(plan.runs):
+        commands = plan.commands(run)
+        lines.append(f"  {index}) RUN={shlex.quote(run.name)}; "
+                     f"WORKDIR={shlex.quote(plan.workdir(run))}")
+        lines.append(f"     TRAIN={shlex.quote(shlex.join(commands['train']))}")
+        lines.append(f"     EVALUATE={shlex.quote(shlex.join(commands['evaluate']))} ;;")
+    lines.append('  *) echo "no run for task $SLURM_ARRAY_TASK_ID"; exit 1 ;;')
+    lines.append("esac")
+    lines.append('if [ -f "$WORKDIR/eval/test/metrics.json" ]; then '
+                 'echo "$RUN finished, skipped"; exit 0; fi')
+    # srun starts one process per node; her2jax.main reads SLURM's environment for
+    # jax.distributed; an interrupted run resumes from its checkpoint on resubmission
+    lines.append("srun $TRAIN" if nodes > 1 else "$TRAIN")
+    lines.append("$EVALUATE")
+    scripts["runs.sbatch"] = "\n".join(lines) + "\n"
+    return scripts
+
+
+def submit_slurm(plan: Plan, scripts: dict[str, str], *, dry_run: bool,
+                 out=None) -> list[str]:
+    out = out or sys.stdout
+    folder = epath.Path(plan.sweep_dir) / "slurm"
+    commands = []
+    if "prepare.sbatch" in scripts:
+        commands.append(f"PREPARE=$(sbatch --parsable {folder}/prepare.sbatch)")
+        commands.append(f"sbatch --dependency=afterok:$PREPARE {folder}/runs.sbatch")
+    else:
+        commands.append(f"sbatch {folder}/runs.sbatch")
+    if dry_run:
+        for name, text in scripts.items():
+            print(f"# ---- {folder / name}", file=out)
+            print(text, file=out)
+        print("# ---- submit with", file=out)
+        for command in commands:
+            print(command, file=out)
+        return commands
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in scripts.items():
+        (folder / name).write_text(text)
+    write_manifest(plan.sweep_dir, plan.manifest(read_manifest(plan.sweep_dir)))
+    dependency: list[str] = []
+    if "prepare.sbatch" in scripts:
+        job = _sbatch(["--parsable", str(folder / "prepare.sbatch")])
+        dependency = [f"--dependency=afterok:{job}"]
+        print(f"submitted preparation: job {job}", file=out)
+    job = _sbatch([*dependency, "--parsable", str(folder / "runs.sbatch")])
+    print(f"submitted {len(plan.runs)} runs: array job {job}", file=out)
+    return commands
+
+
+def _sbatch(arguments: list[str]) -> str:
+    try:
+        result = subprocess.run(["sbatch", *arguments], check=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        raise RuntimeError("sbatch not found: run this on the cluster's login node, or use "
+                           "--dry_run to print the scripts") from None
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(f"sbatch failed: {error.stderr.strip()}") from None
+    return result.stdout.strip().split(";")[0]
+
+
+# ---------------------------------------------------------------- Cloud TPU backend
+
+def tpu_commands(plan: Plan, *, name: str, zone: str, accelerator: str, version: str,
+                 queued: bool = False, reuse: bool = False, repo_archive: str = "her2jax.tar.gz"
+                 ) -> list[str]:
+    """gcloud commands that run the whole sweep on one TPU VM (all workers of a pod slice)."""
+    tpu = "gcloud compute tpus"
+    where = f"--zone={zone}"
+    commands = []
+    if not reuse:
+        if queued:
+            commands.append(f"{tpu} queued-resources create {name}-qr --node-id={name} {where} "
+                            f"--accelerator-type={accelerator} --runtime-version={version} "
+                            f"--spot")
+            commands.append(f"{tpu} queued-resources describe {name}-qr {where}  "
+                            f"# wait for state ACTIVE")
+        else:
+            commands.append(f"{tpu} tpu-vm create {name} {where} "
+                            f"--accelerator-type={accelerator} --version={version}")
+    commands.append(f"git archive --format=tar.gz --prefix=her2jax/ -o {repo_archive} HEAD")
+    commands.append(f"{tpu} tpu-vm scp {repo_archive} {name}:~/ {where} --worker=all")
+
+    def ssh(command: str, worker: str = "all") -> str:
+        return f"{tpu} tpu-vm ssh {name} {where} --worker={worker} --command={shlex.quote(command)}"
+
+    commands.append(ssh(f"tar xzf {repo_archive} && cd her2jax && make setup"))
+    for variant, command in plan.prepare_commands().items():
+        commands.append(ssh(f"cd her2jax && {shlex.join(command)}", worker="0"))
+    for run in plan.runs:
+        run_commands = plan.commands(run)
+        commands.append(ssh(f"cd her2jax && {shlex.join(run_commands['train'])}"))
+        commands.append(ssh(f"cd her2jax && {shlex.join(run_commands['evaluate'])} "
+                            f"--multihost=on"))
+    return commands
+
+
+# ---------------------------------------------------------------- command line
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", required=True, help="configs/sweeps/NAME.py[:ARG]")
+    parser.add_argument("--backend", choices=BACKENDS, default="local")
+    parser.add_argument("--sweep_dir", help="default sweeps/<name> (a gs:// path for tpu)")
+    parser.add_argument("--source", help="cohort to prepare the data variants from")
+    parser.add_argument("--only", help="run names matching this glob (or containing it)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (repeatable)")
+    parser.add_argument("--dry_run", action="store_true", help="print, run nothing")
+    parser.add_argument("--retry_failed", action="store_true")
+    parser.add_argument("--python", default=sys.executable if sys.executable else "python",
+                        help="interpreter in the commands (local backend: this one)")
+    local = parser.add_argument_group("local")
+    local.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    local.add_argument("--devices", default="", help="GPU ids, one run per id at a time")
+    local.add_argument("--cpu_threads", type=int, help="CPU threads per run")
+    slurm = parser.add_argument_group("slurm")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", default="24:00:00")
+    slurm.add_argument("--gpus_per_task", type=int, default=0)
+    slurm.add_argument("--cpus_per_task", type=int, default=8)
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes per run (multi-host)")
+    slurm.add_argument("--max_parallel", type=int, help="array tasks at a time")
+    slurm.add_argument("--repo", default=os.getcwd(), help="repository path on the cluster")
+    tpu = parser.add_argument_group("tpu")
+    tpu.add_argument("--tpu_name", default="her2jax")
+    tpu.add_argument("--zone", default="us-central2-b")
+    tpu.add_argument("--accelerator", default="v4-8")
+    tpu.add_argument("--version", default="tpu-ubuntu2204-base")
+    tpu.add_argument("--queued", action="store_true", help="spot capacity via queued resources")
+    tpu.add_argument("--reuse", action="store_true", help="the TPU VM exists already")
+    return parser.parse_args(argv)
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    sweep = load_sweep(args.sweep)
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        settings[key] = parse_value(value)
+    sweep_dir = args.sweep_dir or f"sweeps/{sweep.name}"
+    if args.backend == "tpu" and not sweep_dir.startswith("gs://"):
+        raise ValueError("the tpu backend keeps data and runs in a bucket: --sweep_dir "
+                         "gs://BUCKET/sweeps/NAME")
+    python = args.python if args.backend == "local" else (
+        ".venv/bin/python" if args.backend == "tpu" else "python")
+    extra = ["--multihost=on"] if args.backend == "tpu" else []
+    return Plan(sweep, sweep_dir, source=args.source, only=args.only, settings=settings,
+                python=python, extra_train=extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = build_plan(args)
+        if not plan.runs:
+            raise ValueError(f"no run matches --only {args.only!r}")
+        print(f"sweep {plan.sweep.name}: {len(plan.runs)} runs, {len(plan.datasets)} data "
+              f"variants, in {plan.sweep_dir}", file=sys.stderr)
+        if args.backend == "local":
+            manifest = run_local(plan, retry_failed=args.retry_failed, parallel=args.parallel,
+                                 devices=[d for d in args.devices.split(",") if d],
+                                 cpu_threads=args.cpu_threads, dry_run=args.dry_run)
+            failed = [r["name"] for r in manifest["runs"] if r["status"] == FAILED]
+            if failed and not args.dry_run:
+                print(f"{len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
+                return 1
+        elif args.backend == "slurm":
+            scripts = slurm_scripts(plan, repo=args.repo, partition=args.partition,
+                                    time_limit=args.time, gpus_per_task=args.gpus_per_task,
+                                    cpus_per_task=args.cpus_per_task, nodes=args.nodes,
+                                    max_parallel=args.max_parallel)
+            submit_slurm(plan, scripts, dry_run=args.dry_run)
+        else:
+            commands = tpu_commands(plan, name=args.tpu_name, zone=args.zone,
+                                    accelerator=args.accelerator, version=args.version,
+                                    queued=args.queued, reuse=args.reuse)
+            if args.dry_run:
+                print("\n".join(commands))
+            else:
+                write_manifest(plan.sweep_dir, plan.manifest(read_manifest(plan.sweep_dir)))
+                for command in commands:
+                    print(f"$ {command}", file=sys.stderr, flush=True)
+                    if "# wait" in command:
+                        command = command.split("#")[0]
+                    subprocess.run(command, shell=True, check=True)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as error:
+        print(f"error: {error.cmd} exited with {error.returncode}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

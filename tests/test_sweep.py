@@ -1,0 +1,262 @@
+"""Sweeps: expansion and stable names, the SLURM and Cloud TPU dry runs line by line, skip /
+retry logic, the study's sweep files, and a local end-to-end sweep of two tiny runs followed by
+`launch.collect`."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from conftest import write_cohort
+from test_evaluate import SPLITS
+from launch import spec, sweep
+from launch.spec import Run, Sweep, axis, product, runs_of, seeds, zip_axes
+
+TINY_SWEEP = '''
+from launch.spec import Sweep, axis, product, seeds
+def get_sweep(arg=None):
+    return Sweep("tiny", runs=product(axis("config", ["configs/resnet.py:resnet18"]),
+                                      axis("model.kwargs.attention", ["none", "dual"]), seeds(1),
+                                      base={"data": "q98"}),
+                 data={"q98": {"normalization": "per_channel_clip_q98", "image_size": 16}},
+                 pivot=("model.kwargs.attention", "seed"))
+'''
+Q98 = "per_channel_clip_q98_34a0dc07/1.0.0"     # the dataset name of that variant
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY_SWEEP)
+    return str(path)
+
+
+def test_product_zip_and_seeds_expand_in_order():
+    runs = product(axis("config", ["c.py:a", "c.py:b"]),
+                   zip_axes(axis("optimizer.learning_rate", [1e-3, 3e-4]),
+                            axis("model.kwargs.dropout", [0.5, 0.1])),
+                   seeds(2))
+    assert len(runs) == 2 * 2 * 2
+    assert [(r.config, r.settings["optimizer.learning_rate"], r.settings["model.kwargs.dropout"],
+             r.seed) for r in runs[:4]] == [("c.py:a", 1e-3, 0.5, 0), ("c.py:a", 1e-3, 0.5, 1),
+                                            ("c.py:a", 3e-4, 0.1, 0), ("c.py:a", 3e-4, 0.1, 1)]
+    # stable, readable names: the same definition gives the same name in every session
+    assert runs[0].name == "a-dropout=0.5-learning_rate=0.001-s0"
+    assert runs[3].group == "a-dropout=0.1-learning_rate=0.0003"
+    with pytest.raises(ValueError, match="one length"):
+        zip_axes(axis("a", [1, 2]), axis("b", [1]))
+    with pytest.raises(ValueError, match="two axes set"):
+        product(axis("config", ["c.py:a"]), axis("seed", [0]), axis("seed", [1]))
+
+
+def test_long_names_are_shortened_with_a_stable_hash():
+    run = Run("configs/resnet.py:resnet18", tuple((f"key{i}", "x" * 20) for i in range(8)))
+    again = Run("configs/resnet.py:resnet18", tuple((f"key{i}", "x" * 20) for i in range(8)))
+    other = Run("configs/resnet.py:resnet18", tuple((f"key{i}", "x" * 20) for i in range(7)) +
+                (("key7", "y" * 20),))
+    assert len(run.group) <= spec.MAX_NAME and "~" in run.group
+    assert run.name == again.name and run.group != other.group
+    # keys that shorten alike keep their full names
+    clash = Run("c.py:a", (("batch_size", 4), ("eval.batch_size", 8), ("model.kwargs.dropout", 0.1)))
+    assert clash.group == "a-batch_size=4-eval.batch_size=8-dropout=0.1"
+
+
+def test_sweep_refuses_duplicates_and_undeclared_data():
+    with pytest.raises(ValueError, match="same definition"):
+        Sweep("s", runs=runs_of([{"config": "c.py:a"}, {"config": "c.py:a"}]))
+    with pytest.raises(ValueError, match="undeclared data"):
+        Sweep("s", runs=runs_of([{"config": "c.py:a", "data": "q98"}]))
+    with pytest.raises(ValueError, match="unknown preparation options"):
+        Sweep("s", runs=runs_of([{"config": "c.py:a", "data": "x"}]), data={"x": {"colour": 1}})
+
+
+@pytest.mark.parametrize("name, count", [("normalization", 42), ("n4", 6), ("attention", 216),
+                                         ("architectures", 24), ("lr_search", 24)])
+def test_the_studys_sweeps_load(name, count):
+    loaded = sweep.load_sweep(f"configs/sweeps/{name}.py")
+    assert len(loaded.runs) == count
+    assert len({run.name for run in loaded.runs}) == count
+    assert loaded.name == name
+    # every data variant prepares with real options
+    for options in loaded.data.values():
+        assert sweep.prepare_command("src", "out", options)[:3] == ["python", "-m",
+                                                                    "data_prep.prepare"]
+
+
+def test_sweep_arguments_narrow_the_study_sweeps():
+    assert len(sweep.load_sweep("configs/sweeps/attention.py:18").runs) == 72
+    assert len(sweep.load_sweep("configs/sweeps/lr_search.py:5").runs) == 5
+    first = sweep.load_sweep("configs/sweeps/lr_search.py").runs[:5]
+    assert [r.name for r in first] == [r.name for r in
+                                       sweep.load_sweep("configs/sweeps/lr_search.py:5").runs]
+
+
+def test_slurm_dry_run_line_by_line(sweep_file, capsys):
+    assert sweep.main(["--sweep", sweep_file, "--backend", "slurm", "--dry_run",
+                       "--source", "/data/cohort", "--sweep_dir", "/scratch/sw",
+                       "--repo", "/home/u/her2jax", "--partition", "gpu",
+                       "--gpus_per_task", "1", "--nodes", "2"]) == 0
+    run0, run1 = "resnet18-data=q98-attention=none-s0", "resnet18-data=q98-attention=dual-s0"
+    data = f"/scratch/sw/data/her2_dce/{Q98}"
+
+    def train(run, attention):
+        return (f"python -m her2jax.main --config configs/resnet.py:resnet18 --workdir "
+                f"/scratch/sw/runs/{run} --config.seed=0 --config.data_dir={data} "
+                f"--config.model.kwargs.attention={attention}")
+
+    expected = textwrap.dedent(f"""\
+        # ---- /scratch/sw/slurm/prepare.sbatch
+        #!/bin/bash
+        #SBATCH --job-name=her2jax-tiny-prepare
+        #SBATCH --time=24:00:00
+        #SBATCH --cpus-per-task=8
+        #SBATCH --partition=gpu
+        #SBATCH --output=/scratch/sw/slurm/prepare_%j.out
+        set -euo pipefail
+        cd /home/u/her2jax
+        source .venv/bin/activate
+        # data variant q98 -> {data}
+        python -m data_prep.prepare --source /data/cohort --data_dir /scratch/sw/data --quiet --image_size 16 --normalization per_channel_clip_q98
+
+        # ---- /scratch/sw/slurm/runs.sbatch
+        #!/bin/bash
+        #SBATCH --job-name=her2jax-tiny
+        #SBATCH --time=24:00:00
+        #SBATCH --cpus-per-task=8
+        #SBATCH --partition=gpu
+        #SBATCH --array=0-1
+        #SBATCH --output=/scratch/sw/slurm/%x_%A_%a.out
+        #SBATCH --nodes=2
+        #SBATCH --ntasks-per-node=1
+        #SBATCH --gpus-per-task=1
+        set -euo pipefail
+        cd /home/u/her2jax
+        source .venv/bin/activate
+        case "$SLURM_ARRAY_TASK_ID" in
+          0) RUN={run0}; WORKDIR=/scratch/sw/runs/{run0}
+             TRAIN='{train(run0, "none")}'
+             EVALUATE='python -m her2jax.evaluate --workdir /scratch/sw/runs/{run0} --split test --quiet' ;;
+          1) RUN={run1}; WORKDIR=/scratch/sw/runs/{run1}
+             TRAIN='{train(run1, "dual")}'
+             EVALUATE='python -m her2jax.evaluate --workdir /scratch/sw/runs/{run1} --split test --quiet' ;;
+          *) echo "no run for task $SLURM_ARRAY_TASK_ID"; exit 1 ;;
+        esac
+        if [ -f "$WORKDIR/eval/test/metrics.json" ]; then echo "$RUN finished, skipped"; exit 0; fi
+        srun $TRAIN
+        $EVALUATE
+
+        # ---- submit with
+        PREPARE=$(sbatch --parsable /scratch/sw/slurm/prepare.sbatch)
+        sbatch --dependency=afterok:$PREPARE /scratch/sw/slurm/runs.sbatch
+        """)
+    assert capsys.readouterr().out.splitlines() == expected.splitlines()
+    assert not os.path.exists("/scratch/sw")          # a dry run writes nothing
+
+
+def test_tpu_dry_run_line_by_line(sweep_file, capsys):
+    assert sweep.main(["--sweep", sweep_file, "--backend", "tpu", "--dry_run", "--source",
+                       "gs://b/cohort", "--sweep_dir", "gs://b/sw", "--queued", "--only",
+                       "*dual*", "--tpu_name", "h2", "--zone", "europe-west4-a",
+                       "--accelerator", "v5litepod-16"]) == 0
+    run = "resnet18-data=q98-attention=dual-s0"
+    ssh = "gcloud compute tpus tpu-vm ssh h2 --zone=europe-west4-a"
+    expected = [
+        "gcloud compute tpus queued-resources create h2-qr --node-id=h2 --zone=europe-west4-a "
+        "--accelerator-type=v5litepod-16 --runtime-version=tpu-ubuntu2204-base --spot",
+        "gcloud compute tpus queued-resources describe h2-qr --zone=europe-west4-a  "
+        "# wait for state ACTIVE",
+        "git archive --format=tar.gz --prefix=her2jax/ -o her2jax.tar.gz HEAD",
+        "gcloud compute tpus tpu-vm scp her2jax.tar.gz h2:~/ --zone=europe-west4-a --worker=all",
+        f"{ssh} --worker=all --command='tar xzf her2jax.tar.gz && cd her2jax && make setup'",
+        f"{ssh} --worker=0 --command='cd her2jax && .venv/bin/python -m data_prep.prepare "
+        f"--source gs://b/cohort --data_dir gs://b/sw/data --quiet --image_size 16 "
+        f"--normalization per_channel_clip_q98'",
+        f"{ssh} --worker=all --command='cd her2jax && .venv/bin/python -m her2jax.main --config "
+        f"configs/resnet.py:resnet18 --workdir gs://b/sw/runs/{run} --config.seed=0 "
+        f"--config.data_dir=gs://b/sw/data/her2_dce/{Q98} --config.model.kwargs.attention=dual "
+        f"--multihost=on'",
+        f"{ssh} --worker=all --command='cd her2jax && .venv/bin/python -m her2jax.evaluate "
+        f"--workdir gs://b/sw/runs/{run} --split test --quiet --multihost=on'",
+    ]
+    assert capsys.readouterr().out.splitlines() == expected
+
+
+def test_tpu_needs_a_bucket_and_data_needs_a_source(sweep_file, capsys):
+    assert sweep.main(["--sweep", sweep_file, "--backend", "tpu", "--dry_run",
+                       "--source", "x", "--sweep_dir", "/local"]) == 1
+    assert "bucket" in capsys.readouterr().err
+    assert sweep.main(["--sweep", sweep_file, "--dry_run"]) == 1
+    assert "--source" in capsys.readouterr().err
+
+
+def test_finished_runs_are_skipped_and_failed_ones_retried_on_request(sweep_file, tmp_path,
+                                                                      capsys):
+    sweep_dir = str(tmp_path / "sw")
+    args = ["--sweep", sweep_file, "--sweep_dir", sweep_dir, "--source", "c", "--dry_run"]
+    done = "resnet18-data=q98-attention=none-s0"
+    failed = "resnet18-data=q98-attention=dual-s0"
+    os.makedirs(os.path.join(sweep_dir, "runs", done, "eval", "test"))
+    with open(os.path.join(sweep_dir, "runs", done, "eval", "test", "metrics.json"), "w") as f:
+        f.write("{}")
+    plan = sweep.build_plan(sweep.parse_args(args))
+    manifest = plan.manifest()
+    manifest["runs"][1].update(status="failed", log="x.log")
+    sweep.write_manifest(sweep_dir, manifest)
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"finished, skipped: {done}" in out
+    assert f"failed before, not retried (--retry_failed): {failed}" in out
+    assert "train " not in out
+    assert sweep.main(args + ["--retry_failed"]) == 0
+    out = capsys.readouterr().out
+    assert f"train {failed}: " in out and f"evaluate {failed}: " in out
+    assert f"train {done}" not in out
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local_sweep")
+    (root / "tiny.py").write_text(TINY_SWEEP)
+    cohort = str(root / "cohort")
+    write_cohort(cohort, patients=18, splits=SPLITS)
+    sweep_dir = str(root / "sw")
+    tiny = ["batch_size=4", "total_steps=3", "warmup_steps=1", "eval.every_steps=3",
+            "eval.batch_size=4", "checkpoint.every_steps=3", "log_every_steps=1"]
+    args = ["--sweep", str(root / "tiny.py"), "--sweep_dir", sweep_dir, "--source", cohort,
+            *[item for setting in tiny for item in ("--set", setting)]]
+    assert sweep.main(args) == 0
+    return sweep_dir, args
+
+
+def test_local_sweep_runs_records_and_skips(local_sweep, capsys):
+    sweep_dir, args = local_sweep
+    manifest = json.load(open(os.path.join(sweep_dir, "manifest.json")))
+    assert [r["status"] for r in manifest["runs"]] == ["finished", "finished"]
+    assert all(r["seconds"] > 0 and "her2jax.main" in r["commands"]["train"]
+               for r in manifest["runs"])
+    for run in manifest["runs"]:
+        assert os.path.exists(os.path.join(run["workdir"], "eval", "test", "metrics.json"))
+        config = json.load(open(os.path.join(run["workdir"], "config.json")))
+        assert config["total_steps"] == 3 and config["data_dir"] == run["data_dir"]
+    # a relaunch finds both finished
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    assert capsys.readouterr().out.count("finished, skipped") == 2
+
+
+def test_collect_builds_the_leaderboard_from_the_runs(local_sweep, capsys):
+    from launch import collect
+
+    sweep_dir, _ = local_sweep
+    result = collect.collect(sweep_dir)
+    manifest = json.load(open(os.path.join(sweep_dir, "manifest.json")))
+    assert len(result["rows"]) == 2 and not result["missing"]
+    for run in manifest["runs"]:
+        metrics = json.load(open(os.path.join(run["workdir"], "eval", "test", "metrics.json")))
+        row = next(r for r in result["rows"] if r["configuration"] == run["group"])
+        assert row["test_auc_mean"] == pytest.approx(metrics["patient"]["auc"], nan_ok=True)
+        assert row["seeds"] == 1
+    assert os.path.exists(os.path.join(sweep_dir, "collect", "leaderboard.md"))
+    assert os.path.exists(os.path.join(sweep_dir, "collect", "leaderboard.png"))
