@@ -260,3 +260,30 @@ def test_collect_builds_the_leaderboard_from_the_runs(local_sweep, capsys):
         assert row["seeds"] == 1
     assert os.path.exists(os.path.join(sweep_dir, "collect", "leaderboard.md"))
     assert os.path.exists(os.path.join(sweep_dir, "collect", "leaderboard.png"))
+
+
+def test_local_parallel_runs_get_their_own_devices_and_threads(sweep_file, tmp_path):
+    args = sweep.parse_args(["--sweep", sweep_file, "--sweep_dir", str(tmp_path / "sw"),
+                             "--source", "unused"])
+    plan = sweep.build_plan(args)
+    plan.datasets = {}                      # nothing to prepare: the commands below are stand-ins
+
+    def commands(run):
+        workdir = plan.workdir(run)
+        record = (f"mkdir -p {workdir}/eval/test && echo $CUDA_VISIBLE_DEVICES $OMP_NUM_THREADS "
+                  f"$(date +%s.%N) > {workdir}/env && sleep 1 && date +%s.%N >> {workdir}/env "
+                  f"&& echo '{{}}' > {workdir}/eval/test/metrics.json")
+        return {"train": ["bash", "-c", record], "evaluate": ["true"]}
+
+    plan.commands = commands
+    manifest = sweep.run_local(plan, parallel=2, devices=["3", "5"], cpu_threads=4)
+    assert [r["status"] for r in manifest["runs"]] == ["finished", "finished"]
+    seen = sorted(open(os.path.join(plan.workdir(run), "env")).read().split()[0]
+                  for run in plan.runs)
+    assert seen == ["3", "5"]
+    assert all(open(os.path.join(plan.workdir(run), "env")).read().split()[1] == "4"
+               for run in plan.runs)
+    # both ran at once: their time windows overlap
+    windows = [[float(x) for x in open(os.path.join(plan.workdir(run), "env")).read().split()[2:]]
+               for run in plan.runs]
+    assert max(w[0] for w in windows) < min(w[1] for w in windows), windows
