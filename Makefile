@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,12 @@ test: setup
 
 demo: setup
 	$(PY) -m her2jax.demo --out demo_out
+
+# her2jax vs PyTorch training-step throughput on this CPU (override with BENCH_ARGS=...)
+BENCH_ARGS ?= --models resnet18_dual,vit_small16 --image_size 224 --batch 8 --steps 5 \
+	--warmup 2 --repeats 3 --dtype float32 --device cpu
+bench: setup
+	$(PY) benchmarks/torch_compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,0 +1,538 @@
+"""Training-step throughput of her2jax against the same models in PyTorch, in one process.
+
+    python benchmarks/torch_compare.py [--models resnet18_dual,resnet50_dual,vit_small16,vit_base16]
+        [--image_size 224] [--batch 8] [--steps 5] [--warmup 2] [--repeats 3]
+        [--dtype float32|bfloat16] [--device cpu|gpu] [--compile] [--json OUT] [--dry_run]
+
+Models (see benchmarks/torch_models.py for the PyTorch side):
+  resnet18_dual, resnet50_dual  her2jax resnet18/50(attention='dual', placement='last',
+                                dropout=0.5) | torchvision ResNet + the same SE-then-CBAM-spatial
+                                attention on layer4 + dropout 0.5 + linear
+  vit_small16, vit_base16       her2jax vit_small/base_patch16 | timm vit_small/base_patch16_224
+Both start from the same weights (the torch model's, converted), 2 classes.
+
+One training step, both frameworks: a uint8 (N, H, W, 3) batch normalised on the device with the
+ImageNet statistics, forward in training mode (dropout, BatchNorm batch statistics), float32
+cross-entropy, backward, gradient clipping at global norm 1, AdamW (lr 1e-4, betas 0.9/0.999,
+eps 1e-8, weight decay 0.05 on parameters of rank >= 2 except pos_embed/cls_token, none on the
+rest) - her2jax's `create_optimizer` defaults. her2jax: `steps.make_train_step`, jitted.
+PyTorch: eager (torch.optim.AdamW, clip_grad_norm_); --dtype bfloat16 runs it under autocast
+(bfloat16) and her2jax with compute dtype bfloat16 (float32 parameters in both). On GPU the
+ResNets run channels_last; --compile adds a `torch.compile`d copy of the model.
+
+Measured per model and framework, the same batch in the same process:
+  images/s     median (and min-max) of --repeats windows of --steps steps, after --warmup
+               steps; each window ends blocking on the results (block_until_ready /
+               torch.cuda.synchronize)
+  compile      her2jax: lower + XLA compile of the train step; torch.compile: the first step's
+               wall time (compilation included)
+  memory       CPU: growth of the process's resident set (sampled every 5 ms from
+               /proc/self/statm) over the framework's whole phase (building the model and
+               optimiser, compiling, every step), from the resident set at the phase's start;
+               freed memory is handed back with malloc_trim between phases. GPU: JAX
+               memory_stats()['peak_bytes_in_use'] (a process high-water mark: models run in the
+               order given) and torch.cuda.max_memory_allocated (reset per model)
+  FLOPs        XLA's count for one train step (batch included) from a CPU compilation (on GPU,
+               XLA's cost analysis does not count the library convolutions); on GPU, MFU =
+               FLOPs/step x steps/s / peak, with the peak printed
+
+--dry_run: image 32, batch 2, 1 warm-up step, 1 step, 1 repeat, ViTs of depth 2, ResNet-18 and
+ViT-S by default: the whole script in well under a minute on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+MODELS = {
+    "resnet18_dual": {"family": "resnet", "depth": 18, "jax": "resnet18",
+                      "torch": "torchvision resnet18 + dual attention"},
+    "resnet50_dual": {"family": "resnet", "depth": 50, "jax": "resnet50",
+                      "torch": "torchvision resnet50 + dual attention"},
+    "vit_small16": {"family": "vit", "size": "small", "jax": "vit_small_patch16",
+                    "torch": "timm vit_small_patch16_224"},
+    "vit_base16": {"family": "vit", "size": "base", "jax": "vit_base_patch16",
+                   "torch": "timm vit_base_patch16_224"},
+}
+DRY = {"image_size": 32, "batch": 2, "warmup": 1, "steps": 1, "repeats": 1, "vit_depth": 2,
+       "models": "resnet18_dual,vit_small16"}
+# Dense peak FLOP/s per device kind, for MFU: (substring of the device name, dtype) -> FLOP/s.
+PEAKS = {("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,
+         ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12}
+PEAK_NOTE = ("H100/H200 SXM dense peaks: bfloat16 989 TFLOP/s (tensor cores), float32 "
+             "67 TFLOP/s (non-tensor)")
+# her2jax create_optimizer defaults
+LEARNING_RATE, WEIGHT_DECAY, BETAS, EPS, CLIP = 1e-4, 0.05, (0.9, 0.999), 1e-8, 1.0
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated subset of {', '.join(MODELS)} "
+                             "(default: all; dry run: resnet18_dual,vit_small16)")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--dry_run", action="store_true", help="tiny shapes, for tests")
+    args = parser.parse_args(argv)
+    args.vit_depth = None
+    if args.dry_run:
+        for key, value in DRY.items():
+            if key != "models":
+                setattr(args, key, value)
+        args.models = args.models or DRY["models"]
+    names = (args.models or ",".join(MODELS)).split(",")
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    args.models = names
+    if min(args.steps, args.repeats, args.batch) < 1 or args.warmup < 0:
+        parser.error("--steps, --repeats and --batch must be positive, --warmup non-negative")
+    return args
+
+
+def setup_environment(device: str) -> None:
+    """Before JAX is imported: pick its platform; on GPU leave half the memory to PyTorch."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu" if device == "cpu" else "cuda,cpu")
+        if device == "gpu":
+            os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssPeak:
+    """Peak resident set, sampled every 5 ms by a thread, above the resident set at start."""
+
+    def __enter__(self) -> "RssPeak":
+        _trim()
+        self.start = _rss_bytes()
+        self.peak = self.start or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self.start is not None:
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes() or 0)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.start is not None:
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes() or 0)
+
+    @property
+    def growth(self) -> int | None:
+        return None if self.start is None else self.peak - self.start
+
+
+# ---------------------------------------------------------------- timing
+
+
+def timed_windows(step: Callable[[], Any], sync: Callable[[Any], None], args) -> list[float]:
+    """images/s of each of --repeats windows of --steps calls to `step`, after --warmup calls."""
+    out = None
+    for _ in range(args.warmup):
+        out = step()
+    sync(out)
+    rates = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            out = step()
+        sync(out)
+        rates.append(args.steps * args.batch / (time.perf_counter() - start))
+    return rates
+
+
+def summary(rates: list[float]) -> dict[str, Any]:
+    return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "windows": rates}
+
+
+# ---------------------------------------------------------------- PyTorch
+
+
+def torch_model(spec: dict, args) -> Any:
+    import torch_models
+
+    if spec["family"] == "resnet":
+        return torch_models.resnet(spec["depth"], num_classes=2, dropout=0.5)
+    return torch_models.vit(spec["size"], args.image_size, num_classes=2, depth=args.vit_depth)
+
+
+def torch_optimizer(net) -> Any:
+    """AdamW with her2jax's decay mask: rank >= 2 and not pos_embed / cls_token."""
+    import torch
+
+    decay, rest = [], []
+    for name, parameter in net.named_parameters():
+        leaf = name.split(".")[-1]
+        (decay if parameter.ndim >= 2 and leaf not in ("pos_embed", "cls_token") else rest).append(
+            parameter)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                              {"params": rest, "weight_decay": 0.0}],
+                             lr=LEARNING_RATE, betas=BETAS, eps=EPS)
+
+
+def torch_run(net, spec: dict, images, labels, args, compiled: bool) -> dict[str, Any]:
+    """Trains `net` (a fresh copy per run) on the one batch; throughput, first step, memory."""
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    channels_last = args.device == "gpu" and spec["family"] == "resnet"
+    net = net.to(device).train()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = torch_optimizer(net)
+    model = torch.compile(net) if compiled else net
+    parameters = [p for p in net.parameters()]
+    x = torch.from_numpy(images).to(device)
+    y = torch.from_numpy(labels).long().to(device)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    autocast = args.dtype == "bfloat16"
+
+    def step():
+        inputs = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        inputs = inputs.contiguous(memory_format=torch.channels_last if channels_last
+                                   else torch.contiguous_format)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, CLIP)
+        optimizer.step()
+        return loss
+
+    def sync(_):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    first_loss = float(step().detach())   # blocks
+    first = time.perf_counter() - start
+    rates = timed_windows(step, sync, args)
+    result = summary(rates) | {"first_step_s": first, "first_loss": first_loss}
+    if compiled:
+        result["compile_s"] = first
+    if device.type == "cuda":
+        result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    return result
+
+
+# ---------------------------------------------------------------- her2jax
+
+
+def jax_setup(spec: dict, args, arrays: dict, dtype):
+    """The her2jax model with the torch model's weights, its optimiser and jitted train step."""
+    from flax import nnx
+
+    from her2jax import models, steps
+    from her2jax.optim import create_optimizer
+    from her2jax.weights import load_pretrained
+
+    if spec["family"] == "resnet":
+        options = {"attention": "dual", "placement": "last", "head": "single", "dropout": 0.5}
+    else:
+        options = {"image_size": args.image_size}
+        if args.vit_depth is not None:
+            options["depth"] = args.vit_depth
+    model = models.create(spec["jax"], num_classes=2, rngs=nnx.Rngs(0), dtype=dtype, **options)
+    report = load_pretrained(model, arrays)
+    if report.missing or report.unused or report.mismatched:
+        raise RuntimeError(f"{spec['jax']}: weights do not map one to one: missing "
+                           f"{report.missing}, unused {report.unused}, mismatched "
+                           f"{report.mismatched}")
+    graph, _, params, rest = steps.split_model(model)
+    optimizer = create_optimizer(params, learning_rate=LEARNING_RATE, warmup_steps=0,
+                                 total_steps=10**9, weight_decay=WEIGHT_DECAY,
+                                 grad_clip_norm=CLIP, b1=BETAS[0], b2=BETAS[1])
+    return graph, params, rest, optimizer
+
+
+def step_flops(graph, params, rest, optimizer, batch, dtype) -> float:
+    """XLA's FLOP count of one train step, compiled for the CPU (as `python -m her2jax.models`)."""
+    import jax
+
+    from her2jax import steps
+
+    cpu = jax.devices("cpu")[0]
+
+    def abstract(tree):   # shapes only: the step's in_shardings place them on the CPU mesh
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+    opt_state = jax.eval_shape(optimizer.init, params)
+    step = steps.make_train_step(graph, optimizer, steps.data_mesh([cpu]), dtype=dtype)
+    compiled = step.lower(abstract(params), abstract(rest), abstract(opt_state),
+                          abstract(batch)).compile()
+    return _flops(compiled)
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def jax_run(spec: dict, args, arrays: dict, images, labels) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from her2jax import steps
+
+    dtype = jnp.dtype(args.dtype)
+    graph, params, rest, optimizer = jax_setup(spec, args, arrays, dtype)
+    mesh = steps.data_mesh()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params, rest = jax.device_put((params, rest), replicated)
+    opt_state = jax.device_put(optimizer.init(params), replicated)
+    batch = jax.device_put({"image": jnp.asarray(images), "label": jnp.asarray(labels)},
+                           steps.batch_sharding(mesh))
+    step = steps.make_train_step(graph, optimizer, mesh, dtype=dtype)
+    start = time.perf_counter()
+    lowered = step.lower(params, rest, opt_state, batch)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    on_cpu = jax.devices()[0].platform == "cpu"
+    flops = _flops(compiled) if on_cpu else step_flops(graph, params, rest, optimizer, batch,
+                                                       dtype)
+    state = [params, rest, opt_state]
+
+    def one_step():
+        state[0], state[1], state[2], metrics = compiled(*state, batch)
+        return state[0], metrics["loss"]
+
+    start = time.perf_counter()
+    _, first_loss = one_step()
+    first_loss = float(first_loss)   # blocks
+    first = time.perf_counter() - start
+    rates = timed_windows(one_step, jax.block_until_ready, args)
+    result = summary(rates) | {"lower_s": lower_s, "compile_s": lower_s + compile_s,
+                               "xla_compile_s": compile_s, "first_step_s": first,
+                               "first_loss": first_loss, "flops_per_step": flops,
+                               "parameters": sum(int(x.size) for x in jax.tree.leaves(params))}
+    if not on_cpu:
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            result["peak_memory_bytes"] = int(stats["peak_bytes_in_use"])
+    return result
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_model(name: str, args) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    import torch_models
+
+    spec = MODELS[name]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), np.uint8)
+    labels = (np.arange(args.batch) % 2).astype(np.int32)
+    torch.manual_seed(0)
+    net = torch_model(spec, args)
+    arrays = torch_models.jax_arrays(net)
+    initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    result = {"model": name, "her2jax_model": spec["jax"], "torch_model": spec["torch"],
+              "torch_parameters": torch_models.parameter_count(net)}
+    runs = [("her2jax", lambda: jax_run(spec, args, arrays, images, labels))]
+    runs.append(("torch_eager", lambda: torch_run(net, spec, images, labels, args, False)))
+    if args.compile:
+        def compiled_run():
+            fresh = torch_model(spec, args)
+            fresh.load_state_dict(initial)
+            return torch_run(fresh, spec, images, labels, args, True)
+        runs.append(("torch_compile", compiled_run))
+    for label, run in runs:
+        with RssPeak() as memory:
+            result[label] = run()
+        if args.device == "cpu":
+            result[label]["peak_memory_bytes"] = memory.growth
+        print(f"  {name} {label}: {result[label]['images_per_s']:.2f} images/s", file=sys.stderr,
+              flush=True)
+        _trim()
+    jax_rate = result["her2jax"]["images_per_s"]
+    for label in ("torch_eager", "torch_compile"):
+        if label in result:
+            result[f"ratio_vs_{label}"] = jax_rate / result[label]["images_per_s"]
+    flops = result["her2jax"]["flops_per_step"]
+    result["gflops_per_image"] = flops / args.batch / 1e9
+    peak = args.peak_flops
+    if peak:
+        for label in ("her2jax", "torch_eager", "torch_compile"):
+            if label in result:
+                steps_per_s = result[label]["images_per_s"] / args.batch
+                result[label]["mfu"] = flops * steps_per_s / peak
+    return result
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(args) -> dict[str, Any]:
+    import importlib.metadata as metadata
+
+    import jax
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for package in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "torchvision", "timm"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    device = jax.devices()[0]
+    info = {"versions": versions, "jax_device": f"{device.platform} ({device.device_kind})",
+            "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    if args.device == "gpu":
+        info["torch_device"] = torch.cuda.get_device_name(0)
+        info["torch_float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        info["jax_default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
+    return info
+
+
+def peak_flops(args, device_name: str) -> float | None:
+    if args.device != "gpu":
+        return None
+    for (kind, dtype), value in PEAKS.items():
+        if kind in device_name and dtype == args.dtype:
+            return value
+    return None
+
+
+def mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
+
+
+def table(results: list[dict], args, info: dict) -> str:
+    with_compile = args.compile
+    lines = [f"{args.image_size}x{args.image_size} images, batch {args.batch}, {args.dtype}, "
+             f"median of {args.repeats} windows of {args.steps} steps after {args.warmup} "
+             f"warm-up, device {info['jax_device']}"
+             + (f" / {info['torch_device']}" if "torch_device" in info else "")
+             + f", {info['cpu_cores']} CPU cores, torch threads {info['torch_threads']}"]
+    header = ["model", "her2jax img/s", "PyTorch eager img/s", "ratio (her2jax / eager)"]
+    if with_compile:
+        header += ["torch.compile img/s", "ratio (her2jax / compile)", "torch.compile s"]
+    header += ["JAX compile s", "GFLOPs / image (train step)", "peak memory MiB (her2jax / eager"
+               + (" / compile" if with_compile else "") + ")"]
+    if args.peak_flops:
+        header.append("MFU (her2jax / eager" + (" / compile" if with_compile else "") + ")")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def rate(part):
+        return f"{part['images_per_s']:.2f} ({part['min']:.2f}-{part['max']:.2f})"
+
+    for result in results:
+        labels = ["her2jax", "torch_eager"] + (["torch_compile"] if with_compile else [])
+        row = [result["model"], rate(result["her2jax"]), rate(result["torch_eager"]),
+               f"{result['ratio_vs_torch_eager']:.2f}"]
+        if with_compile:
+            row += [rate(result["torch_compile"]), f"{result['ratio_vs_torch_compile']:.2f}",
+                    f"{result['torch_compile']['compile_s']:.1f}"]
+        row += [f"{result['her2jax']['compile_s']:.1f}", f"{result['gflops_per_image']:.2f}",
+                " / ".join(mib(result[label].get("peak_memory_bytes")) for label in labels)]
+        if args.peak_flops:
+            row.append(" / ".join(f"{100 * result[label]['mfu']:.1f}%" for label in labels))
+        lines.append("| " + " | ".join(row) + " |")
+    if args.peak_flops:
+        lines.append(f"MFU peak: {args.peak_flops / 1e12:.0f} TFLOP/s ({args.dtype}); "
+                     f"{PEAK_NOTE}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    setup_environment(args.device)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in (here, os.path.dirname(here)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    import torchvision  # noqa: F401  (before anything else heavy; see tests/conftest.py)
+    import torch
+
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("--device gpu: PyTorch sees no CUDA device")
+    info = environment(args)
+    if args.device == "gpu" and "cpu" in info["jax_device"]:
+        raise SystemExit("--device gpu: JAX found no GPU")
+    args.peak_flops = peak_flops(args, info.get("torch_device", ""))
+    results = []
+    for name in args.models:
+        results.append(run_model(name, args))
+    text = table(results, args, info)
+    print(text, flush=True)
+    memory_method = ("CPU: growth of the sampled resident set over each framework's phase"
+                     if args.device == "cpu" else
+                     "GPU: JAX peak_bytes_in_use (process high-water mark), "
+                     "torch.cuda.max_memory_allocated (reset per model)")
+    output = {"arguments": {k: v for k, v in vars(args).items() if k != "peak_flops"},
+              "peak_flops": args.peak_flops, "peak_note": PEAK_NOTE if args.peak_flops else None,
+              "memory_method": memory_method, "environment": info, "results": results,
+              "table": text}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as handle:
+            json.dump(output, handle, indent=1)
+    return output
+
+
+if __name__ == "__main__":
+    main()

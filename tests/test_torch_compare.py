@@ -1,0 +1,89 @@
+"""benchmarks/torch_compare.py: the dry run reports both frameworks for each model, and the
+PyTorch models it times compute the her2jax models' function for the same weights."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from her2jax import models
+from her2jax.weights import load_pretrained
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import torch_compare  # noqa: E402
+import torch_models  # noqa: E402
+
+
+def images(size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def torch_logits(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+
+
+def load_exactly(model: nnx.Module, net: torch.nn.Module) -> None:
+    report = load_pretrained(model, torch_models.jax_arrays(net))
+    assert not (report.missing or report.unused or report.mismatched), report
+
+
+def test_dry_run_reports_both_frameworks(tmp_path):
+    out = tmp_path / "compare.json"
+    returned = torch_compare.main(["--dry_run", "--device", "cpu", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["results"] == json.loads(json.dumps(returned["results"]))
+    assert [r["model"] for r in written["results"]] == ["resnet18_dual", "vit_small16"]
+    assert written["environment"]["versions"]["jax"] and written["arguments"]["image_size"] == 32
+    for result in written["results"]:
+        jax_rate = result["her2jax"]["images_per_s"]
+        torch_rate = result["torch_eager"]["images_per_s"]
+        assert jax_rate > 0 and torch_rate > 0
+        assert result["ratio_vs_torch_eager"] == pytest.approx(jax_rate / torch_rate)
+        assert result["her2jax"]["parameters"] == result["torch_parameters"]
+        assert result["her2jax"]["compile_s"] > 0 and result["her2jax"]["flops_per_step"] > 0
+        assert result["model"] in written["table"]
+    # Same weights, same batch, no dropout in the ViT: the first training losses agree.
+    vit = written["results"][1]
+    assert vit["her2jax"]["first_loss"] == pytest.approx(vit["torch_eager"]["first_loss"],
+                                                         rel=1e-4)
+
+
+def test_resnet_dual_attention_logits_match_for_the_same_weights():
+    torch.manual_seed(0)
+    net = torch_models.resnet(18, num_classes=2, dropout=0.0)
+    for module in net.modules():  # non-trivial BatchNorm statistics and attention biases
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.0)
+            module.bias.data.uniform_(-0.2, 0.2)
+    net.attention.spatial.conv.bias.data.fill_(0.3)
+    net.attention.channel.fc2.bias.data.uniform_(-1.0, 1.0)
+    model = models.create("resnet18", num_classes=2, attention="dual", placement="last",
+                          head="single", dropout=0.0, rngs=nnx.Rngs(1))
+    load_exactly(model, net)
+    x = images(64)  # at 32 pixels layer4 is 1x1: BatchNorm over 2 values is ill-conditioned
+    for torch_mode, jax_mode in ((net.eval, model.eval), (net.train, model.train)):
+        torch_mode()
+        jax_mode()
+        np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), torch_logits(net, x),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_vit_logits_match_timm_for_the_same_weights():
+    torch.manual_seed(0)
+    net = torch_models.vit("small", 32, num_classes=2, depth=1).eval()
+    model = models.create("vit_small_patch16", num_classes=2, image_size=32, depth=1,
+                          rngs=nnx.Rngs(1))
+    load_exactly(model, net)
+    model.eval()
+    x = images(32)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), torch_logits(net, x),
+                               atol=1e-4, rtol=1e-4)
