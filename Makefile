@@ -22,7 +22,7 @@ demo: setup
 
 # her2jax vs PyTorch training-step throughput on this CPU (override with BENCH_ARGS=...), then
 # the input pipeline against the train step on a small synthetic dataset at 224 px
-BENCH_ARGS ?= --models resnet18_dual,vit_small16 --image_size 224 --batch 8 --steps 5 \
+BENCH_ARGS ?= --models resnet18_dual,vit_small16,resnet50_dual,vit_base16 --image_size 224 --batch 8 --steps 5 \
 	--warmup 2 --repeats 3 --dtype float32 --device cpu
 bench: setup
 	$(PY) benchmarks/torch_compare.py $(BENCH_ARGS)
