@@ -254,8 +254,7 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
         if result.returncode:
             raise RuntimeError(f"preparing data variant {variant} failed:\n"
                                f"{result.stderr[-3000:]}")
-    slots = list(devices) or [None] * max(1, parallel)
-    parallel = max(1, min(parallel, len(slots))) if devices else max(1, parallel)
+    parallel = max(1, min(parallel, len(devices)) if devices else parallel)
     running: list[tuple[subprocess.Popen, Run, Any, float]] = []
     queue = list(todo)
     free = list(range(parallel))
@@ -446,6 +445,22 @@ def tpu_commands(plan: Plan, *, name: str, zone: str, accelerator: str, version:
     return commands
 
 
+def _wait_until_active(describe: str, poll_seconds: int = 30, limit_seconds: int = 6 * 3600
+                       ) -> None:
+    """Polls a queued resource until its state is ACTIVE (spot capacity can take hours)."""
+    waited = 0
+    while True:
+        state = subprocess.run(describe + " --format=value(state.state)", shell=True,
+                               check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+        if state == "ACTIVE":
+            return
+        if state in ("FAILED", "SUSPENDED") or waited >= limit_seconds:
+            raise RuntimeError(f"queued resource state {state or 'unknown'} after {waited} s")
+        print(f"queued resource: {state}; waiting", file=sys.stderr, flush=True)
+        time.sleep(poll_seconds)
+        waited += poll_seconds
+
+
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -536,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                 for command in commands:
                     print(f"$ {command}", file=sys.stderr, flush=True)
                     if "# wait" in command:
-                        command = command.split("#")[0]
+                        _wait_until_active(command.split("#")[0])
+                        continue
                     subprocess.run(command, shell=True, check=True)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
