@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from flax import nnx
 from PIL import Image
 
@@ -18,6 +17,7 @@ from her2jax import models, weights
 from her2jax.models import vit
 from her2jax.models.resnet import Bottleneck, from_torchvision
 from her2jax.steps import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+from test_resnet import randomised
 
 SIZE = 64
 
@@ -62,15 +62,7 @@ def test_upsampling_is_torch_bilinear_without_align_corners(low, high):
 
 def randomised_resnet18() -> torch.nn.Module:
     """torchvision resnet18, 2 classes, random weights and non-trivial BatchNorm statistics."""
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None, num_classes=2)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.0)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return net.eval()
+    return randomised("resnet18", num_classes=2)
 
 
 def torch_grad_cam(net: torch.nn.Module, images: np.ndarray, target_class: int,

@@ -23,10 +23,11 @@ def images(size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
 
 
-def randomised(name: str) -> torch.nn.Module:
-    """A torchvision ResNet with random weights and non-trivial BatchNorm affine and statistics."""
+def randomised(name: str, **options) -> torch.nn.Module:
+    """A torchvision ResNet with random weights and non-trivial BatchNorm affine and statistics
+    (`options` go to the constructor, e.g. num_classes)."""
     torch.manual_seed(0)
-    net = getattr(torchvision.models, name)(weights=None)
+    net = getattr(torchvision.models, name)(weights=None, **options)
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
