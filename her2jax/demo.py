@@ -18,12 +18,13 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import sys
 import time
 from typing import Any
 
 from etils import epath
+
+from her2jax.evaluate import format_number
 
 NORMALIZATIONS = ("per_channel_clip_q98", "global_minmax")
 MODELS = {  # name in the table: (config file, variant)
@@ -146,16 +147,11 @@ def results_table(rows: list[dict[str, Any]]) -> str:
         patient = row["metrics"]["patient"]
         rates = patient["at_validation_threshold"]
         lines.append(
-            f"| {row['model']} | {row['normalization']} | {_f(patient['auc'])} "
-            f"[{_f(patient['auc_ci_low'])}, {_f(patient['auc_ci_high'])}] | "
-            f"{_f(rates['accuracy'])} | {_f(rates['sensitivity'])} | "
-            f"{_f(rates['specificity'])} |")
+            f"| {row['model']} | {row['normalization']} | {format_number(patient['auc'])} "
+            f"[{format_number(patient['auc_ci_low'])}, "
+            f"{format_number(patient['auc_ci_high'])}] | {format_number(rates['accuracy'])} | "
+            f"{format_number(rates['sensitivity'])} | {format_number(rates['specificity'])} |")
     return "\n".join(lines)
-
-
-def _f(value: Any) -> str:
-    return "n/a" if not isinstance(value, (int, float)) or not math.isfinite(value) \
-        else f"{value:.3f}"
 
 
 def roc_all(rows: list[dict[str, Any]], path: epath.Path) -> None:
@@ -174,7 +170,7 @@ def roc_all(rows: list[dict[str, Any]], path: epath.Path) -> None:
             continue
         curves.append({"label": f"{row['model']}, {row['normalization']}", "labels": labels,
                        "scores": np.array([float(r["probability"]) for r in table]),
-                       "auc_text": f"AUC {_f(row['metrics']['patient']['auc'])}"})
+                       "auc_text": f"AUC {format_number(row['metrics']['patient']['auc'])}"})
     if curves:
         plots.roc_figure(curves, path, title="test split, patient level")
 
@@ -195,7 +191,8 @@ def report(out: epath.Path, rows: list[dict[str, Any]], stages: list[dict[str, A
         "",
         results_table(rows),
         "",
-        f"Majority-class baseline accuracy: {_f(first['majority_baseline']['accuracy'])}. The "
+        f"Majority-class baseline accuracy: "
+        f"{format_number(first['majority_baseline']['accuracy'])}. The "
         f"study reports, on I-SPY test data, patient-level AUC 0.744 for the dual-attention "
         f"ResNet with per-channel q0.98 and 0.700 with global min-max, and 0.64-0.67 for ViTs; "
         f"synthetic numbers are not comparable to those, only the workflow is.",

@@ -331,7 +331,7 @@ def _write_csv(path: epath.Path, header: list[str], rows: Any) -> None:
     path.write_text(buffer.getvalue())
 
 
-def _number(value: Any, digits: int = 3) -> str:
+def format_number(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) \
         else f"{value:.{digits}f}"
 
@@ -348,46 +348,49 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"({result['positives']} HER2-positive), {result['slices']} slices; patient probability "
         f"= {result['aggregation']} of its slices.",
         "",
-        f"**Patient-level AUC {_number(patient['auc'])} [{_number(patient['auc_ci_low'])}, "
-        f"{_number(patient['auc_ci_high'])}]** ({level}% bootstrap interval, "
+        f"**Patient-level AUC {format_number(patient['auc'])} "
+        f"[{format_number(patient['auc_ci_low'])}, "
+        f"{format_number(patient['auc_ci_high'])}]** ({level}% bootstrap interval, "
         f"{result['bootstrap_samples']} resamples of patients, seed {result['bootstrap_seed']}); "
-        f"slice-level AUC {_number(slices['auc'])} [{_number(slices['auc_ci_low'])}, "
-        f"{_number(slices['auc_ci_high'])}].",
+        f"slice-level AUC {format_number(slices['auc'])} [{format_number(slices['auc_ci_low'])}, "
+        f"{format_number(slices['auc_ci_high'])}].",
         "",
         f"| threshold | accuracy | balanced acc. | sensitivity | specificity | PPV | NPV | F1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, rates in ((f"validation Youden {_number(chosen['threshold'])}", chosen),
+    for name, rates in ((f"validation Youden {format_number(chosen['threshold'])}", chosen),
                         ("0.5", half)):
-        lines.append(f"| {name} | " + " | ".join(_number(rates[k]) for k in (
+        lines.append(f"| {name} | " + " | ".join(format_number(rates[k]) for k in (
             "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1"))
             + " |")
     baseline = result["majority_baseline"]
     lines += [
         "",
         f"Majority-class baseline (always {baseline['class']}): accuracy "
-        f"{_number(baseline['accuracy'])}, AUC 0.5. The threshold was chosen on "
+        f"{format_number(baseline['accuracy'])}, AUC 0.5. The threshold was chosen on "
         f"{result['threshold']['split']} ({result['threshold']['patients']} patients) before "
         f"this split was scored. {result['threshold'].get('note', '')}".rstrip(),
         "",
         "| aggregation | patient AUC | CI |", "|---|---|---|",
     ]
     for rule, entry in result["aggregations"].items():
-        lines.append(f"| {rule} | {_number(entry['auc'])} | [{_number(entry['auc_ci_low'])}, "
-                     f"{_number(entry['auc_ci_high'])}] |")
+        lines.append(f"| {rule} | {format_number(entry['auc'])} | "
+                     f"[{format_number(entry['auc_ci_low'])}, "
+                     f"{format_number(entry['auc_ci_high'])}] |")
     if result.get("cohorts"):
         lines += ["", "| cohort | patients | HER2+ | AUC | CI | sensitivity | specificity |",
                   "|---|---|---|---|---|---|---|"]
         for cohort, entry in result["cohorts"].items():
             rates = entry["at_validation_threshold"]
             lines.append(f"| {cohort} | {entry['patients']} | {entry['positives']} | "
-                         f"{_number(entry['auc'])} | [{_number(entry['auc_ci_low'])}, "
-                         f"{_number(entry['auc_ci_high'])}] | {_number(rates['sensitivity'])} | "
-                         f"{_number(rates['specificity'])} |")
+                         f"{format_number(entry['auc'])} | [{format_number(entry['auc_ci_low'])}, "
+                         f"{format_number(entry['auc_ci_high'])}] | "
+                         f"{format_number(rates['sensitivity'])} | "
+                         f"{format_number(rates['specificity'])} |")
     if result.get("calibration"):
-        lines += ["", f"Calibration: Brier score {_number(result['calibration']['brier'])}, "
+        lines += ["", f"Calibration: Brier score {format_number(result['calibration']['brier'])}, "
                       f"expected calibration error "
-                      f"{_number(result['calibration']['expected_calibration_error'])}."]
+                      f"{format_number(result['calibration']['expected_calibration_error'])}."]
     lines += ["", "![ROC](roc.png) ![calibration](calibration.png)", "",
               "Per-patient predictions: `predictions.csv`; per slice: `slice_predictions.csv`."]
     return "\n".join(lines) + "\n"
@@ -435,10 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     patient = result["patient"]
     rates = patient["at_validation_threshold"]
-    print(f"{result['split']}: patient AUC {_number(patient['auc'])} "
-          f"[{_number(patient['auc_ci_low'])}, {_number(patient['auc_ci_high'])}]  "
-          f"sensitivity {_number(rates['sensitivity'])}  specificity "
-          f"{_number(rates['specificity'])}  ({result['patients']} patients)")
+    print(f"{result['split']}: patient AUC {format_number(patient['auc'])} "
+          f"[{format_number(patient['auc_ci_low'])}, {format_number(patient['auc_ci_high'])}]  "
+          f"sensitivity {format_number(rates['sensitivity'])}  specificity "
+          f"{format_number(rates['specificity'])}  ({result['patients']} patients)")
     print(epath.Path(args.out) if args.out else epath.Path(args.workdir) / "eval" / args.split)
     return 0
 
