@@ -50,6 +50,18 @@ def config_for(params: PrepParams) -> Her2DceConfig | str:
     return match.name if match is not None and match.params == params else make_config(params)
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a dataset that exists only where it is prepared.
+
+    TFDS looks up pre-computed metadata for a dataset it does not find on disk in its public
+    bucket, and leaves an empty temporary folder behind each time (`initialize_from_bucket`);
+    her2_dce is never there, so the lookup is skipped.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class Her2Dce(tfds.core.GeneratorBasedBuilder):
     """Breast DCE-MRI tumour slices as 8-bit RGB (R = pre, G = early, B = late) with HER2 labels."""
 
@@ -79,7 +91,11 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.params.image_size
-        return self.dataset_info_from_configs(
+        metadata = self.get_metadata()
+        described = {key: value for key, value in (("description", metadata.description),
+                                                   ("citation", metadata.citation)) if value}
+        return LocalDatasetInfo(
+            builder=self,
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
                 "mask": tfds.features.Image(shape=(size, size, 1), encoding_format="png"),
@@ -90,6 +106,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
             }),
             supervised_keys=("image", "label"),
             metadata=tfds.core.MetadataDict(),
+            **described,
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):

@@ -70,6 +70,7 @@ import numpy as np
 from flax import nnx
 
 from her2jax.models.attention import ChannelThenSpatial, SpatialAttention
+from her2jax.models.layers import max_pool
 from her2jax.models.resnet import BasicBlock, Bottleneck, ResNet, classify
 from her2jax.models.vit import VisionTransformer
 from her2jax.steps import normalize_images
@@ -263,7 +264,7 @@ def _resnet_with_gates(model: ResNet, x: jax.Array) -> tuple[jax.Array, Gates]:
     """(logits, gates at feature resolution): `ResNet.__call__` with every spatial gate kept."""
     gates: Gates = {}
     x = jax.nn.relu(model.bn1(model.conv1(x)))
-    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, 3, 2, 1)
     stages = []
     for index, attention in enumerate(model.stage_attention):
         for number, block in enumerate(getattr(model, f"layer{index + 1}")):

@@ -111,6 +111,16 @@ class RunLog:
               f"{report['aggregation']} of slices)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._upload_events()
-            self._writer.close()
+        """Flushes and closes the event writer; for a remote run folder, copies the event files
+        up a last time and removes their local folder."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        if self._events is not None:
+            target = self.workdir / "tensorboard"
+            target.mkdir(parents=True, exist_ok=True)
+            for event_file in self._events.iterdir():
+                (target / event_file.name).write_bytes(event_file.read_bytes())
+            self._events.rmtree(missing_ok=True)
+            self._events = None
+        self._writer = None

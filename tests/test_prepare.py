@@ -321,6 +321,24 @@ def test_nyul_fit_does_not_depend_on_worker_completion_order(cohort, tmp_path, m
     assert builder._fit_normalization(train) == in_order
 
 
+def test_building_a_new_dataset_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """TFDS's lookup of public metadata for an unknown dataset leaves an empty folder in the
+    system's temporary directory per builder; her2_dce skips that lookup."""
+    import tempfile
+
+    from data_prep import her2_dce
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    params = PrepParams(normalization="global_minmax", image_size=16)
+    builder = her2_dce.Her2Dce(config=her2_dce.make_config(params),
+                               data_dir=str(tmp_path / "data"), progress=False)
+    assert isinstance(builder.info, her2_dce.LocalDatasetInfo)
+    assert builder.info.features["image"].shape == (16, 16, 3)
+    assert list(scratch.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Parallel workers, reuse, overwrite, external
 

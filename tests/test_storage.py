@@ -113,7 +113,11 @@ def test_run_log_and_run_records_live_in_the_bucket(bucket, tmp_path):
     report = {"auc": 0.75, "auc_ci_low": 0.5, "auc_ci_high": 1.0, "accuracy": 0.5,
               "patients": 4, "aggregation": "median"}
     log.evaluation(2, "validation", report)
+    events = log._events
+    assert events is not None and events.exists()
     log.close()
+    assert not events.exists(), "the local copy of the event files was left behind"
+    log.close()   # twice is harmless
     # a resumed run continues the same metrics file and finds its config again
     log = run_log.RunLog(workdir, total_steps=4)
     log.train(4, [{"loss": 0.6, "accuracy": 0.75}], 5e-4, 8)

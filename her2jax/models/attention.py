@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from her2jax.models.layers import conv_general_dilated
+
 KINDS = ("none", "channel", "spatial", "cbam", "dual", "danet")
 POOLS = ("avg", "avg+max")
 SPATIAL_KERNEL = 7
@@ -109,7 +111,7 @@ class PositionAttention(nnx.Module):
 
         def conv(out_channels: int) -> nnx.Conv:
             return nnx.Conv(channels, out_channels, (1, 1), dtype=dtype, param_dtype=jnp.float32,
-                            rngs=rngs)
+                            rngs=rngs, conv_general_dilated=conv_general_dilated)
 
         self.query, self.key, self.value = conv(width), conv(width), conv(channels)
         self.gamma = nnx.Param(jnp.zeros((), jnp.float32))

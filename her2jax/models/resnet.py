@@ -5,7 +5,8 @@ torchvision (`conv1`, `bn1`, `layer1`..`layer4` of blocks with `conv1, bn1, conv
 bn3]` and `downsample.conv/bn`, `fc`), so `from_torchvision` maps an ImageNet state dict one to
 one. With attention 'none', the single head and dropout 0 the network computes torchvision's
 function (bottleneck stride on the 3x3 convolution, v1.5). One difference in training: the
-running variance is updated with the biased batch variance, torch uses the unbiased one.
+running variance is updated with the biased batch variance, torch uses the unbiased one. On the
+CPU, 1x1 convolutions and the stem's max pool take the forms of `layers.py` (same function).
 
 Attention (see `attention.py`) goes where `placement` says:
     last    one module on the layer4 output, attribute `attention`
@@ -32,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from her2jax.models.attention import KINDS, Identity, make_attention
+from her2jax.models.layers import conv_general_dilated, max_pool
 from her2jax.models.registry import register
 
 PLACEMENTS = ("last", "stages", "blocks")
@@ -44,11 +46,15 @@ CONV_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def conv(in_channels: int, out_channels: int, size: int, stride: int = 1, *, rngs: nnx.Rngs,
          dtype: jnp.dtype) -> nnx.Conv:
-    """Bias-free convolution with torch's symmetric zero padding size // 2."""
+    """Bias-free convolution with torch's symmetric zero padding size // 2.
+
+    1x1 convolutions run as matrix products on the CPU (`layers.conv_general_dilated`).
+    """
     pad = size // 2
     return nnx.Conv(in_channels, out_channels, (size, size), strides=stride,
                     padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=CONV_INIT,
-                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                    conv_general_dilated=conv_general_dilated)
 
 
 def batch_norm(features: int, *, rngs: nnx.Rngs, dtype: jnp.dtype) -> nnx.BatchNorm:
@@ -226,8 +232,7 @@ class ResNet(nnx.Module):
     def features(self, x: jax.Array) -> list[jax.Array]:
         """The outputs of layer1..layer4 (after any stage attention)."""
         x = jax.nn.relu(self.bn1(self.conv1(x)))
-        # reduce_window pads with the identity of max (-inf), as torch's max_pool2d does.
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, 3, 2, 1)   # pads with -inf, as torch's max_pool2d does
         outputs = []
         for layer, attention in zip((self.layer1, self.layer2, self.layer3, self.layer4),
                                     self.stage_attention):
