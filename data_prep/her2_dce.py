@@ -183,10 +183,17 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
                 yield f"{case.patient_id}/{item.slice_index}", example
 
     def _keep_for_qc(self, example: dict[str, Any]) -> None:
+        """Keeps the lowest slice of the QC_SAMPLES_PER_CLASS smallest patient IDs per class:
+        the montage does not depend on the order in which workers finish."""
         kept = self.qc_samples[example["label"]]
-        if len(kept) < QC_SAMPLES_PER_CLASS and all(
-                k["patient_id"] != example["patient_id"] for k in kept):
-            kept.append(example)
+        same = [k for k in kept if k["patient_id"] == example["patient_id"]]
+        if same and same[0]["slice_index"] <= example["slice_index"]:
+            return
+        if same:
+            kept.remove(same[0])
+        kept.append(example)
+        kept.sort(key=lambda k: (k["patient_id"], k["slice_index"]))
+        del kept[QC_SAMPLES_PER_CLASS:]
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
         # one pool for the normalisation fit and every split: workers start once

@@ -321,6 +321,26 @@ def test_nyul_fit_does_not_depend_on_worker_completion_order(cohort, tmp_path, m
     assert builder._fit_normalization(train) == in_order
 
 
+def test_qc_samples_do_not_depend_on_the_order_workers_finish(tmp_path):
+    from data_prep import her2_dce
+
+    params = PrepParams(normalization="global_minmax", image_size=16)
+    examples = [{"patient_id": f"P{i:02d}", "label": i % 2, "slice_index": s}
+                for i in range(20) for s in (3, 4)]
+    kept = []
+    shuffled = sorted(examples, key=lambda e: e["patient_id"][::-1])
+    for order in (examples, examples[::-1], shuffled):
+        builder = her2_dce.Her2Dce(config=her2_dce.make_config(params),
+                                   data_dir=str(tmp_path / "data"), progress=False)
+        for example in order:
+            builder._keep_for_qc(example)
+        kept.append({label: [(k["patient_id"], k["slice_index"]) for k in samples]
+                     for label, samples in builder.qc_samples.items()})
+    assert kept[0] == kept[1] == kept[2]
+    assert [pid for pid, _ in kept[0][0]] == ["P00", "P02", "P04", "P06", "P08", "P10"]
+    assert [pid for pid, _ in kept[0][1]] == ["P01", "P03", "P05", "P07", "P09", "P11"]
+
+
 def test_building_a_new_dataset_leaves_no_temporary_folder(tmp_path, monkeypatch):
     """TFDS's lookup of public metadata for an unknown dataset leaves an empty folder in the
     system's temporary directory per builder; her2_dce skips that lookup."""
