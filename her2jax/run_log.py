@@ -61,9 +61,9 @@ class RunLog:
         path.write_text(self._lines)
 
     def _upload_events(self) -> None:
+        """Copies the local event files into the remote run folder (a no-op for local runs)."""
         if self._events is None:
             return
-        self._writer.flush()
         target = self.workdir / "tensorboard"
         target.mkdir(parents=True, exist_ok=True)
         for event_file in self._events.iterdir():
@@ -104,6 +104,7 @@ class RunLog:
             value = report.get(key)
             if isinstance(value, float) and math.isfinite(value):
                 self._writer.add_scalar(f"{split}/{key}", value, step)
+        self._writer.flush()
         self._upload_events()
         print(f"step {step}  {split}: patient AUC {report['auc']:.3f} "
               f"[{report['auc_ci_low']:.3f}, {report['auc_ci_high']:.3f}]  accuracy "
@@ -116,11 +117,8 @@ class RunLog:
         if self._writer is None:
             return
         self._writer.close()
+        self._upload_events()
         if self._events is not None:
-            target = self.workdir / "tensorboard"
-            target.mkdir(parents=True, exist_ok=True)
-            for event_file in self._events.iterdir():
-                (target / event_file.name).write_bytes(event_file.read_bytes())
             self._events.rmtree(missing_ok=True)
             self._events = None
         self._writer = None

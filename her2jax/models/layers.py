@@ -4,11 +4,12 @@ XLA's CPU backend runs two of the ResNet's operations far slower than the same a
 another way (`benchmarks/RESULTS.md`, "Closing the CPU gap"):
 
     1x1 convolution   y = x[:, ::s, ::s, :].reshape(-1, C_in) @ W.reshape(C_in, C_out)
-                      (the convolution form, and above all its gradients, 2-3.5x slower)
+                      (the convolution form, forward + backward, 1.5-5x slower)
     max pooling       the maximum of the k*k shifted strided views of the padded input, with a
                       gradient that goes to the first maximum of each window (row-major), as
-                      XLA's select-and-scatter and torch's max_pool2d do; the select-and-scatter
-                      gradient takes 95 ms for the stem's pool at 224 px, batch 8, this one 9 ms
+                      XLA's select-and-scatter and torch's max_pool2d do; forward + backward of
+                      the stem's pool at 224 px, batch 8: about 90 ms with select-and-scatter,
+                      9-18 ms this way
 
 Both compute the same function as the library form (the matrix product sums in another order:
 float32 results agree to rounding; the pooling is exact), tested in `tests/test_layers.py`. GPUs
@@ -123,10 +124,9 @@ def _pool_geometry(x: jax.Array, window: int, stride: int, padding: int):
 
 
 def _pad(x: jax.Array, padding: int) -> jax.Array:
-    low = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else \
-        jnp.array(jnp.iinfo(x.dtype).min, x.dtype)
+    """Pads the spatial axes of a floating-point NHWC array with -inf, the identity of max."""
     return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-                   constant_values=low)
+                   constant_values=-jnp.inf)
 
 
 def _max_pool_views(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
