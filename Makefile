@@ -1,4 +1,5 @@
 VENV ?= .venv
+PYTHON ?= python3
 PY := $(VENV)/bin/python
 export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_CPP_MIN_LOG_LEVEL := 3
@@ -6,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 .PHONY: setup test demo bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .

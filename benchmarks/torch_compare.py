@@ -36,6 +36,11 @@ Measured per model and framework, the same batch in the same process:
                XLA's cost analysis does not count the library convolutions); on GPU, MFU =
                FLOPs/step x steps/s / peak, with the peak printed
 
+--json OUT is rewritten after every model ("complete": false until the last), so a run stopped by
+a time limit keeps the models it finished. A framework that raises (out of memory, a
+torch.compile error) is recorded as "failed" with its error in the table and the JSON, the other
+runs go on, and the script exits with status 1 at the end.
+
 --dry_run: image 32, batch 2, 1 warm-up step, 1 step, 1 repeat, ViTs of depth 2, ResNet-18 and
 ViT-S by default: the whole script in well under a minute on a CPU.
 """
@@ -391,26 +396,44 @@ def run_model(name: str, args) -> dict[str, Any]:
             return torch_run(fresh, spec, images, labels, args, True)
         runs.append(("torch_compile", compiled_run))
     for label, run in runs:
-        with RssPeak() as memory:
-            result[label] = run()
+        # One framework failing (an out-of-memory, a torch.compile error on a new release) must
+        # not lose the others' figures from a one-off device run: record it and go on.
+        try:
+            with RssPeak() as memory:
+                result[label] = run()
+        except Exception as error:  # noqa: BLE001 (reported in the table and the JSON)
+            result[label] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"  {name} {label}: FAILED {result[label]['error']}", file=sys.stderr,
+                  flush=True)
+            _trim()
+            continue
         if args.device == "cpu":
             result[label]["peak_memory_bytes"] = memory.growth
         print(f"  {name} {label}: {result[label]['images_per_s']:.2f} images/s", file=sys.stderr,
               flush=True)
         _trim()
-    jax_rate = result["her2jax"]["images_per_s"]
+    jax_rate = result["her2jax"].get("images_per_s")
     for label in ("torch_eager", "torch_compile"):
-        if label in result:
+        if jax_rate and "images_per_s" in result.get(label, {}):
             result[f"ratio_vs_{label}"] = jax_rate / result[label]["images_per_s"]
-    flops = result["her2jax"]["flops_per_step"]
+    flops = result["her2jax"].get("flops_per_step")
+    if flops is None:
+        return result
     result["gflops_per_image"] = flops / args.batch / 1e9
     peak = args.peak_flops
     if peak:
         for label in ("her2jax", "torch_eager", "torch_compile"):
-            if label in result:
+            if "images_per_s" in result.get(label, {}):
                 steps_per_s = result[label]["images_per_s"] / args.batch
                 result[label]["mfu"] = flops * steps_per_s / peak
     return result
+
+
+def failures(results: list[dict]) -> list[str]:
+    """'model framework: error' for every run that raised."""
+    return [f"{r['model']} {label}: {r[label]['error']}" for r in results
+            for label in ("her2jax", "torch_eager", "torch_compile")
+            if "error" in r.get(label, {})]
 
 
 def cpu_model() -> str:
@@ -478,23 +501,31 @@ def table(results: list[dict], args, info: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def rate(part):
+        if "error" in part:
+            return "failed"
         return f"{part['images_per_s']:.2f} ({part['min']:.2f}-{part['max']:.2f})"
+
+    def number(value, pattern):
+        return "n/a" if value is None else pattern.format(value)
 
     for result in results:
         labels = ["her2jax", "torch_eager"] + (["torch_compile"] if with_compile else [])
         row = [result["model"], rate(result["her2jax"]), rate(result["torch_eager"]),
-               f"{result['ratio_vs_torch_eager']:.2f}"]
+               number(result.get("ratio_vs_torch_eager"), "{:.2f}")]
         if with_compile:
-            row += [rate(result["torch_compile"]), f"{result['ratio_vs_torch_compile']:.2f}",
-                    f"{result['torch_compile']['compile_s']:.1f}"]
-        row += [f"{result['her2jax']['compile_s']:.1f}", f"{result['gflops_per_image']:.2f}",
+            row += [rate(result["torch_compile"]),
+                    number(result.get("ratio_vs_torch_compile"), "{:.2f}"),
+                    number(result["torch_compile"].get("compile_s"), "{:.1f}")]
+        row += [number(result["her2jax"].get("compile_s"), "{:.1f}"),
+                number(result.get("gflops_per_image"), "{:.2f}"),
                 " / ".join(mib(result[label].get("peak_memory_bytes")) for label in labels)]
         if args.peak_flops:
-            row.append(" / ".join(f"{100 * result[label]['mfu']:.1f}%" for label in labels))
+            row.append(" / ".join(number(result[label].get("mfu"), "{:.1%}") for label in labels))
         lines.append("| " + " | ".join(row) + " |")
     if args.peak_flops:
         lines.append(f"MFU peak: {args.peak_flops / 1e12:.0f} TFLOP/s ({args.dtype}); "
                      f"{PEAK_NOTE}")
+    lines += [f"FAILED {line}" for line in failures(results)]
     return "\n".join(lines)
 
 
@@ -514,25 +545,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device == "gpu" and "cpu" in info["jax_device"]:
         raise SystemExit("--device gpu: JAX found no GPU")
     args.peak_flops = peak_flops(args, info.get("torch_device", ""))
-    results = []
-    for name in args.models:
-        results.append(run_model(name, args))
-    text = table(results, args, info)
-    print(text, flush=True)
     memory_method = ("CPU: growth of the sampled resident set over each framework's phase"
                      if args.device == "cpu" else
                      "GPU: JAX peak_bytes_in_use (process high-water mark), "
                      "torch.cuda.max_memory_allocated (reset per model)")
-    output = {"arguments": {k: v for k, v in vars(args).items() if k != "peak_flops"},
-              "peak_flops": args.peak_flops, "peak_note": PEAK_NOTE if args.peak_flops else None,
-              "memory_method": memory_method, "environment": info, "results": results,
-              "table": text}
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump(output, handle, indent=1)
-    return output
+    results: list[dict] = []
+
+    def output(complete: bool) -> dict[str, Any]:
+        text = table(results, args, info)
+        written = {"arguments": {k: v for k, v in vars(args).items() if k != "peak_flops"},
+                   "peak_flops": args.peak_flops,
+                   "peak_note": PEAK_NOTE if args.peak_flops else None,
+                   "memory_method": memory_method, "environment": info, "results": results,
+                   "failures": failures(results), "complete": complete, "table": text}
+        if args.json:   # rewritten after every model: a run cut short keeps what it measured
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            partial = args.json + ".partial"
+            with open(partial, "w") as handle:
+                json.dump(written, handle, indent=1)
+            os.replace(partial, args.json)
+        return written
+
+    for name in args.models:
+        results.append(run_model(name, args))
+        output(complete=False)
+    final = output(complete=True)
+    print(final["table"], flush=True)
+    return final
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failures"] else 0)

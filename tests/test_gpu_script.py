@@ -17,9 +17,11 @@ def test_gpu_script_dry_mode(tmp_path):
     done = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
-    for name in ("compare_resnet_bf16.json", "compare_vit_bf16.json", "scaling.json"):
-        assert os.path.getsize(tmp_path / name) > 0, name
-    resnet = json.load(open(tmp_path / "compare_resnet_bf16.json"))
-    assert "resnet18_dual" in json.dumps(resnet)
+    for model in ("resnet18_dual", "vit_small16"):   # one process and one file per model
+        compare = json.load(open(tmp_path / f"compare_{model}_bf16.json"))
+        assert compare["complete"] and not compare["failures"]
+        assert [r["model"] for r in compare["results"]] == [model]
+        assert compare["results"][0]["her2jax"]["images_per_s"] > 0
+        assert f"| {model} |" in (tmp_path / f"compare_{model}_bf16.md").read_text()
     scaling = json.load(open(tmp_path / "scaling.json"))
     assert scaling["results"][0]["steps_per_second"] > 0

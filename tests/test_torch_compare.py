@@ -87,3 +87,41 @@ def test_vit_logits_match_timm_for_the_same_weights():
     x = images(32)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), torch_logits(net, x),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_a_failing_framework_is_recorded_and_the_rest_still_measured(tmp_path, monkeypatch):
+    """One-off GPU runs must keep what they measured: a framework that raises is reported as
+    failed, the others' figures stay, and the JSON is on disk after each model."""
+    out = tmp_path / "compare.json"
+    seen_after_first = []
+    real_run_model, real_torch_run = torch_compare.run_model, torch_compare.torch_run
+
+    def run_model(name, args):
+        result = real_run_model(name, args)
+        if out.exists():   # written after the previous model, before this one returns
+            seen_after_first.append(json.loads(out.read_text()))
+        return result
+
+    def torch_run(net, spec, images, labels, args, compiled):
+        if spec["family"] == "vit":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_torch_run(net, spec, images, labels, args, compiled)
+
+    monkeypatch.setattr(torch_compare, "run_model", run_model)
+    monkeypatch.setattr(torch_compare, "torch_run", torch_run)
+    returned = torch_compare.main(["--dry_run", "--device", "cpu", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["complete"] is True and not os.path.exists(str(out) + ".partial")
+    assert written["failures"] == ["vit_small16 torch_eager: RuntimeError: CUDA out of memory "
+                                   "(simulated)"] == returned["failures"]
+    resnet, vit = written["results"]
+    assert resnet["ratio_vs_torch_eager"] > 0 and "error" not in resnet["torch_eager"]
+    assert vit["her2jax"]["images_per_s"] > 0 and vit["gflops_per_image"] > 0
+    assert "ratio_vs_torch_eager" not in vit
+    row = next(line for line in written["table"].splitlines() if line.startswith("| vit_small16"))
+    assert "| failed |" in row and "| n/a |" in row
+    assert "FAILED vit_small16 torch_eager" in written["table"]
+    # After the first model the file already held it, marked incomplete.
+    assert len(seen_after_first) == 1
+    assert [r["model"] for r in seen_after_first[0]["results"]] == ["resnet18_dual"]
+    assert seen_after_first[0]["complete"] is False
