@@ -2,7 +2,8 @@
 
     python benchmarks/torch_compare.py [--models resnet18_dual,resnet50_dual,vit_small16,vit_base16]
         [--image_size 224] [--batch 8] [--steps 5] [--warmup 2] [--repeats 3]
-        [--dtype float32|bfloat16] [--device cpu|gpu] [--compile] [--json OUT] [--dry_run]
+        [--dtype float32|bfloat16] [--device cpu|gpu] [--compile [--compile_backend inductor]]
+        [--json OUT] [--dry_run]
 
 Models (see benchmarks/torch_models.py for the PyTorch side):
   resnet18_dual, resnet50_dual  her2jax resnet18/50(attention='dual', placement='last',
@@ -18,7 +19,8 @@ eps 1e-8, weight decay 0.05 on parameters of rank >= 2 except pos_embed/cls_toke
 rest) - her2jax's `create_optimizer` defaults. her2jax: `steps.make_train_step`, jitted.
 PyTorch: eager (torch.optim.AdamW, clip_grad_norm_); --dtype bfloat16 runs it under autocast
 (bfloat16) and her2jax with compute dtype bfloat16 (float32 parameters in both). On GPU the
-ResNets run channels_last; --compile adds a `torch.compile`d copy of the model.
+ResNets run channels_last; --compile adds a `torch.compile`d copy of the model (backend
+--compile_backend, default inductor; aot_eager checks the path in seconds on a CPU).
 
 Measured per model and framework, the same batch in the same process:
   images/s     median (and min-max) of --repeats windows of --steps steps, after --warmup
@@ -94,6 +96,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend (inductor; eager or aot_eager only to test "
+                             "the script)")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--dry_run", action="store_true", help="tiny shapes, for tests")
     args = parser.parse_args(argv)
@@ -229,7 +234,7 @@ def torch_run(net, spec: dict, images, labels, args, compiled: bool) -> dict[str
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch_optimizer(net)
-    model = torch.compile(net) if compiled else net
+    model = torch.compile(net, backend=args.compile_backend) if compiled else net
     parameters = [p for p in net.parameters()]
     x = torch.from_numpy(images).to(device)
     y = torch.from_numpy(labels).long().to(device)
@@ -464,6 +469,8 @@ def environment(args) -> dict[str, Any]:
             "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    if args.compile:
+        info["torch_compile_backend"] = args.compile_backend
     if args.device == "gpu":
         info["torch_device"] = torch.cuda.get_device_name(0)
         info["torch_float32_matmul_precision"] = torch.get_float32_matmul_precision()

@@ -1,27 +1,46 @@
-"""benchmarks/gpu.sh in its DRY=1 mode on CPU: the comparison and scaling steps run end to end
-and leave their JSON where the GPU run would."""
+"""benchmarks/gpu.sh in its DRY=1 mode on CPU: the test step, the comparison and the scaling
+steps run end to end and leave their log and JSON where the GPU run would, in no more files than
+a lent machine returns."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu.sh")
+RETURNED_FILES = 8   # what a device machine sends back from $OUT at most
 
 
 def test_gpu_script_dry_mode(tmp_path):
-    env = dict(os.environ, DRY="1", OUT=str(tmp_path),
+    env = dict(os.environ, DRY="1", TESTS="1", OUT=str(tmp_path),
+               TEST_FILES="tests/test_model_table.py::test_resnet18_flops_match_the_published_count",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     env.pop("XLA_FLAGS", None)
-    done = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, text=True,
+    done = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
-    for model in ("resnet18_dual", "vit_small16"):   # one process and one file per model
+    log = (tmp_path / "gpu.log").read_text()
+    assert log.startswith("jax ") and "1 passed" in log, log[:3000]
+    models = ("resnet18_dual", "vit_small16")
+    for model in models:   # one process and one JSON per model, its table in the log
         compare = json.load(open(tmp_path / f"compare_{model}_bf16.json"))
         assert compare["complete"] and not compare["failures"]
         assert [r["model"] for r in compare["results"]] == [model]
         assert compare["results"][0]["her2jax"]["images_per_s"] > 0
-        assert f"| {model} |" in (tmp_path / f"compare_{model}_bf16.md").read_text()
+        assert f"| {model} |" in log
     scaling = json.load(open(tmp_path / "scaling.json"))
     assert scaling["results"][0]["steps_per_second"] > 0
+    assert "| devices | steps/s |" in log
+    expected = {"gpu.log", "scaling.json"} | {f"compare_{m}_bf16.json" for m in models}
+    assert set(os.listdir(tmp_path)) == expected
+
+
+def test_gpu_run_fits_what_the_device_returns():
+    """The full GPU run writes the log, scaling.json and one JSON per model: all must come back."""
+    text = open(SCRIPT).read()
+    full = re.search(r'^\s*models="([^"]+)"\s*$', text.split("else", 1)[1], re.M).group(1).split()
+    assert [entry.split(":")[0] for entry in full][:2] == ["resnet50_dual", "vit_base16"]
+    assert 2 + len(full) <= RETURNED_FILES

@@ -125,3 +125,21 @@ def test_a_failing_framework_is_recorded_and_the_rest_still_measured(tmp_path, m
     assert len(seen_after_first) == 1
     assert [r["model"] for r in seen_after_first[0]["results"]] == ["resnet18_dual"]
     assert seen_after_first[0]["complete"] is False
+
+
+def test_torch_compile_run_starts_from_the_same_weights(tmp_path):
+    """--compile times a torch.compile'd fresh copy (here with the aot_eager backend, which traces
+    forward and backward like inductor without generating code): its figures, ratio and compile
+    time are reported, and its first loss is the eager run's (same weights, same batch)."""
+    out = tmp_path / "compare.json"
+    torch_compare.main(["--dry_run", "--device", "cpu", "--models", "vit_small16", "--compile",
+                        "--compile_backend", "aot_eager", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["environment"]["torch_compile_backend"] == "aot_eager"
+    (vit,) = written["results"]
+    compiled, eager = vit["torch_compile"], vit["torch_eager"]
+    assert compiled["images_per_s"] > 0 and compiled["compile_s"] == compiled["first_step_s"] > 0
+    assert vit["ratio_vs_torch_compile"] == pytest.approx(vit["her2jax"]["images_per_s"]
+                                                          / compiled["images_per_s"])
+    assert compiled["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-5)
+    assert "torch.compile img/s" in written["table"] and not written["failures"]
