@@ -38,8 +38,9 @@ Measured per model and framework, the same batch in the same process:
                XLA's cost analysis does not count the library convolutions); on GPU, MFU =
                FLOPs/step x steps/s / peak, with the peak printed
 
---json OUT is rewritten after every model ("complete": false until the last), so a run stopped by
-a time limit keeps the models it finished. A framework that raises (out of memory, a
+--json OUT is rewritten after every framework of every model ("complete": false until the last),
+so a run stopped by a time limit keeps what it finished (a model's row shows "not run" for the
+frameworks it did not reach). A framework that raises (out of memory, a
 torch.compile error) is recorded as "failed" with its error in the table and the JSON, the other
 runs go on, and the script exits with status 1 at the end.
 
@@ -376,7 +377,10 @@ def jax_run(spec: dict, args, arrays: dict, images, labels) -> dict[str, Any]:
 # ---------------------------------------------------------------- driver
 
 
-def run_model(name: str, args) -> dict[str, Any]:
+def run_model(name: str, args, on_update: Callable[[dict], None] | None = None
+              ) -> dict[str, Any]:
+    """her2jax, PyTorch eager and (with --compile) torch.compile on one model; `on_update` gets
+    the result so far after each of them (a run cut off mid-model keeps the frameworks done)."""
     import numpy as np
     import torch
 
@@ -411,26 +415,33 @@ def run_model(name: str, args) -> dict[str, Any]:
             print(f"  {name} {label}: FAILED {result[label]['error']}", file=sys.stderr,
                   flush=True)
             _trim()
-            continue
-        if args.device == "cpu":
-            result[label]["peak_memory_bytes"] = memory.growth
-        print(f"  {name} {label}: {result[label]['images_per_s']:.2f} images/s", file=sys.stderr,
-              flush=True)
-        _trim()
-    jax_rate = result["her2jax"].get("images_per_s")
+        else:
+            if args.device == "cpu":
+                result[label]["peak_memory_bytes"] = memory.growth
+            print(f"  {name} {label}: {result[label]['images_per_s']:.2f} images/s",
+                  file=sys.stderr, flush=True)
+            _trim()
+        derive(result, args)
+        if on_update is not None:
+            on_update(result)
+    return result
+
+
+def derive(result: dict[str, Any], args) -> dict[str, Any]:
+    """Ratios to her2jax, FLOPs per image and MFU from the frameworks measured so far."""
+    jax_rate = result.get("her2jax", {}).get("images_per_s")
     for label in ("torch_eager", "torch_compile"):
         if jax_rate and "images_per_s" in result.get(label, {}):
             result[f"ratio_vs_{label}"] = jax_rate / result[label]["images_per_s"]
-    flops = result["her2jax"].get("flops_per_step")
+    flops = result.get("her2jax", {}).get("flops_per_step")
     if flops is None:
         return result
     result["gflops_per_image"] = flops / args.batch / 1e9
-    peak = args.peak_flops
-    if peak:
+    if args.peak_flops:
         for label in ("her2jax", "torch_eager", "torch_compile"):
             if "images_per_s" in result.get(label, {}):
                 steps_per_s = result[label]["images_per_s"] / args.batch
-                result[label]["mfu"] = flops * steps_per_s / peak
+                result[label]["mfu"] = flops * steps_per_s / args.peak_flops
     return result
 
 
@@ -508,6 +519,8 @@ def table(results: list[dict], args, info: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def rate(part):
+        if part is None:
+            return "not run"
         if "error" in part:
             return "failed"
         return f"{part['images_per_s']:.2f} ({part['min']:.2f}-{part['max']:.2f})"
@@ -517,17 +530,19 @@ def table(results: list[dict], args, info: dict) -> str:
 
     for result in results:
         labels = ["her2jax", "torch_eager"] + (["torch_compile"] if with_compile else [])
-        row = [result["model"], rate(result["her2jax"]), rate(result["torch_eager"]),
+        row = [result["model"], rate(result.get("her2jax")), rate(result.get("torch_eager")),
                number(result.get("ratio_vs_torch_eager"), "{:.2f}")]
         if with_compile:
-            row += [rate(result["torch_compile"]),
+            row += [rate(result.get("torch_compile")),
                     number(result.get("ratio_vs_torch_compile"), "{:.2f}"),
-                    number(result["torch_compile"].get("compile_s"), "{:.1f}")]
-        row += [number(result["her2jax"].get("compile_s"), "{:.1f}"),
+                    number(result.get("torch_compile", {}).get("compile_s"), "{:.1f}")]
+        row += [number(result.get("her2jax", {}).get("compile_s"), "{:.1f}"),
                 number(result.get("gflops_per_image"), "{:.2f}"),
-                " / ".join(mib(result[label].get("peak_memory_bytes")) for label in labels)]
+                " / ".join(mib(result.get(label, {}).get("peak_memory_bytes"))
+                           for label in labels)]
         if args.peak_flops:
-            row.append(" / ".join(number(result[label].get("mfu"), "{:.1%}") for label in labels))
+            row.append(" / ".join(number(result.get(label, {}).get("mfu"), "{:.1%}")
+                                  for label in labels))
         lines.append("| " + " | ".join(row) + " |")
     if args.peak_flops:
         lines.append(f"MFU peak: {args.peak_flops / 1e12:.0f} TFLOP/s ({args.dtype}); "
@@ -565,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "peak_note": PEAK_NOTE if args.peak_flops else None,
                    "memory_method": memory_method, "environment": info, "results": results,
                    "failures": failures(results), "complete": complete, "table": text}
-        if args.json:   # rewritten after every model: a run cut short keeps what it measured
+        if args.json:   # rewritten after every framework: a run cut short keeps what it measured
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             partial = args.json + ".partial"
             with open(partial, "w") as handle:
@@ -574,7 +589,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return written
 
     for name in args.models:
-        results.append(run_model(name, args))
+        results.append({"model": name})
+
+        def update(so_far: dict[str, Any]) -> None:   # after each framework of this model
+            results[-1] = so_far
+            output(complete=False)
+
+        results[-1] = run_model(name, args, update)
         output(complete=False)
     final = output(complete=True)
     print(final["table"], flush=True)

@@ -96,11 +96,10 @@ def test_a_failing_framework_is_recorded_and_the_rest_still_measured(tmp_path, m
     seen_after_first = []
     real_run_model, real_torch_run = torch_compare.run_model, torch_compare.torch_run
 
-    def run_model(name, args):
-        result = real_run_model(name, args)
-        if out.exists():   # written after the previous model, before this one returns
+    def run_model(name, args, on_update=None):
+        if out.exists():   # written after the previous model, before this one starts
             seen_after_first.append(json.loads(out.read_text()))
-        return result
+        return real_run_model(name, args, on_update)
 
     def torch_run(net, spec, images, labels, args, compiled):
         if spec["family"] == "vit":
@@ -143,3 +142,30 @@ def test_torch_compile_run_starts_from_the_same_weights(tmp_path):
                                                           / compiled["images_per_s"])
     assert compiled["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-5)
     assert "torch.compile img/s" in written["table"] and not written["failures"]
+
+
+def test_a_run_cut_off_mid_model_keeps_the_frameworks_it_finished(tmp_path, monkeypatch):
+    """gpu.sh kills a model's process at its time limit (say during a long torch.compile): the
+    JSON on disk at that moment already holds her2jax's and eager PyTorch's figures for it."""
+    out = tmp_path / "compare.json"
+    on_disk = []
+    real_torch_run = torch_compare.torch_run
+
+    def torch_run(net, spec, images, labels, args, compiled):
+        if compiled:   # what a kill from here on would leave behind
+            on_disk.append(json.loads(out.read_text()))
+            raise KeyboardInterrupt
+        return real_torch_run(net, spec, images, labels, args, compiled)
+
+    monkeypatch.setattr(torch_compare, "torch_run", torch_run)
+    with pytest.raises(KeyboardInterrupt):
+        torch_compare.main(["--dry_run", "--device", "cpu", "--models", "resnet18_dual",
+                            "--compile", "--json", str(out)])
+    (written,) = on_disk
+    assert written["complete"] is False and not written["failures"]
+    (resnet,) = written["results"]
+    assert resnet["her2jax"]["images_per_s"] > 0 and resnet["torch_eager"]["images_per_s"] > 0
+    assert resnet["ratio_vs_torch_eager"] > 0 and resnet["gflops_per_image"] > 0
+    assert "torch_compile" not in resnet
+    row = next(line for line in written["table"].splitlines() if line.startswith("| resnet18"))
+    assert "| not run |" in row
