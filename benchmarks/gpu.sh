@@ -12,7 +12,7 @@
 #   3. her2jax against PyTorch (eager, AMP bfloat16, channels-last; and torch.compile) training
 #      throughput, MFU, compile time and peak memory at 224x224, one process per model, the
 #      issue's two target models (ResNet-50 with dual attention, ViT-B/16) first:
-#      compare_<model>_bf16.json;
+#      compare_<model>_bf16.json, and all of them in one table (benchmarks/report_compare.py);
 #   4. the scaling benchmark on the devices present: scaling.json.
 # Worst case (every limit reached) about 7 minutes; TESTS=1 and TABLES=1 add up to 4 and 3.
 # DRY=1 runs steps 3-4 in their tiny CPU mode (a check of the script on a machine without GPU).
@@ -65,6 +65,8 @@ for entry in $models; do
         $compare --json "$out/compare_${model}_bf16.json" 2>&1 \
         | grep -v "^WARNING" | tee -a "$log"
 done
+# every model in one table (also when some were cut off or failed)
+python3 benchmarks/report_compare.py "$out"/compare_*_bf16.json 2>&1 | tee -a "$log"
 devices=$(python3 -c "import jax; print(','.join(str(i + 1) for i in range(jax.device_count())))" 2>/dev/null || echo 1)
 timeout 60 python3 benchmarks/scaling.py --devices "$devices" $scaling \
     --json "$out/scaling.json" 2>&1 | tee -a "$log"

@@ -31,6 +31,9 @@ def test_gpu_script_dry_mode(tmp_path):
         assert [r["model"] for r in compare["results"]] == [model]
         assert compare["results"][0]["her2jax"]["images_per_s"] > 0
         assert f"| {model} |" in log
+    # then report_compare's one table of both models, ahead of its versions line
+    merged = log[:log.index("versions: python")].rsplit("| model |", 1)[1]
+    assert all(f"| {model} |" in merged for model in models), log[-3000:]
     scaling = json.load(open(tmp_path / "scaling.json"))
     assert scaling["results"][0]["steps_per_second"] > 0
     assert "| devices | steps/s |" in log
