@@ -94,8 +94,9 @@ def plot(merged: dict[str, Any], path: str) -> None:
         axis.barh(rows + offset * height, values, height, xerr=errors, label=label,
                   capsize=2)
         for row, value, result in zip(rows, values, results):
+            end = result.get(key, {}).get("max", value)   # right of the min-max bar
             if key != "her2jax" and result.get(f"ratio_vs_{key}"):
-                axis.text(value, row + offset * height,
+                axis.text(end, row + offset * height,
                           f"  her2jax = {result[f'ratio_vs_{key}']:.2f}x", va="center",
                           fontsize=8)
             elif "error" in result.get(key, {}):
@@ -103,7 +104,8 @@ def plot(merged: dict[str, Any], path: str) -> None:
     axis.set_yticks(rows, [r["model"] for r in results])
     axis.set_xlabel("training images / second (median, bars: min-max)")
     environment = merged["environment"]
-    device = environment.get("torch_device") or environment.get("jax_device", "")
+    device = environment.get("torch_device") or (
+        f"{environment.get('cpu', 'CPU')}, {environment.get('cpu_cores', '?')} cores")
     axis.set_title(f"{device}: {arguments['image_size']} px, batch {arguments['batch']}, "
                    f"{arguments['dtype']}", fontsize=10)
     axis.margins(x=0.25)
