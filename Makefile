@@ -21,13 +21,15 @@ test: setup
 demo: setup
 	$(PY) -m her2jax.demo --out demo_out
 
-# her2jax vs PyTorch training-step throughput on this CPU (override with BENCH_ARGS=...), the
-# CPU rewrites against XLA's library forms, then the input pipeline against the train step on a
-# small synthetic dataset at 224 px
+# her2jax vs PyTorch training-step throughput on this CPU (override with BENCH_ARGS=...; a chart
+# in bench_out/compare.png), the CPU rewrites against XLA's library forms, then the input
+# pipeline against the train step on a small synthetic dataset at 224 px
 BENCH_ARGS ?= --models resnet18_dual,vit_small16,resnet50_dual,vit_base16 --image_size 224 --batch 8 --steps 5 \
 	--warmup 2 --repeats 3 --dtype float32 --device cpu
 bench: setup
-	$(PY) benchmarks/torch_compare.py $(BENCH_ARGS)
+	$(PY) benchmarks/torch_compare.py $(BENCH_ARGS) --json bench_out/compare.json
+	$(PY) benchmarks/report_compare.py bench_out/compare.json --plot bench_out/compare.png \
+		> bench_out/compare.md && echo "chart: bench_out/compare.png"
 	$(PY) benchmarks/cpu_ops.py
 	$(PY) -m data_prep.synthetic --out bench_out/cohort --patients 40 --size 64 > /dev/null
 	$(PY) -m data_prep.prepare --source bench_out/cohort --data_dir bench_out/prepared \
