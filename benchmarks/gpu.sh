@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device checks for a GPU machine that has jax (CUDA), flax, torch, timm and safetensors but no
 # TensorFlow. Runs from the repository root; writes to $OUT (or benchmarks/gpu_out) one log,
-# gpu.log (versions, test summary, tables), and the JSON of each measurement: six files at most,
+# gpu.log (versions, test summary, tables), and the JSON of each measurement: seven files at most,
 # since a lent machine returns no more than eight. Every step has its own time limit and writes
 # what it measured as it goes, so one slow or failing step costs only itself.
 #   1. with TESTS=1: the model and weight-conversion tests on this machine's jax/flax versions
@@ -13,9 +13,11 @@
 #      throughput, MFU, compile time and peak memory at 224x224, one process per model, the
 #      issue's two target models (ResNet-50 with dual attention, ViT-B/16) first:
 #      compare_<model>_bf16.json, and all of them in one table (benchmarks/report_compare.py);
-#   4. the scaling benchmark on the devices present: scaling.json.
-# Worst case (every limit reached) about 7 minutes; TESTS=1 and TABLES=1 add up to 4 and 3.
-# DRY=1 runs steps 3-4 in their tiny CPU mode (a check of the script on a machine without GPU).
+#   4. her2jax's ViT-B/16 with attention_kernel='cudnn' against PyTorch eager:
+#      attention_cudnn_vit_base16_bf16.json;
+#   5. the scaling benchmark on the devices present: scaling.json.
+# Worst case (every limit reached) about 8.5 minutes; TESTS=1 and TABLES=1 add up to 4 and 3.
+# DRY=1 runs steps 3-5 in their tiny CPU mode (a check of the script on a machine without GPU).
 set -uo pipefail
 out=${OUT:-benchmarks/gpu_out}
 mkdir -p "$out"
@@ -51,22 +53,29 @@ if [ "${TABLES:-0}" = 1 ] && [ "${DRY:-0}" != 1 ]; then
 fi
 if [ "${DRY:-0}" = 1 ]; then
     # torch.compile on this CPU needs minutes; the GPU run times it
-    compare="--dry_run --device cpu"
-    models="resnet18_dual:60 vit_small16:60"
+    shape="--dry_run --device cpu" compile=""
+    models="resnet18_dual:60 vit_small16:60" fused="vit_small16:60"
     scaling="--image_size 32 --batch 4 --steps 1 --repeats 1"
 else
-    compare="--compile --device gpu --image_size 224 --batch 64 --steps 10 --warmup 3 --repeats 3"
+    shape="--device gpu --image_size 224 --batch 64 --steps 10 --warmup 3 --repeats 3"
+    compile="--compile"
     models="resnet50_dual:110 vit_base16:110 resnet18_dual:70 vit_small16:70"
+    fused="vit_base16:80"
     scaling="--image_size 224 --batch 64 --steps 10 --repeats 3"
 fi
 for entry in $models; do
     model=${entry%%:*} limit=${entry##*:}
     timeout "$limit" python3 benchmarks/torch_compare.py --models "$model" --dtype bfloat16 \
-        $compare --json "$out/compare_${model}_bf16.json" 2>&1 \
+        $shape $compile --json "$out/compare_${model}_bf16.json" 2>&1 \
         | grep -v "^WARNING" | tee -a "$log"
 done
 # every model in one table (also when some were cut off or failed)
 python3 benchmarks/report_compare.py "$out"/compare_*_bf16.json 2>&1 | tee -a "$log"
+# the ViT with cuDNN's fused attention (attention_kernel='cudnn') against PyTorch eager
+model=${fused%%:*} limit=${fused##*:}
+timeout "$limit" python3 benchmarks/torch_compare.py --models "$model" --dtype bfloat16 $shape \
+    --vit_attention cudnn --json "$out/attention_cudnn_${model}_bf16.json" 2>&1 \
+    | grep -v "^WARNING" | tee -a "$log"
 devices=$(python3 -c "import jax; print(','.join(str(i + 1) for i in range(jax.device_count())))" 2>/dev/null || echo 1)
 timeout 60 python3 benchmarks/scaling.py --devices "$devices" $scaling \
     --json "$out/scaling.json" 2>&1 | tee -a "$log"

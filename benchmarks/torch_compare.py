@@ -3,7 +3,7 @@
     python benchmarks/torch_compare.py [--models resnet18_dual,resnet50_dual,vit_small16,vit_base16]
         [--image_size 224] [--batch 8] [--steps 5] [--warmup 2] [--repeats 3]
         [--dtype float32|bfloat16] [--device cpu|gpu] [--compile [--compile_backend inductor]]
-        [--json OUT] [--dry_run]
+        [--vit_attention xla|cudnn] [--json OUT] [--dry_run]
 
 Models (see benchmarks/torch_models.py for the PyTorch side):
   resnet18_dual, resnet50_dual  her2jax resnet18/50(attention='dual', placement='last',
@@ -21,6 +21,9 @@ PyTorch: eager (torch.optim.AdamW, clip_grad_norm_); --dtype bfloat16 runs it un
 (bfloat16) and her2jax with compute dtype bfloat16 (float32 parameters in both). On GPU the
 ResNets run channels_last; --compile adds a `torch.compile`d copy of the model (backend
 --compile_backend, default inductor; aot_eager checks the path in seconds on a CPU).
+--vit_attention cudnn builds the her2jax ViTs with attention_kernel='cudnn' (fused attention, as
+timm's scaled_dot_product_attention in PyTorch; NVIDIA GPUs, bfloat16); FLOPs are then counted
+on the same model with attention written out.
 
 Measured per model and framework, the same batch in the same process:
   images/s     median (and min-max) of --repeats windows of --steps steps, after --warmup
@@ -100,6 +103,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile_backend", default="inductor",
                         help="torch.compile backend (inductor; eager or aot_eager only to test "
                              "the script)")
+    parser.add_argument("--vit_attention", default="xla", choices=["xla", "cudnn"],
+                        help="her2jax ViT attention_kernel (cudnn: fused, NVIDIA GPU, bfloat16)")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--dry_run", action="store_true", help="tiny shapes, for tests")
     args = parser.parse_args(argv)
@@ -277,7 +282,7 @@ def torch_run(net, spec: dict, images, labels, args, compiled: bool) -> dict[str
 # ---------------------------------------------------------------- her2jax
 
 
-def jax_setup(spec: dict, args, arrays: dict, dtype):
+def jax_setup(spec: dict, args, arrays: dict, dtype, attention_kernel: str | None = None):
     """The her2jax model with the torch model's weights, its optimiser and jitted train step."""
     from flax import nnx
 
@@ -291,6 +296,7 @@ def jax_setup(spec: dict, args, arrays: dict, dtype):
         options = {"image_size": args.image_size}
         if args.vit_depth is not None:
             options["depth"] = args.vit_depth
+        options["attention_kernel"] = attention_kernel or args.vit_attention
     model = models.create(spec["jax"], num_classes=2, rngs=nnx.Rngs(0), dtype=dtype, **options)
     report = load_pretrained(model, arrays)
     if report.missing or report.unused or report.mismatched:
@@ -322,6 +328,14 @@ def step_flops(graph, params, rest, optimizer, batch, dtype) -> float:
     return _flops(compiled)
 
 
+def counting_graph(spec: dict, args, arrays: dict, dtype, graph):
+    """The model graph to count FLOPs with on the CPU: with attention_kernel='cudnn' the same ViT
+    with attention written out (a cuDNN call cannot be compiled for the CPU)."""
+    if spec["family"] != "vit" or args.vit_attention == "xla":
+        return graph
+    return jax_setup(spec, args, arrays, dtype, attention_kernel="xla")[0]
+
+
 def _flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -350,8 +364,9 @@ def jax_run(spec: dict, args, arrays: dict, images, labels) -> dict[str, Any]:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     on_cpu = jax.devices()[0].platform == "cpu"
-    flops = _flops(compiled) if on_cpu else step_flops(graph, params, rest, optimizer, batch,
-                                                       dtype)
+    flops = (_flops(compiled) if on_cpu else
+             step_flops(counting_graph(spec, args, arrays, dtype, graph), params, rest,
+                        optimizer, batch, dtype))
     state = [params, rest, opt_state]
 
     def one_step():
@@ -507,6 +522,8 @@ def table(results: list[dict], args, info: dict) -> str:
     lines = [f"{args.image_size}x{args.image_size} images, batch {args.batch}, {args.dtype}, "
              f"median of {args.repeats} windows of {args.steps} steps after {args.warmup} "
              f"warm-up, device {info['jax_device']}"
+             + (f", her2jax ViT attention_kernel {args.vit_attention}"
+                if getattr(args, "vit_attention", "xla") != "xla" else "")
              + (f" / {info['torch_device']}" if "torch_device" in info else "")
              + f", {info['cpu_cores']} CPU cores, torch threads {info['torch_threads']}"]
     header = ["model", "her2jax img/s", "PyTorch eager img/s", "ratio (her2jax / eager)"]

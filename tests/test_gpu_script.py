@@ -1,5 +1,5 @@
-"""benchmarks/gpu.sh in its DRY=1 mode on CPU: the test step, the comparison and the scaling
-steps run end to end and leave their log and JSON where the GPU run would, in no more files than
+"""benchmarks/gpu.sh in its DRY=1 mode on CPU: the test step, the comparisons and the scaling
+step run end to end and leave their log and JSON where the GPU run would, in no more files than
 a lent machine returns."""
 from __future__ import annotations
 
@@ -37,13 +37,20 @@ def test_gpu_script_dry_mode(tmp_path):
     scaling = json.load(open(tmp_path / "scaling.json"))
     assert scaling["results"][0]["steps_per_second"] > 0
     assert "| devices | steps/s |" in log
-    expected = {"gpu.log", "scaling.json"} | {f"compare_{m}_bf16.json" for m in models}
+    # the ViT again with attention_kernel='cudnn' (on this CPU it falls back, and says so)
+    fused = json.load(open(tmp_path / "attention_cudnn_vit_small16_bf16.json"))
+    assert fused["arguments"]["vit_attention"] == "cudnn" and not fused["failures"]
+    assert fused["results"][0]["her2jax"]["images_per_s"] > 0
+    assert "attention_kernel='cudnn': JAX's device is cpu" in log
+    expected = {"gpu.log", "scaling.json", "attention_cudnn_vit_small16_bf16.json"} | {
+        f"compare_{m}_bf16.json" for m in models}
     assert set(os.listdir(tmp_path)) == expected
 
 
 def test_gpu_run_fits_what_the_device_returns():
-    """The full GPU run writes the log, scaling.json and one JSON per model: all must come back."""
+    """The full GPU run writes the log, scaling.json, the cuDNN-attention JSON and one JSON per
+    model: all must come back."""
     text = open(SCRIPT).read()
     full = re.search(r'^\s*models="([^"]+)"\s*$', text.split("else", 1)[1], re.M).group(1).split()
     assert [entry.split(":")[0] for entry in full][:2] == ["resnet50_dual", "vit_base16"]
-    assert 2 + len(full) <= RETURNED_FILES
+    assert 3 + len(full) <= RETURNED_FILES

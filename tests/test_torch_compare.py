@@ -169,3 +169,27 @@ def test_a_run_cut_off_mid_model_keeps_the_frameworks_it_finished(tmp_path, monk
     assert "torch_compile" not in resnet
     row = next(line for line in written["table"].splitlines() if line.startswith("| resnet18"))
     assert "| not run |" in row
+
+
+def test_flops_of_a_cudnn_attention_vit_are_counted_on_the_written_out_model(monkeypatch):
+    """On a GPU the step's FLOPs come from a CPU compilation, where a cuDNN attention call cannot
+    be compiled: the count uses the same ViT with attention written out."""
+    from her2jax.models import vit
+
+    args = torch_compare.parse(["--dry_run", "--models", "vit_small16", "--vit_attention",
+                                "cudnn"])
+    spec = torch_compare.MODELS["vit_small16"]
+    torch.manual_seed(0)
+    arrays = torch_models.jax_arrays(torch_compare.torch_model(spec, args))
+    monkeypatch.setattr(vit, "cudnn_attention_usable", lambda dtype: True)   # as on a GPU
+    dtype = jnp.bfloat16
+    graph, params, rest, optimizer = torch_compare.jax_setup(spec, args, arrays, dtype)
+    batch = {"image": jnp.zeros((2, 32, 32, 3), jnp.uint8), "label": jnp.zeros((2,), jnp.int32)}
+    with pytest.raises(Exception, match="(?i)cudnn"):
+        torch_compare.step_flops(graph, params, rest, optimizer, batch, dtype)
+    counted = torch_compare.counting_graph(spec, args, arrays, dtype, graph)
+    flops = torch_compare.step_flops(counted, params, rest, optimizer, batch, dtype)
+    args.vit_attention = "xla"
+    written = torch_compare.jax_setup(spec, args, arrays, dtype)[0]
+    assert torch_compare.counting_graph(spec, args, arrays, dtype, written) is written
+    assert flops == torch_compare.step_flops(written, params, rest, optimizer, batch, dtype) > 0

@@ -98,6 +98,8 @@ def test_unknown_options_and_bad_values_fail():
         models.create("vit_tiny_patch16", image_size=40)
     with pytest.raises(ValueError, match="patches"):
         tiny()(images(1, 40))
+    with pytest.raises(ValueError, match="attention_kernel must be one of"):
+        tiny(attention_kernel="flash")
 
 
 # ---------------------------------------------------------------- timm weights
@@ -244,3 +246,56 @@ def test_bfloat16_compute_keeps_float32_parameters():
     low, high = np.asarray(half(x)), np.asarray(full(x))
     assert low.dtype == np.float32
     assert 0 < np.abs(low - high).max() < 0.05 * np.abs(high).max() + 0.05
+
+
+# ---------------------------------------------------------------- attention kernels
+
+def test_cudnn_attention_kernel_falls_back_where_cudnn_cannot_run(monkeypatch):
+    """On this CPU (and in float32 anywhere) attention_kernel='cudnn' computes with the written-out
+    kernel, bit for bit, and says so once per reason, not once per block or call."""
+    monkeypatch.setattr(vit, "_warned_cudnn", set())
+    x = images(2, 32)
+    written, fused = tiny(), tiny(attention_kernel="cudnn")
+    written.eval()
+    fused.eval()
+    with pytest.warns(UserWarning, match="attention_kernel='cudnn': JAX's device is cpu") as seen:
+        out = np.asarray(fused(x))
+        fused(x)
+    assert len([w for w in seen if "attention_kernel" in str(w.message)]) == 1
+    np.testing.assert_array_equal(out, np.asarray(written(x)))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 0.05)])
+def test_cudnn_attention_kernel_calls_the_fused_op_with_the_same_function(monkeypatch, dtype,
+                                                                         tolerance):
+    """Where cuDNN can run, the model calls jax.nn.dot_product_attention(implementation='cudnn')
+    on (batch, tokens, heads, head width) q, k, v with scale 1/sqrt(head width); here its XLA
+    implementation stands in for cuDNN, and the logits and gradients must be the written-out
+    kernel's."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def fused(query, key, value, *, scale, implementation):
+        calls.append((query.shape, implementation, scale))
+        return real(query, key, value, scale=scale, implementation="xla")
+
+    monkeypatch.setattr(vit, "cudnn_attention_usable", lambda dtype: True)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fused)
+    x = jnp.asarray(images(2, 32))
+    written, with_fused = tiny(dtype=dtype), tiny(dtype=dtype, attention_kernel="cudnn")
+    written.eval()
+    with_fused.eval()
+
+    def loss_and_grads(model):
+        def loss(model):
+            return jnp.sum(model(x) ** 2)
+        value, grads = nnx.value_and_grad(loss)(model)
+        return float(value), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
+    value, grads = loss_and_grads(with_fused)
+    assert len(calls) >= 12 and {c[1] for c in calls} == {"cudnn"}   # every block, fwd (+ bwd)
+    assert calls[0][0] == (2, 5, 3, 64) and calls[0][2] == pytest.approx(1 / 8)
+    ref_value, ref_grads = loss_and_grads(written)
+    assert value == pytest.approx(ref_value, rel=tolerance)
+    scale = np.abs(ref_grads).max()
+    assert np.abs(grads - ref_grads).max() <= tolerance * scale

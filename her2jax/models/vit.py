@@ -9,11 +9,20 @@
 Parameter names follow timm's `VisionTransformer`, so `from_timm` converts its weights one to
 one. When the input grid differs from the grid the model was built for, the position
 embeddings are resampled the way timm does (antialiased bicubic, class-token entry kept).
+
+`attention_kernel` picks how softmax(q k^T / sqrt(d)) v is computed, not what: 'xla' (default)
+writes it out (scores and softmax in float32); 'cudnn' calls
+`jax.nn.dot_product_attention(implementation='cudnn')`, the fused kernel on NVIDIA GPUs (the
+counterpart of the `scaled_dot_product_attention` timm uses in PyTorch), in bfloat16 or float16
+compute only. Where cuDNN cannot run (another backend, float32 compute: evaluating on a CPU a
+run trained on a GPU, say) the model warns once and uses 'xla', so the choice never changes
+which checkpoints or machines a model works with.
 """
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +38,9 @@ MLP_RATIO = 4
 LAYER_NORM_EPS = 1e-6
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}   # name: (width, heads)
 POOLS = ("token", "avg")
-OPTIONS = ("image_size", "pool", "dropout", "drop_path", "dtype", "depth")
+OPTIONS = ("image_size", "pool", "dropout", "drop_path", "dtype", "depth", "attention_kernel")
+ATTENTION_KERNELS = ("xla", "cudnn")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 WEIGHT_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
 
@@ -79,8 +90,10 @@ class Attention(nnx.Module):
     q, k and v come from one `qkv` projection D -> 3D laid out (3, heads, D / heads) as timm's.
     """
 
-    def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 kernel: str = "xla"):
         self.heads = heads
+        self.attention_kernel = kernel
         self.qkv = _linear(width, 3 * width, dtype, rngs)
         self.proj = _linear(width, width, dtype, rngs)
 
@@ -88,10 +101,35 @@ class Attention(nnx.Module):
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads)
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(scores / math.sqrt(width // self.heads), axis=-1)
-        mixed = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(x.dtype), value)
+        if self.attention_kernel == "cudnn" and cudnn_attention_usable(query.dtype):
+            mixed = jax.nn.dot_product_attention(query, key, value,
+                                                 scale=1.0 / math.sqrt(width // self.heads),
+                                                 implementation="cudnn")
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                                preferred_element_type=jnp.float32)
+            weights = jax.nn.softmax(scores / math.sqrt(width // self.heads), axis=-1)
+            mixed = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(x.dtype), value)
         return self.proj(mixed.reshape(batch, tokens, width))
+
+
+_warned_cudnn: set[str] = set()
+
+
+def cudnn_attention_usable(dtype: Any) -> bool:
+    """Whether attention_kernel='cudnn' can run here; warns once (per reason) when not."""
+    device = jax.devices()[0]
+    if device.platform != "gpu" or "nvidia" not in device.device_kind.lower():
+        reason = f"JAX's device is {device.platform} ({device.device_kind}), not an NVIDIA GPU"
+    elif jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+        reason = f"compute dtype {jnp.dtype(dtype).name} (cuDNN attention needs bfloat16/float16)"
+    else:
+        return True
+    if reason not in _warned_cudnn:
+        _warned_cudnn.add(reason)
+        warnings.warn(f"attention_kernel='cudnn': {reason}; using 'xla' (same function)",
+                      stacklevel=3)
+    return False
 
 
 class MLP(nnx.Module):
@@ -109,9 +147,9 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x += DropPath(attn(norm1 x)); x += DropPath(mlp(norm2 x))."""
 
     def __init__(self, width: int, heads: int, drop_path: float, *, dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention_kernel: str = "xla"):
         self.norm1 = _layer_norm(width, dtype, rngs)
-        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs, kernel=attention_kernel)
         self.drop_path1 = DropPath(drop_path, rngs=rngs)
         self.norm2 = _layer_norm(width, dtype, rngs)
         self.mlp = MLP(width, MLP_RATIO * width, dtype=dtype, rngs=rngs)
@@ -149,9 +187,12 @@ class VisionTransformer(nnx.Module):
     def __init__(self, *, num_classes: int, width: int, heads: int, patch_size: int,
                  depth: int = DEPTH, image_size: int | Sequence[int] = 224,
                  pool: str = "token", dropout: float = 0.0, drop_path: float = 0.0,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 dtype: Any = jnp.float32, attention_kernel: str = "xla", rngs: nnx.Rngs):
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got "
+                             f"{attention_kernel!r}")
         if not (0.0 <= dropout < 1.0 and 0.0 <= drop_path < 1.0):
             raise ValueError(f"dropout and drop_path are rates in [0, 1), got {dropout}, "
                              f"{drop_path}")
@@ -166,7 +207,8 @@ class VisionTransformer(nnx.Module):
         tokens = 1 + self.grid[0] * self.grid[1]
         self.pos_embed = nnx.Param(WEIGHT_INIT(rngs.params(), (1, tokens, width)))
         rates = np.linspace(0.0, drop_path, depth)
-        self.blocks = nnx.List([Block(width, heads, float(rate), dtype=self.dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(width, heads, float(rate), dtype=self.dtype, rngs=rngs,
+                                      attention_kernel=attention_kernel)
                                 for rate in rates])
         if pool == "token":
             self.norm = _layer_norm(width, self.dtype, rngs)
