@@ -33,7 +33,10 @@ if [ "${TESTS:-0}" = 1 ]; then   # minutes of device time: only when asked
     tests=${TEST_FILES:-tests/test_attention.py tests/test_resnet.py tests/test_vit.py \
 tests/test_weights.py tests/test_model_table.py}
     extra=()   # the device machine may lack pytest-xdist and transformers: say so, go on
-    if python3 -c "import xdist" 2>/dev/null; then extra+=(-n 8); fi
+    workers=$(nproc 2>/dev/null || echo 1); [ "$workers" -gt 8 ] && workers=8
+    if python3 -c "import xdist" 2>/dev/null && [ "$workers" -gt 1 ]; then
+        extra+=(-n "$workers")
+    fi
     if ! python3 -c "import transformers" 2>/dev/null; then
         echo "tests: transformers not installed, its ViT conversion test is left out" \
             | tee -a "$log"
