@@ -54,7 +54,7 @@ def load(paths: list[str]) -> dict[str, Any]:
     incomplete = [path for path, run in runs if not run.get("complete", False)]
     return {"arguments": first["arguments"], "peak_flops": first.get("peak_flops"),
             "environment": first["environment"], "results": results,
-            "incomplete": incomplete, "paths": [path for path, _ in runs]}
+            "incomplete": incomplete}
 
 
 def report(merged: dict[str, Any]) -> str:

@@ -91,9 +91,9 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
-                 kernel: str = "xla"):
+                 attention_kernel: str = "xla"):
         self.heads = heads
-        self.attention_kernel = kernel
+        self.attention_kernel = attention_kernel
         self.qkv = _linear(width, 3 * width, dtype, rngs)
         self.proj = _linear(width, width, dtype, rngs)
 
@@ -149,7 +149,8 @@ class Block(nnx.Module):
     def __init__(self, width: int, heads: int, drop_path: float, *, dtype: jnp.dtype,
                  rngs: nnx.Rngs, attention_kernel: str = "xla"):
         self.norm1 = _layer_norm(width, dtype, rngs)
-        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs, kernel=attention_kernel)
+        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs,
+                              attention_kernel=attention_kernel)
         self.drop_path1 = DropPath(drop_path, rngs=rngs)
         self.norm2 = _layer_norm(width, dtype, rngs)
         self.mlp = MLP(width, MLP_RATIO * width, dtype=dtype, rngs=rngs)
