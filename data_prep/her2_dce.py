@@ -16,6 +16,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import tempfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -84,6 +85,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         self.written: set[str] = set()
         self.qc_samples: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
         self._pool: concurrent.futures.Executor | None = None
+        self._spill_dir: str | None = None   # the fit pass's output for the write pass
 
     @property
     def params(self) -> PrepParams:
@@ -151,7 +153,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
             return None
         # in patient order, not in the order workers finish: the fit must not depend on timing
         results = sorted(self._run(pipeline.summarize_case, train_cases,
-                                   f"fit {strategy.name} (train)"),
+                                   f"fit {strategy.name} (train)", self._spill_dir),
                          key=lambda item: item[0].patient_id)
         summaries = [summary for _, summary in results]
         if not summaries:
@@ -171,7 +173,8 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
                     yield case, outcome
 
     def _generate_examples(self, split: str, cases: list[Case], fitted: dict | None):
-        for case, prepared in self._run(pipeline.prepare_case, cases, split, fitted):
+        for case, prepared in self._run(pipeline.prepare_case, cases, split, fitted,
+                                        self._spill_dir):
             self.counts[(split, LABEL_NAMES[case.label], case.cohort, "patients")] += 1
             self.written.add(case.patient_id)
             for item in prepared.slices:
@@ -196,9 +199,16 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         del kept[QC_SAMPLES_PER_CLASS:]
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
-        # one pool for the normalisation fit and every split: workers start once
-        with _worker_pool(self.workers) as self._pool:
+        # one pool for the normalisation fit and every split: workers start once; a fit pass that
+        # can leave each training case's crops for the write pass does so in a local folder
+        strategy = normalization.get(self.params.normalization)
+        spill = (tempfile.TemporaryDirectory(prefix="her2_dce_fit_")
+                 if strategy.apply_summarized is not None and not self.params.fit_from
+                 else contextlib.nullcontext())
+        # (the pool is shut down before the folder is removed)
+        with spill as self._spill_dir, _worker_pool(self.workers) as self._pool:
             super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+        self._spill_dir = None
         self.info.metadata["skipped"] = self.skipped
         # patients skipped while their images were read have no examples: drop them from the lists
         self.info.metadata["patients"] = {

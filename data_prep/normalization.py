@@ -14,7 +14,10 @@ Conventions shared by all strategies:
 
 Strategies whose parameters are learned on the training split (`needs_fit`) come with
 `summarize` (one case -> a small picklable summary, run in worker processes) and `fit`
-(all training summaries -> JSON-serialisable params stored with the dataset).
+(all training summaries -> JSON-serialisable params stored with the dataset). Such a strategy may
+also give `apply_summarized`: the same mapping as `apply`, computed from the case's summary instead
+of its whole volume, voxel by voxel, so that it can be given only the voxels that are written (the
+preparation then reads and corrects each training case once, not twice).
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ class Strategy:
     apply: (phases float32 (3, Z, Y, X), fitted params or None) -> uint8 (3, Z, Y, X).
     summarize: one case's phases -> small picklable summary (training split only).
     fit: summaries of all training cases -> JSON-serialisable params.
+    apply_summarized: optional; (any voxels of a case as (3, ...) float32, that case's summary,
+        fitted params) -> uint8 of the same shape, equal voxel for voxel to `apply` on the whole
+        case. Only for strategies whose mapping is voxel-wise once the case's summary is known.
     formula: one-line formula for the README table.
     scope: the voxels each statistic is computed over.
     """
@@ -53,10 +59,13 @@ class Strategy:
     fit: Callable[[Sequence[Any]], dict] | None = None
     formula: str = ""
     scope: str = ""
+    apply_summarized: Callable[[np.ndarray, Any, Mapping[str, Any]], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if (self.summarize is None) != (self.fit is None):
             raise ValueError(f"strategy {self.name!r}: give both summarize and fit, or neither")
+        if self.apply_summarized is not None and self.summarize is None:
+            raise ValueError(f"strategy {self.name!r}: apply_summarized needs summarize and fit")
 
     @property
     def needs_fit(self) -> bool:
@@ -258,13 +267,30 @@ def nyul(phases: np.ndarray, params: Params = None) -> np.ndarray:
     """
     percentiles, standard = _nyul_params(params)
     _check_phases(phases)
+    voxels = [phase.astype(np.float64) for phase in phases]
+    return _nyul_map(voxels, [np.percentile(v, percentiles) for v in voxels], standard)
+
+
+def nyul_apply_summarized(voxels: np.ndarray, summary: Any, params: Params) -> np.ndarray:
+    """`nyul` for some voxels of a case, from the case's landmarks (`nyul_summarize` of the whole
+    case) instead of its volume: the same numbers, voxel for voxel, as `nyul` on the whole case."""
+    percentiles, standard = _nyul_params(params)
+    if percentiles.shape != (len(NYUL_PERCENTILES),) or np.any(percentiles != NYUL_PERCENTILES):
+        raise ValueError(f"nyul params were fitted at percentiles {percentiles.tolist()}, the "
+                         f"case summary holds {list(NYUL_PERCENTILES)}")
+    landmarks = _check_summary(summary, 0)
+    if voxels.shape[:1] != (N_PHASES,):
+        raise ValueError(f"expected voxels of shape (3, ...), got {voxels.shape}")
+    return _nyul_map([v.astype(np.float64) for v in voxels], list(landmarks), standard)
+
+
+def _nyul_map(voxels: Sequence[np.ndarray], landmarks: Sequence[np.ndarray],
+              standard: np.ndarray) -> np.ndarray:
+    """Each phase's voxels (float64) from its own landmarks onto the standard ones, as uint8."""
     s1, s2 = NYUL_SCALE
-    out = []
-    for c, phase in enumerate(phases):
-        v = phase.astype(np.float64)
-        landmarks = _strictly_increasing(np.percentile(v, percentiles))
-        out.append(to_uint8(_piecewise_linear(v, landmarks, standard[c]), s1, s2))
-    return np.stack(out)
+    return np.stack([to_uint8(_piecewise_linear(v, _strictly_increasing(np.asarray(lm)),
+                                                standard[c]), s1, s2)
+                     for c, (v, lm) in enumerate(zip(voxels, landmarks))])
 
 
 def _registry(*strategies: Strategy) -> dict[str, Strategy]:
@@ -288,6 +314,7 @@ STRATEGIES: dict[str, Strategy] = _registry(
     Strategy("zscore", zscore,
              formula="to_uint8((x_c - mean_c) / std_c, -3, 3)", scope="each phase's volume"),
     Strategy("nyul", nyul, summarize=nyul_summarize, fit=nyul_fit,
+             apply_summarized=nyul_apply_summarized,
              formula="to_uint8(piecewise-linear q_p(x_c) -> S_c[p], 0, 100), p = 1, 10..90, 99",
              scope="each phase's volume; S_c = training mean of landmarks scaled p1->0, p99->100"),
 )

@@ -3,11 +3,20 @@
     read pre/early/late + mask  ->  checks  ->  [N4]  ->  normalise to 8 bit (whole volume)
       ->  tumour slices  ->  one square crop per patient  ->  fuse RGB  ->  resize
 
+A normalisation fitted on the training split (Nyul) needs every training case twice: once for the
+fit, once to be written. When the strategy can be applied from the case's summary
+(`apply_summarized`), the fit pass also keeps what the write pass needs - the corrected voxels of
+the chosen slices inside the crop window, the crop of the mask and the summary - in a folder of
+`spill_dir`, so the write pass neither reads the files nor runs N4 again. The output is the same,
+voxel for voxel (tests/test_pipeline_spill.py).
+
 This module imports neither TensorFlow nor JAX, so worker processes start light.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -75,26 +84,78 @@ def _tumour_region(case: Case, shape: tuple[int, ...]) -> tuple[np.ndarray, tupl
     return mask, (int(z[0]), int(z[-1])) + slices.in_plane_box(mask, list(z))
 
 
-def summarize_case(case: Case, params: PrepParams) -> Any:
-    """The normalisation's per-case summary (e.g. Nyul landmarks), for fitting on training cases."""
+def summarize_case(case: Case, params: PrepParams, spill_dir: str | None = None) -> Any:
+    """The normalisation's per-case summary (e.g. Nyul landmarks), for fitting on training cases.
+
+    With `spill_dir` (only for strategies with `apply_summarized`), also writes there what
+    `prepare_case` needs to write this case without reading it again."""
     strategy = normalization.get(params.normalization)
-    return strategy.summarize(load_case(case, params).phases)
-
-
-def prepare_case(case: Case, params: PrepParams,
-                 fitted: Mapping[str, Any] | None = None) -> PreparedCase:
-    """The patient's fused, cropped and resized slices, ready to be written."""
+    if strategy.summarize is None:
+        raise ValueError(f"normalization {strategy.name!r} is not fitted: it has no summary")
+    if spill_dir is not None and strategy.apply_summarized is None:
+        raise ValueError(f"normalization {strategy.name!r} cannot be applied from a summary")
     loaded = load_case(case, params)
-    eight_bit = normalization.get(params.normalization).apply(loaded.phases, fitted)
+    summary = strategy.summarize(loaded.phases)
+    if spill_dir is not None:
+        chosen, (top, left, side) = _window(loaded, params)
+        inside = slices.cut(np.ones(loaded.phases.shape[2:], bool), top, left, side)
+        voxels = np.stack([[slices.cut(phase[z], top, left, side) for z in chosen]
+                           for phase in loaded.phases])
+        masks = np.stack([slices.cut(loaded.mask[z], top, left, side) for z in chosen])
+        path = spill_path(spill_dir, case.patient_id)
+        with open(path + ".partial", "wb") as handle:
+            np.savez(handle, summary=np.asarray(summary), chosen=np.asarray(chosen),
+                     voxels=voxels, inside=inside, masks=masks)
+        os.replace(path + ".partial", path)
+    return summary
+
+
+def spill_path(spill_dir: str, patient_id: str) -> str:
+    """The file in `spill_dir` that holds one patient's fit-pass output."""
+    return os.path.join(spill_dir, hashlib.sha1(patient_id.encode()).hexdigest() + ".npz")
+
+
+def _window(loaded: Loaded, params: PrepParams) -> tuple[list[int], tuple[int, int, int]]:
+    """The slices to write and the patient's square crop (top, left, side) around the tumour."""
     z0, z1, y0, y1, x0, x1 = loaded.tumour_box
     chosen = slices.tumour_slices(z0, z1, params.slices_per_patient)
     box = slices.in_plane_box(loaded.mask, chosen) if loaded.mask[chosen].any() else (y0, y1, x0, x1)
-    top, left, side = slices.square_window(box, params.crop_margin)
-    prepared = []
-    for z in chosen:
-        image = slices.cut(slices.fuse(eight_bit, z), top, left, side)
-        mask = slices.cut(loaded.mask[z][..., None], top, left, side)
-        prepared.append(PreparedSlice(
-            z, slices.resize(image, params.image_size),
-            slices.resize(mask, params.image_size, nearest=True)))
-    return PreparedCase(case, prepared)
+    return chosen, slices.square_window(box, params.crop_margin)
+
+
+def prepare_case(case: Case, params: PrepParams, fitted: Mapping[str, Any] | None = None,
+                 spill_dir: str | None = None) -> PreparedCase:
+    """The patient's fused, cropped and resized slices, ready to be written.
+
+    When `spill_dir` holds this patient's fit-pass output (`summarize_case`), it is used instead of
+    the files: same result, without reading the volumes or running N4 again."""
+    if spill_dir is not None and os.path.isfile(spill_path(spill_dir, case.patient_id)):
+        return _prepare_spilled(case, params, fitted, spill_path(spill_dir, case.patient_id))
+    loaded = load_case(case, params)
+    eight_bit = normalization.get(params.normalization).apply(loaded.phases, fitted)
+    chosen, (top, left, side) = _window(loaded, params)
+    images = [slices.cut(slices.fuse(eight_bit, z), top, left, side) for z in chosen]
+    masks = [slices.cut(loaded.mask[z], top, left, side) for z in chosen]
+    return _finish(case, params, chosen, images, masks)
+
+
+def _prepare_spilled(case: Case, params: PrepParams, fitted: Mapping[str, Any] | None,
+                     path: str) -> PreparedCase:
+    strategy = normalization.get(params.normalization)
+    with np.load(path) as spilled:
+        eight_bit = strategy.apply_summarized(spilled["voxels"], spilled["summary"], fitted)
+        eight_bit[:, :, ~spilled["inside"]] = 0      # outside the volume, as `slices.cut` pads
+        chosen = [int(z) for z in spilled["chosen"]]
+        images = [np.ascontiguousarray(np.moveaxis(eight_bit[:, i], 0, -1))
+                  for i in range(len(chosen))]
+        masks = list(spilled["masks"])
+    return _finish(case, params, chosen, images, masks)
+
+
+def _finish(case: Case, params: PrepParams, chosen: list[int], images: list[np.ndarray],
+            masks: list[np.ndarray]) -> PreparedCase:
+    """Resizes each (side, side, 3) image and (side, side) mask crop to the output size."""
+    return PreparedCase(case, [
+        PreparedSlice(z, slices.resize(image, params.image_size),
+                      slices.resize(mask[..., None], params.image_size, nearest=True))
+        for z, image, mask in zip(chosen, images, masks)])
