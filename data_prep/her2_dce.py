@@ -2,10 +2,12 @@
 
 Each BuilderConfig is one preparation variant (`PrepParams`); its name is
 `<normalization>[_n4][_<hash of other settings>]`. `manual_dir` is the source (BreastDCEDL folder or
-manifest). Splits come from the source (BreastDCEDL `test` column, manifest `split` column),
-otherwise from a seeded patient-level split stratified by label. TFDS writes into a temporary
-`*.incomplete*` folder and renames it only at the end, so an interrupted preparation never leaves
-a dataset that looks complete; the report and QC montage are written inside that folder too.
+folder holding manifest.csv), or the folder of the manifest CSV named by the builder's `manifest`
+(TFDS wants a folder). Splits come from the source (BreastDCEDL `test` column, manifest `split`
+column), otherwise from a seeded patient-level split stratified by label. TFDS writes into a
+temporary `*.incomplete*` folder and renames it only at the end, so an interrupted preparation
+never leaves a dataset that looks complete; the report and QC montage are written inside that
+folder too.
 """
 from __future__ import annotations
 
@@ -74,8 +76,9 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         "`python -m data_prep.synthetic --out DIR` writes a synthetic cohort in that layout.")
 
     def __init__(self, *, workers: int = 1, skip_bad: bool = False, progress: bool = True,
-                 **kwargs: Any):
+                 manifest: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.manifest = manifest    # a manifest CSV's file name in manual_dir, or None
         self.workers = max(1, workers)
         self.skip_bad = skip_bad
         self.progress = progress
@@ -112,17 +115,20 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        listing = list_cases(os.fspath(dl_manager.manual_dir), self.params)
+        source = os.fspath(dl_manager.manual_dir)
+        if self.manifest:
+            source = os.path.join(source, self.manifest)
+        listing = list_cases(source, self.params)
         for problem in listing.problems:
             self._reject(problem)
         self.notes.extend(listing.notes)
         if not listing.cases:
-            raise ValueError(f"no patient to prepare in {dl_manager.manual_dir}")
+            raise ValueError(f"no patient to prepare in {source}")
         by_split = splits.assign(listing.cases, self.params)
         fitted = self._fit_normalization(by_split.get("train", []))
         self.info.metadata.update({
             "preparation": self.params.to_dict(),
-            "source": {"path": os.fspath(dl_manager.manual_dir), "kind": listing.kind},
+            "source": {"path": source, "kind": listing.kind},
             "code_version": data_prep.code_version(),
             "normalization_fit": fitted,
             "split_rule": splits.describe(listing.cases, self.params),
@@ -197,6 +203,16 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         kept.append(example)
         kept.sort(key=lambda k: (k["patient_id"], k["slice_index"]))
         del kept[QC_SAMPLES_PER_CLASS:]
+
+    # TFDS prints "Downloading and preparing dataset ..." and "Dataset ... downloaded and prepared
+    # to ..." (print, not logging): progress lines, left out with progress=False (--quiet)
+    def _log_download_bytes(self) -> None:
+        if self.progress:
+            super()._log_download_bytes()
+
+    def _log_download_done(self) -> None:
+        if self.progress:
+            super()._log_download_done()
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
         # one pool for the normalisation fit and every split: workers start once; a fit pass that

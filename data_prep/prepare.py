@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip_bad", action="store_true",
                         help="record bad cases in the report and go on, instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars, nor TFDS's 'Downloading and preparing' lines")
     args = parser.parse_args(argv)
     if args.like:
         try:
@@ -102,6 +103,16 @@ def _integers(text: str) -> tuple[int, ...]:
 
 def build(args: argparse.Namespace):
     """Builds the dataset and returns the builder (its `data_dir` is the dataset path)."""
+    from data_prep.sources import locate
+
+    # checked before TFDS starts, which would otherwise write into --data_dir first
+    manual_dir, manifest = locate(args.source)
+    if args.external and normalization.get(args.normalization).needs_fit and not args.fit_from:
+        raise ValueError(
+            f"--external {args.external}: normalization {args.normalization!r} is fitted on the "
+            f"training split and an external set has none; add --fit_from <the prepared training "
+            f"dataset> (or --like RUN, which sets it)")
+
     import tensorflow_datasets as tfds
 
     from data_prep.her2_dce import Her2Dce, config_for
@@ -115,14 +126,44 @@ def build(args: argparse.Namespace):
         phases=tuple(args.phases) if args.phases else None, split_seed=args.split_seed,
         external=args.external, fit_from=args.fit_from)
     builder = Her2Dce(config=config_for(params), data_dir=args.data_dir, workers=args.workers,
-                      skip_bad=args.skip_bad, progress=not args.quiet)
+                      skip_bad=args.skip_bad, progress=not args.quiet, manifest=manifest)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    # TFDS prints its own progress to stdout: keep stdout for the dataset path alone
-    with contextlib.redirect_stdout(sys.stderr):
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=os.path.abspath(args.source), download_mode=mode))
+    new = [path for path in _tfds_paths(builder, args.data_dir) if not os.path.lexists(path)]
+    try:
+        # TFDS prints its own progress to stdout: keep stdout for the dataset path alone
+        with contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=manual_dir, download_mode=mode))
+    except BaseException:
+        _remove_left_empty(new)
+        raise
     return builder
+
+
+def _tfds_paths(builder, data_dir: str) -> list[str]:
+    """What TFDS creates in `data_dir` before it writes any example, deepest first."""
+    version = os.fspath(builder.data_path)            # data_dir/her2_dce/<config>/<version>
+    config = os.path.dirname(version)
+    dataset = os.path.dirname(config)
+    return [version, config, os.path.join(dataset, ".config", "metadata.json"),
+            os.path.join(dataset, ".config"), dataset,
+            os.path.join(data_dir, "downloads", "extracted"), os.path.join(data_dir, "downloads"),
+            data_dir]
+
+
+def _remove_left_empty(new: list[str]) -> None:
+    """After a failure: removes the folders of `new` (paths this run created) that are left empty,
+    and TFDS's default-config note `her2_dce/.config/metadata.json` when it created `.config`."""
+    for path in new:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)                                      # fails unless empty
+            elif path.endswith(os.path.join(".config", "metadata.json")) and \
+                    os.path.dirname(path) in new:
+                os.remove(path)
+        except OSError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:

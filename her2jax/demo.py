@@ -9,7 +9,7 @@
     6 the results table in the form of the study's, ROC curves of all runs, QC montages, and
       OUT/report.md that puts them together
 Every step is cached under OUT: a rerun reuses what is there and says so (delete OUT, or a step's
-folder, to redo it). The defaults fit about 10 minutes on two CPU cores; `--patients`,
+folder, to redo it); a run trained further (a larger `--steps`) is evaluated and explained again. The defaults fit about 10 minutes on two CPU cores; `--patients`,
 `--steps`, `--image_size` scale it.
 """
 from __future__ import annotations
@@ -128,14 +128,39 @@ def train_run(config: Any, workdir: epath.Path, record: dict[str, Any]) -> None:
     train.train_and_evaluate(config, str(workdir))
 
 
+def checkpoint_step(workdir: epath.Path) -> int | None:
+    """The step `evaluate` and `explain` restore by default: the best checkpoint, else the
+    latest (None before the first checkpoint)."""
+    for folder in ("best", "checkpoints"):
+        path = workdir / folder
+        steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.exists() else []
+        if steps:
+            return max(steps)
+    return None
+
+
+def cached(path: epath.Path, workdir: epath.Path, **expected: Any) -> dict[str, Any] | None:
+    """A result file of an earlier demo, if it is for the run's current checkpoint and the same
+    settings (an earlier `--steps` or `--bootstrap` leaves a stale one: computed again)."""
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("step") != checkpoint_step(workdir):
+        return None
+    if any(result.get(key) != value for key, value in expected.items()):
+        return None
+    return result
+
+
 def evaluate_run(workdir: epath.Path, record: dict[str, Any], args: argparse.Namespace
                  ) -> dict[str, Any]:
     from her2jax import evaluate
 
-    path = workdir / "eval" / "test" / "metrics.json"
-    if path.exists():
+    result = cached(workdir / "eval" / "test" / "metrics.json", workdir,
+                    bootstrap_samples=args.bootstrap)
+    if result is not None:
         record["cached"] = True
-        return json.loads(path.read_text())
+        return result
     return evaluate.evaluate_run(str(workdir), split="test", samples=args.bootstrap,
                                  progress=not args.quiet)
 
@@ -274,9 +299,10 @@ def run(args: argparse.Namespace) -> str:
 
         folder = out / "gradcam"
         resnet_run = out / "runs" / f"resnet18_{NORMALIZATIONS[0]}"
-        if (folder / "explain.json").exists():
+        summary = cached(folder / "explain.json", resnet_run,
+                         patients_asked=args.explain_patients)
+        if summary is not None:
             record["cached"] = True
-            summary = json.loads((folder / "explain.json").read_text())
         else:
             summary = explain.explain_run(str(resnet_run), split="test",
                                           patients=args.explain_patients, out=str(folder))

@@ -134,6 +134,7 @@ def explain_run(workdir: str, *, split: str = "test", patients: int = 4,
                      probability=float(probability))
     summary = {"run": str(workdir), "checkpoint": restored.checkpoint, "step": restored.step,
                "split": split, "patients": chosen, "slices": entries,
+               "patients_asked": patients if patient_ids is None else list(patient_ids),
                "mean_concentration_ratio": _mean_ratio(entries)}
     (folder / "explain.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
     summary["folder"] = str(folder)

@@ -256,6 +256,7 @@ def test_bad_input_stops_with_one_line_error(mutate, cohort, tmp_path, capsys, r
     assert prepare.main(prepare_args(folder, data_dir)) == 1
     assert_one_line_error(capsys.readouterr().err, bad)
     assert_no_complete_dataset(data_dir)
+    assert not os.path.exists(data_dir), "a failed preparation leaves no empty folders behind"
     if bad.stage == "listing":
         assert read_spy == [], "a metadata problem must stop preparation before any image is read"
 
@@ -316,6 +317,49 @@ def test_bad_training_case_with_fitted_normalization(skip_bad, cohort, tmp_path,
         assert rc == 1
         assert_one_line_error(err, bad)
         assert_no_complete_dataset(data_dir)
+
+
+# --- an unusable --source, and what a failure leaves in --data_dir ---
+
+def unusable_source(kind: str, source) -> str:
+    """Makes `source` (a pathlib path) unusable in one way; returns the reason the error gives."""
+    if kind == "missing":
+        return r"does not exist"
+    if kind == "not_csv":
+        source.write_text("pid,HER2\n")
+        return r"not a folder or a manifest CSV file"
+    source.mkdir()
+    if kind == "no_metadata":
+        (source / "notes.csv").write_text("patient,comment\nT-000,fine\n")
+        save_zyx(np.zeros(SHAPE, np.float32), str(source / "T-000_spy2_vis1_dce_aqc_0.nii.gz"))
+    return r"holds no BreastDCEDL metadata CSV \(columns .*\) and no manifest\.csv"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty_folder", "no_metadata", "not_csv"])
+def test_unusable_source_stops_before_tfds_starts(kind, tmp_path, capsys):
+    source = tmp_path / ("source.txt" if kind == "not_csv" else "source")
+    reason = unusable_source(kind, source)
+    data_dir = tmp_path / "out"
+    args = [arg for arg in prepare_args(str(source), str(data_dir)) if arg != "--quiet"]
+    assert prepare.main(args) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, (out, err)
+    assert re.fullmatch(rf"error: --source {re.escape(str(source))}: {reason}.*\n", err), err
+    assert not data_dir.exists()
+
+
+def test_failure_removes_only_what_it_created_and_left_empty(cohort, tmp_path, capsys):
+    folder, rows = cohort
+    constant_volume(folder, rows)
+    data_dir = tmp_path / "out"
+    for existing in (data_dir / "downloads", data_dir / "her2_dce" / "other" / "1.0.0",
+                     data_dir / "her2_dce" / PrepParams(image_size=16).config_name()):
+        existing.mkdir(parents=True)                      # empty, but not made by this run
+    (data_dir / "her2_dce" / "other" / "1.0.0" / "notes.txt").write_text("kept")
+    before = sorted(os.walk(data_dir))
+    assert prepare.main(prepare_args(folder, str(data_dir))) == 1
+    assert "constant volume" in capsys.readouterr().err
+    assert sorted(os.walk(data_dir)) == before
 
 
 # --- interrupted preparation ---

@@ -48,3 +48,51 @@ def test_rerun_reuses_every_step(first_run, capsys):
     assert demo.main(["--out", first_run, *TINY]) == 0
     err = capsys.readouterr().err
     assert err.count("cached, reused") == 1 + len(demo.NORMALIZATIONS) * (1 + 2 * len(demo.MODELS)) + 1
+
+
+def test_a_run_trained_further_is_evaluated_and_explained_again(first_run, capsys):
+    """--steps 3 then --steps 5: the runs resume, and their evaluation and Grad-CAM follow the
+    checkpoints the runs have now; --bootstrap alone redoes only the evaluations."""
+    capsys.readouterr()
+    longer = [a if a != "3" else "5" for a in TINY]
+    assert longer[longer.index("--steps") + 1] == "5"
+    assert demo.main(["--out", first_run, *longer]) == 0
+    err = capsys.readouterr().err
+    # every run trained further (an evaluation is reused only where the best step stayed)
+    assert not re.search(r"\] train .*\n    cached", err)
+    for name in os.listdir(os.path.join(first_run, "runs")):
+        workdir = os.path.join(first_run, "runs", name)
+        metrics = json.load(open(os.path.join(workdir, "eval", "test", "metrics.json")))
+        assert metrics["step"] == demo.checkpoint_step(demo.epath.Path(workdir)), name
+        assert os.path.isdir(os.path.join(workdir, "checkpoints", "5")), name
+    explained = json.load(open(os.path.join(first_run, "gradcam", "explain.json")))
+    resnet = demo.epath.Path(first_run) / "runs" / f"resnet18_{demo.NORMALIZATIONS[0]}"
+    assert explained["step"] == demo.checkpoint_step(resnet)
+
+    more = list(longer)
+    more[more.index("--bootstrap") + 1] = "60"
+    assert demo.main(["--out", first_run, *more]) == 0
+    err = capsys.readouterr().err
+    runs = len(demo.NORMALIZATIONS) * len(demo.MODELS)
+    assert err.count("cached, reused") == 1 + len(demo.NORMALIZATIONS) + runs + 1
+    for name in os.listdir(os.path.join(first_run, "runs")):
+        metrics = json.load(open(os.path.join(first_run, "runs", name, "eval", "test",
+                                              "metrics.json")))
+        assert metrics["bootstrap_samples"] == 60
+
+
+def test_a_cached_result_is_for_the_current_checkpoint_and_settings(tmp_path):
+    workdir = demo.epath.Path(tmp_path)
+    path = workdir / "metrics.json"
+    assert demo.cached(path, workdir) is None
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    path.write_text(json.dumps({"step": 3, "bootstrap_samples": 50}))
+    assert demo.checkpoint_step(workdir) == 3
+    assert demo.cached(path, workdir, bootstrap_samples=50) == {"step": 3, "bootstrap_samples": 50}
+    assert demo.cached(path, workdir, bootstrap_samples=60) is None
+    (workdir / "checkpoints" / "5").mkdir()          # trained further, no best checkpoint
+    assert demo.cached(path, workdir, bootstrap_samples=50) is None
+    (workdir / "best" / "3").mkdir(parents=True)     # the best one is still step 3
+    (workdir / "best" / "4.orbax-checkpoint-tmp-1").mkdir()
+    assert demo.checkpoint_step(workdir) == 3
+    assert demo.cached(path, workdir, bootstrap_samples=50) is not None

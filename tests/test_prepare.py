@@ -440,6 +440,35 @@ def test_bad_case_without_skip_bad_fails_with_a_message(tmp_path, capsys):
                                           PrepParams(image_size=16).config_name(), "1.0.0"))
 
 
+def test_fitted_normalization_of_an_external_set_needs_fit_from(tmp_path, capsys):
+    folder, data_dir = str(tmp_path / "cohort"), str(tmp_path / "prepared")
+    write_cohort(folder, patients=2, times=3)
+    assert prepare.main(prepare_args(folder, data_dir, "--normalization", "nyul",
+                                     "--external", "AMBL")) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: --external AMBL: "), err
+    assert "no training patient" not in err
+    assert "'nyul'" in err and "training split" in err and "--fit_from" in err and "--like" in err
+    assert not os.path.exists(data_dir)
+
+
+def test_quiet_leaves_out_the_tfds_lines(tmp_path, capfd):
+    folder = str(tmp_path / "cohort")
+    write_cohort(folder, patients=3, times=3)
+    tfds_lines = ("Downloading and preparing dataset", "downloaded and prepared to")
+    config = PrepParams(image_size=16).config_name()
+    assert prepare.main(prepare_args(folder, str(tmp_path / "quiet"))) == 0
+    out, err = capfd.readouterr()
+    assert out.splitlines() == [str(tmp_path / "quiet" / "her2_dce" / config / "1.0.0")], out
+    assert not [text for text in tfds_lines if text in out + err], err
+    # without --quiet they are shown, on stderr: stdout still holds only the dataset folder
+    loud = [arg for arg in prepare_args(folder, str(tmp_path / "loud")) if arg != "--quiet"]
+    assert prepare.main(loud) == 0
+    out, err = capfd.readouterr()
+    assert out.splitlines() == [str(tmp_path / "loud" / "her2_dce" / config / "1.0.0")], out
+    assert all(text in err for text in tfds_lines), err
+
+
 def test_external_set_reuses_the_training_normalisation(tmp_path):
     training, external = str(tmp_path / "training"), str(tmp_path / "external")
     write_cohort(training, patients=6, times=3)

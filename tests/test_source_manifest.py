@@ -1,15 +1,19 @@
 """The manifest reader: NIfTI with header geometry, boxes, splits, external sets, DICOM series."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import tensorflow_datasets as tfds
 
-from conftest import write_csv
-from data_prep import pipeline, splits
+from conftest import prepare_args, write_csv
+from data_prep import pipeline, prepare, splits
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
 from data_prep.sources import list_cases
@@ -110,6 +114,48 @@ def test_manifest_splits_and_external(manifest_source):
     by_split = splits.assign(listing.cases, params)
     assert len(by_split["external"]) == 4
     assert not by_split["train"] and not by_split["validation"] and not by_split["test"]
+
+
+def prepared(source: str, data_dir: str, *extra: str) -> str:
+    """Runs `python -m data_prep.prepare`; returns the dataset folder (the last stdout line)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert prepare.main(prepare_args(source, data_dir, *extra)) == 0
+    return out.getvalue().splitlines()[-1]
+
+
+def examples(path: str) -> list[tuple]:
+    builder = tfds.builder_from_directory(path)
+    return sorted((split, e["patient_id"].decode(), int(e["slice_index"]), int(e["label"]),
+                   e["cohort"].decode(), e["image"].tobytes(), e["mask"].tobytes())
+                  for split in builder.info.splits
+                  for e in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+
+
+def test_prepare_from_the_manifest_csv_or_its_folder(manifest_source, tmp_path):
+    folder, _, _ = manifest_source
+    other_name = os.path.join(folder, "site_a.csv")        # any .csv name, not only manifest.csv
+    shutil.copy(os.path.join(folder, "manifest.csv"), other_name)
+    from_folder = prepared(folder, str(tmp_path / "a"), "--normalization", "nyul")
+    from_file = prepared(other_name, str(tmp_path / "b"), "--normalization", "nyul")
+    assert examples(from_file) == examples(from_folder)
+    assert len({e[1] for e in examples(from_file)}) == 4
+    assert tfds.builder_from_directory(from_file).info.metadata["source"] == {
+        "path": other_name, "kind": "manifest"}
+
+    # an external set prepared like a run trained on `from_folder` (the two files --like reads)
+    run = tmp_path / "run"
+    run.mkdir()
+    preparation = tfds.builder_from_directory(from_folder).info.metadata["preparation"]
+    (run / "preparation.json").write_text(json.dumps(dict(preparation)))
+    (run / "config.json").write_text(json.dumps({"data_dir": from_folder}))
+    like = ("--like", str(run), "--external", "ambl")
+    external_folder = examples(prepared(folder, str(tmp_path / "c"), *like))
+    external_file = examples(prepared(os.path.join(folder, "manifest.csv"), str(tmp_path / "d"),
+                                      *like))
+    assert external_file == external_folder
+    assert {(e[0], e[4]) for e in external_file} == {("external", "ambl")}
+    assert len({e[1] for e in external_file}) == 4
 
 
 def test_manifest_problems(tmp_path):

@@ -73,6 +73,27 @@ def reject_duplicates(listing: Listing, path: str) -> None:
     listing.cases = [case for case in listing.cases if case.patient_id not in duplicated]
 
 
+def locate(source: str) -> tuple[str, str | None]:
+    """(folder, manifest file name or None) of a `--source`, checked before anything is written:
+    a `.csv` file is a manifest; a folder must hold `manifest.csv` or a BreastDCEDL metadata CSV."""
+    from data_prep.sources import breastdcedl
+
+    path = os.path.abspath(source)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--source {source}: does not exist")
+    if os.path.isfile(path):
+        if not path.lower().endswith(".csv"):
+            raise ValueError(f"--source {source}: not a folder or a manifest CSV file")
+        return os.path.dirname(path), os.path.basename(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--source {source}: not a folder or a manifest CSV file")
+    if not (os.path.isfile(os.path.join(path, "manifest.csv")) or breastdcedl.find_metadata(path)):
+        raise FileNotFoundError(
+            f"--source {source}: holds no BreastDCEDL metadata CSV (columns "
+            f"{sorted(breastdcedl.REQUIRED_COLUMNS)}) and no manifest.csv: see README, 'Sources'")
+    return path, None
+
+
 def list_cases(source: str, params: PrepParams) -> Listing:
     """Detects the source's kind and lists its cases.
 
