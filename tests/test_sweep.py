@@ -72,7 +72,7 @@ def test_sweep_refuses_duplicates_and_undeclared_data():
         Sweep("s", runs=runs_of([{"config": "c.py:a", "data": "x"}]), data={"x": {"colour": 1}})
 
 
-@pytest.mark.parametrize("name, count", [("normalization", 42), ("n4", 6), ("attention", 216),
+@pytest.mark.parametrize("name, count", [("normalization", 42), ("n4", 6), ("attention", 192),
                                          ("architectures", 24), ("lr_search", 24)])
 def test_the_studys_sweeps_load(name, count):
     loaded = sweep.load_sweep(f"configs/sweeps/{name}.py")
@@ -85,8 +85,22 @@ def test_the_studys_sweeps_load(name, count):
                                                                     "data_prep.prepare"]
 
 
+def test_the_attention_sweep_has_no_identical_models():
+    """Without attention the placement changes nothing: one 'none' run per depth, head, seed."""
+    runs = sweep.load_sweep("configs/sweeps/attention.py").runs
+    none = [run for run in runs if run.settings["model.kwargs.attention"] == "none"]
+    assert {run.settings["model.kwargs.placement"] for run in none} == {"last"}
+    assert len(none) == 3 * 2 * 2
+    identities = [(run.settings["model.name"], run.settings["model.kwargs.head"], run.seed)
+                  for run in none]
+    assert len(set(identities)) == len(identities)
+    placed = [run for run in runs if run.settings["model.kwargs.attention"] == "dual"]
+    assert {run.settings["model.kwargs.placement"] for run in placed} == {"last", "stages",
+                                                                         "blocks"}
+
+
 def test_sweep_arguments_narrow_the_study_sweeps():
-    assert len(sweep.load_sweep("configs/sweeps/attention.py:18").runs) == 72
+    assert len(sweep.load_sweep("configs/sweeps/attention.py:18").runs) == 64
     assert len(sweep.load_sweep("configs/sweeps/lr_search.py:5").runs) == 5
     first = sweep.load_sweep("configs/sweeps/lr_search.py").runs[:5]
     assert [r.name for r in first] == [r.name for r in

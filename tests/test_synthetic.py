@@ -315,3 +315,21 @@ def test_generate_cohort_rejects_bad_arguments(tmp_path):
         synthetic.generate_cohort(tmp_path, patients=0)
     with pytest.raises(ValueError, match="size"):
         synthetic.generate_cohort(tmp_path, size=31)
+
+
+def test_cli_summary_gives_the_oracle_auc_of_this_cohort(tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    from data_prep.synthetic.__main__ import pair_auc
+
+    out = tmp_path / "cli"
+    assert synthetic.main(["--out", str(out), "--patients", "12", "--seed", "1",
+                           "--size", "32", "--slices", "12"]) == 0
+    truth = {r["pid"]: float(r["oracle_score"]) for r in read_rows(out / "ground_truth.csv")}
+    rows = read_rows(out / "metadata.csv")
+    expected = roc_auc_score([int(r["HER2"]) for r in rows], [truth[r["pid"]] for r in rows])
+    assert f"oracle AUC {expected:.3f} on these patients" in capsys.readouterr().out
+    rng = np.random.default_rng(0)
+    labels, scores = rng.integers(0, 2, 50), rng.integers(0, 5, 50).astype(float)  # many ties
+    assert pair_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert pair_auc([1, 1], [0.2, 0.3]) is None

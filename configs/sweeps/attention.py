@@ -3,7 +3,9 @@
     --sweep configs/sweeps/attention.py[:DEPTHS]        e.g. :18 for ResNet-18 only
 
 Every run starts from configs/resnet.py:plain18 (no attention) and sets the attention keys, so
-'none' is the baseline of each depth. The pivot table is attention module x placement.
+'none' is the baseline of each depth. Without attention the placement changes nothing, so 'none'
+runs once per depth, head and seed (placement 'last'), not three times. The pivot table is
+attention module x placement.
 """
 from launch.spec import Sweep, axis, product, seeds
 
@@ -22,6 +24,8 @@ def get_sweep(arg=None):
         axis("model.kwargs.head", HEADS),
         seeds(2),
         base={"data": "q98"})
+    runs = [run for run in runs if run.settings["model.kwargs.attention"] != "none"
+            or run.settings["model.kwargs.placement"] == "last"]
     return Sweep("attention", runs=runs, data={"q98": {"normalization": "per_channel_clip_q98"}},
                  pivot=("model.kwargs.attention", "model.kwargs.placement"),
                  description="attention module x placement x head x depth")

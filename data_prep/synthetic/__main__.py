@@ -8,6 +8,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from data_prep.synthetic.cohort import MIN_SIZE, MIN_SLICES, generate_cohort
 from data_prep.synthetic.planted import ORACLE_AUC, SITES
 
@@ -18,9 +20,24 @@ def _summary(csv_path: pathlib.Path) -> str:
     n_pos = sum(int(r["HER2"]) for r in rows)
     per_site = "/".join(str(sum(r["dataset"] == s for r in rows)) for s in SITES)
     per_split = "/".join(str(sum(int(r["test"]) == s for r in rows)) for s in (0, 1, 2))
+    with open(csv_path.parent / "ground_truth.csv", newline="") as handle:
+        truth = {r["pid"]: float(r["oracle_score"]) for r in csv.DictReader(handle)}
+    realised = pair_auc([int(r["HER2"]) for r in rows], [truth[r["pid"]] for r in rows])
+    on_cohort = "n/a: one class only" if realised is None else f"{realised:.3f}"
     return (f"synthetic cohort: {len(rows)} patients, {n_pos} HER2+ ({n_pos / len(rows):.0%}), "
             f"sites a/b/c {per_site}, train/test/val {per_split}, "
-            f"oracle AUC {ORACLE_AUC:.3f}")
+            f"oracle AUC {on_cohort} on these patients ({ORACLE_AUC:.3f} expected)")
+
+
+def pair_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """AUC as the share of (positive, negative) pairs ordered by the score (ties count half);
+    None without both classes."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    if positive.size == 0 or negative.size == 0:
+        return None
+    difference = positive[:, None] - negative[None, :]
+    return float(((difference > 0).sum() + 0.5 * (difference == 0).sum()) / difference.size)
 
 
 def _build_parser() -> argparse.ArgumentParser:
