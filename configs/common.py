@@ -8,6 +8,10 @@ Variants are chosen on the command line, big_vision style:
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -84,3 +88,33 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     config.eval.batch_size = 8
     config.log_every_steps = 2
     config.checkpoint.every_steps = 3
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """`configs/resnet.py:resnet18` -> that config, read as `--config` reads it (no overrides)."""
+    path, sep, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path}")
+    module_spec = importlib.util.spec_from_file_location(
+        f"her2jax_config_{os.path.basename(path).removesuffix('.py')}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if sep else module.get_config()
+
+
+def unknown_key(config: ml_collections.ConfigDict, key: str) -> str | None:
+    """Why `key` ('optimizer.learning_rate') names no setting of `config`, with the closest
+    name; None when it names one."""
+    node, path = config, []
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"config.{'.'.join(path)} is a value, not a group of keys"
+        if part not in node:
+            where = ".".join(["config", *path])
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            hint = (f'; did you mean "{".".join([*path, close[0]])}"?' if close else
+                    f" (its keys: {', '.join(sorted(node.keys()))})")
+            return f"{where} has no key {part!r}{hint}"
+        node = node[part]
+        path.append(part)
+    return None

@@ -5,7 +5,8 @@ Variants (each a registered model plus options):
     resnet34         the same on ResNet-34 (the third-party reading of the study)
     resnet50         the same on ResNet-50
     triple18         ResNet-18 with the triple head, each head with 'dual' attention
-    plain18          ResNet-18 without attention (the ablation baseline)
+    plain18          ResNet-18 without attention (the ablation baseline; lists placement and
+                     head so that the attention sweep can set them)
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ VARIANTS = {
     "resnet34": ("resnet34", DUAL),
     "resnet50": ("resnet50", DUAL),
     "triple18": ("resnet18", dict(DUAL, head="triple", head_combine="mean")),
-    "plain18": ("resnet18", {"attention": "none", "dropout": 0.5}),
+    "plain18": ("resnet18", {"attention": "none", "placement": "last", "head": "single",
+                             "dropout": 0.5}),
 }
 
 

@@ -102,7 +102,7 @@ def run_config(config_file: str, variant: str, data_dir: str, args: argparse.Nam
     config.seed = args.seed
     config.batch_size = args.batch_size
     config.total_steps = args.steps
-    config.warmup_steps = max(1, min(20, args.steps // 10))
+    config.warmup_steps = min(max(1, min(20, args.steps // 10)), args.steps - 1)
     config.eval.every_steps = max(1, args.steps // 3)
     config.eval.batch_size = 64
     config.checkpoint.every_steps = max(1, args.steps // 3)
@@ -122,6 +122,12 @@ def finished(workdir: epath.Path, total_steps: int) -> bool:
 def train_run(config: Any, workdir: epath.Path, record: dict[str, Any]) -> None:
     from her2jax import train
 
+    try:
+        train.check_relaunch(train.run_folder(workdir), config)
+    except ValueError as error:
+        raise ValueError(f"{workdir} was trained by an earlier demo with other settings "
+                         f"({str(error).split(' (', 1)[1].split('); ')[0]}): use another --out, "
+                         f"or delete {workdir} to train it again") from None
     if finished(workdir, config.total_steps):
         record["cached"] = True
         return

@@ -1,7 +1,8 @@
 """Train: `python -m her2jax.main --config configs/resnet.py:resnet18 --workdir RUN [--config.k=v]`.
 
 Re-running the same command resumes from the latest checkpoint in RUN; SIGTERM (preemption)
-writes a checkpoint and exits cleanly.
+writes a checkpoint and exits cleanly. A relaunch may change only the keys in
+`train.RELAUNCH_KEYS` (e.g. total_steps, to extend the run); any other change is refused.
 
 Several processes (hosts of a TPU pod slice, SLURM tasks, or explicit flags) run the same
 command; see `her2jax.distributed` for what `--multihost` detects. Two processes on one machine:
@@ -26,6 +27,47 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (explic
 flags.DEFINE_integer("num_processes", None, "number of processes (explicit multi-process)")
 flags.DEFINE_integer("process_id", None, "this process's index (explicit multi-process)")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that a mistyped key or a bad value is one line on stderr and
+    exit code 2 (as argparse does) instead of chained tracebacks."""
+    try:
+        argv = FLAGS(argv)
+        FLAGS.config.keys()  # a config file that could not be read fails here
+        return argv
+    except (flags.Error, AttributeError, KeyError, OSError) as error:
+        print(f"error: {flag_error(argv, error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def flag_error(argv: list[str], error: Exception) -> str:
+    """The one line that says what is wrong with the command line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, flags.Error):   # a traceback inside: its first and last lines
+        return f"{lines[0]} {lines[-1]}" if "Traceback" in str(error) else " ".join(lines)
+    if isinstance(error, OSError):       # the config file could not be loaded
+        return f"--config: {lines[-1]}"
+    # an override key the config lacks: ml_collections names neither the flag nor the path
+    from configs import common
+
+    spec = ""
+    for arg, following in zip(argv, argv[1:] + [""]):
+        if arg == "--config":
+            spec = following
+        elif arg.startswith("--config="):
+            spec = arg.partition("=")[2]
+    try:
+        config = common.load(spec)
+    except Exception:  # noqa: BLE001 (the original message is the fallback)
+        return lines[-1] if lines else repr(error)
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg.removeprefix("--config.").partition("=")[0]
+            problem = common.unknown_key(config, key)
+            if problem:
+                return f"--config.{key}: {problem}"
+    return lines[-1] if lines else repr(error)
 
 
 def main(argv: list[str]) -> None:
@@ -56,4 +98,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

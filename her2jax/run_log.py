@@ -1,11 +1,14 @@
 """What a run writes as it goes: `metrics.jsonl`, TensorBoard events, and a console line with
-loss, learning rate, images per second and the time left. Only process 0 writes.
+loss, learning rate, images per second and the time left; `config.json` (the newest launch's
+config) and `launches.jsonl` (one line per launch: when, from which step, what changed). Only
+process 0 writes.
 
 The run folder may be a bucket (`gs://...`): object stores cannot append, so there the metrics
 file is rewritten whole at each record, and TensorBoard events are written to a local folder and
 copied up after each evaluation and at the end."""
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import sys
@@ -18,6 +21,7 @@ from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+LAUNCHES_FILE = "launches.jsonl"
 
 
 class RunLog:
@@ -41,6 +45,21 @@ class RunLog:
     def write_config(self, config) -> None:
         if self.enabled:
             (self.workdir / CONFIG_FILE).write_text(config.to_json(indent=2))
+
+    def launch(self, step: int, changes: dict[str, list[Any]]) -> None:
+        """Records a launch starting after `step` with the settings changed since the last one
+        ({key: [old, new]}; `train.RELAUNCH_KEYS`), so config.json's newest values do not hide
+        the earlier ones."""
+        if not self.enabled:
+            return
+        record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), "step": step, "changed": changes}
+        path = self.workdir / LAUNCHES_FILE    # rewritten whole: object stores cannot append
+        path.write_text((path.read_text() if path.exists() else "") + json.dumps(record) + "\n")
+        if changes:
+            self.message("changed since the last launch (see launches.jsonl): " + ", ".join(
+                f"{key} {json.dumps(old)} -> {json.dumps(new)}"
+                for key, (old, new) in changes.items()))
 
     def message(self, text: str) -> None:
         if self.enabled:

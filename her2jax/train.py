@@ -1,11 +1,11 @@
 """Training and evaluation, one function read top to bottom: `train_and_evaluate(config, workdir)`.
 
-Sections: set up (mesh, run folder, dataset check) | model and optimiser | steps | checkpoints
-(resume) | evaluation | train loop. Data parallel: parameters replicated, batches sharded over a
-('data',) mesh of every device of every process. Several processes (`her2jax.distributed`) each
-read their share of the data; evaluation gathers every process's slices before the patient-level
-metrics, so every process holds the same report (and agrees on the best checkpoint); only process
-0 writes logs, every process writes its checkpoint shards.
+Sections: set up (config checks, mesh, relaunch check) | model and optimiser | steps | checkpoints
+(run folder, dataset check, resume) | evaluation | train loop. Data parallel: parameters replicated,
+batches sharded over a ('data',) mesh of every device of every process. Several processes
+(`her2jax.distributed`) each read their share of the data; evaluation gathers every process's slices
+before the patient-level metrics, so every process holds the same report (and agrees on the best
+checkpoint); only process 0 writes logs, every process writes its checkpoint shards.
 
 `restore(workdir, checkpoint)` loads a trained model back for evaluation and prediction.
 """
@@ -25,11 +25,21 @@ from etils import epath
 from flax import nnx
 
 from her2jax import distributed, input_pipeline, metrics, models, steps, weights
+from her2jax.input.sampling import BALANCE_MODES
 from her2jax.losses import class_weights_from_counts
 from her2jax.optim import create_optimizer, learning_rate_schedule
-from her2jax.run_log import RunLog
+from her2jax.run_log import CONFIG_FILE, RunLog
 
 PREPARATION_FILE = "preparation.json"
+DTYPES = ("float32", "bfloat16")
+# Keys a relaunch in the same run folder may change: how long to train (extending a run; the
+# learning-rate schedule follows the new length from the checkpoint on, see README "Training"),
+# how often to log, evaluate and checkpoint, how evaluation is batched, where the dataset is (its
+# preparation is checked apart) and ViT's attention kernel (the same function). Any other
+# difference makes another experiment, refused by `check_relaunch`.
+RELAUNCH_KEYS = frozenset({
+    "total_steps", "warmup_steps", "log_every_steps", "eval.every_steps", "eval.batch_size",
+    "checkpoint.every_steps", "checkpoint.keep", "data_dir", "model.kwargs.attention_kernel"})
 
 
 class StopRequested(Exception):
@@ -41,6 +51,65 @@ def run_folder(workdir: str | epath.Path) -> epath.Path:
     if "://" in str(workdir):
         return epath.Path(workdir)
     return epath.Path(workdir).expanduser().resolve()
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses values that would otherwise fail only after training steps and checkpoints."""
+    flat = _flat(config.to_dict())
+    choices = {"model.name": models.names(), "dtype": DTYPES,
+               "eval.aggregation": metrics.AGGREGATIONS, "input.balance": BALANCE_MODES}
+    for key, valid in choices.items():
+        if flat[key] not in valid:
+            raise ValueError(f"config.{key} {flat[key]!r} is not one of: {', '.join(valid)}")
+    for key in ("batch_size", "total_steps", "log_every_steps", "eval.every_steps",
+                "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep",
+                "optimizer.accumulation_steps"):
+        if flat[key] < 1:
+            raise ValueError(f"config.{key} must be at least 1, got {flat[key]}")
+    if not 0 <= config.warmup_steps < config.total_steps:
+        raise ValueError(f"config.warmup_steps ({config.warmup_steps}) must be in "
+                         f"[0, total_steps ({config.total_steps}))")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_relaunch(workdir: epath.Path, config: ml_collections.ConfigDict
+                   ) -> dict[str, list[Any]]:
+    """Compares `config` with the run folder's config.json (written by an earlier launch):
+    refuses a difference outside RELAUNCH_KEYS, returns the allowed ones {key: [old, new]}.
+    Reads only: nothing is written before this check."""
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        return {}
+    old = _flat(json.loads(path.read_text()))
+    new = _flat(json.loads(config.to_json()))   # tuples as JSON lists, as recorded
+    changed = {k: [old.get(k, _ABSENT), new.get(k, _ABSENT)] for k in sorted(set(old) | set(new))
+               if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+    refused = [k for k in changed if k not in RELAUNCH_KEYS]
+    if refused:
+        raise ValueError(f"{workdir} was started with a different config ("
+                         f"{'; '.join(_change(k, *changed[k]) for k in refused)}); use another "
+                         f"--workdir, or relaunch with the config recorded in {path}")
+    return {k: [None if v is _ABSENT else v for v in pair] for k, pair in changed.items()}
+
+
+_ABSENT = object()
+
+
+def _change(key: str, old: Any, new: Any) -> str:
+    def show(value: Any) -> str:
+        return "(absent)" if value is _ABSENT else json.dumps(value)
+
+    return f"{key} {show(old)} -> {show(new)}"
 
 
 def check_dataset(workdir: epath.Path, metadata: dict[str, Any]) -> None:
@@ -103,21 +172,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last
     validation report."""
     # ------------------------------------------------------------------ set up
+    # every check comes before the first write: a refused launch leaves the run folder as it was
+    check_config(config)
     workdir = run_folder(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = steps.data_mesh()
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} does not split over {mesh.size} devices")
     metadata = input_pipeline.preparation_metadata(config.data_dir)
-    check_dataset(workdir, metadata)
-    log = RunLog(workdir, config.total_steps, enabled=jax.process_index() == 0)
-    log.write_config(config)
+    splits = input_pipeline.open_dataset(config.data_dir).info.splits
+    for key in ("train_split", "eval_split"):
+        if config[key] not in splits:
+            raise ValueError(f"config.{key} {config[key]!r}: {config.data_dir} has no such split "
+                             f"(splits: {', '.join(sorted(splits))})")
+    changes = check_relaunch(workdir, config)
 
     # ------------------------------------------------------------------ model and optimiser
-    model = build_model(config, metadata["preparation"]["image_size"])
+    model = build_model(config, metadata["preparation"]["image_size"])  # checks model.kwargs
+    pretrained = None
     if config.init.pretrained:
-        report = weights.load_pretrained(model, config.init.pretrained)
-        log.message(f"pretrained {config.init.pretrained}: {report.summary()}")
+        pretrained = weights.load_pretrained(model, config.init.pretrained)
     train_graph, eval_graph, params, rest = steps.split_model(model)
     optimizer = make_optimizer(config, params)
     opt_state = optimizer.init(params)
@@ -136,6 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_step = steps.make_eval_step(eval_graph, mesh, dtype=dtype)
 
     # ------------------------------------------------------------------ checkpoints
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_dataset(workdir, metadata)
     state = {"params": params, "rest": rest, "opt_state": opt_state}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = distributed.replicate(state, mesh)
@@ -144,6 +219,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda m: m["patient_auc"], best_mode="max", create=True))
     start_step = latest.latest_step() or 0
+    if start_step > config.total_steps:
+        raise ValueError(f"{workdir} has a checkpoint at step {start_step}, past total_steps "
+                         f"{config.total_steps}; set --config.total_steps={start_step} or more")
+    log = RunLog(workdir, config.total_steps, enabled=jax.process_index() == 0)
+    log.write_config(config)
+    log.launch(start_step, changes)
+    if pretrained:
+        log.message(f"pretrained {config.init.pretrained}: {pretrained.summary()}")
     if start_step:
         # restored onto this run's mesh, whatever number of devices wrote it
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

@@ -20,7 +20,9 @@ Backends:
             queued resources), copy the code, install, prepare, and run each run on every
             worker (`--worker=all`, `--multihost=on`); data and run folders in `--bucket`;
             `--dry_run` prints them
-`--set key=value` overrides a config key in every run (e.g. `--set total_steps=100`).
+`--set key=value` overrides a config key in every run (e.g. `--set total_steps=100`); a key
+that a run's config lacks (from --set or the sweep file) is refused before anything runs, dry
+runs included (exit code 2).
 """
 from __future__ import annotations
 
@@ -73,6 +75,21 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def unknown_override(runs: Sequence[Run]) -> str | None:
+    """What is wrong with the first override key a run's config lacks; None when all exist."""
+    from configs import common
+
+    configs: dict[str, Any] = {}
+    for run in runs:
+        if run.config not in configs:
+            configs[run.config] = common.load(run.config)
+        for key, _ in run.overrides:
+            problem = common.unknown_key(configs[run.config], key)
+            if problem:
+                return f"{key}: {problem} (run {run.name}, {run.config})"
+    return None
 
 
 def with_settings(run: Run, settings: dict[str, Any]) -> Run:
@@ -524,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = build_plan(args)
         if not plan.runs:
             raise ValueError(f"no run matches --only {args.only!r}")
+        problem = unknown_override(plan.runs)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         print(f"sweep {plan.sweep.name}: {len(plan.runs)} runs, {len(plan.datasets)} data "
               f"variants, in {plan.sweep_dir}", file=sys.stderr)
         if args.backend == "local":

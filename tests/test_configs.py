@@ -1,4 +1,5 @@
-"""Configs: every variant builds its model; runlocal shrinks it; unknown keys fail loudly."""
+"""Configs: every variant builds its model; runlocal shrinks it; unknown keys and invalid values
+fail loudly, in one line."""
 import os
 import subprocess
 import sys
@@ -31,13 +32,43 @@ def test_runlocal_shrinks_and_unknown_variants_fail():
         common.parse_arg("resnet18,resnet34")
 
 
-def test_command_line_rejects_unknown_override_keys(tmp_path):
+@pytest.mark.parametrize("override, expected", [
+    ("--config.optimizer.learning_rat=1e-3",
+     """--config.optimizer.learning_rat: config.optimizer has no key 'learning_rat'; did you """
+     """mean "optimizer.learning_rate"?"""),
+    ("--config.modle.name=resnet18", 'did you mean "model"?'),
+    ("--config.model.kwargs.extra=3", "(its keys: attention, dropout, head, placement)"),
+    ("--config.total_steps=abc", "--config.total_steps=abc: invalid literal for int()"),
+])
+def test_command_line_rejects_bad_overrides_in_one_line(tmp_path, override, expected):
     result = subprocess.run(
         [sys.executable, "-m", "her2jax.main", "--config", "configs/resnet.py:resnet18",
-         "--workdir", str(tmp_path / "run"), "--config.optimizer.learning_rat=1e-3"],
+         "--workdir", str(tmp_path / "run"), override],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "learning_rat" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert expected in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_command_line_rejects_an_unknown_variant_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "her2jax.main", "--config=configs/resnet.py:resnet7",
+         "--workdir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "unknown variant 'resnet7'; choose from" in result.stderr
+
+
+def test_command_line_refuses_invalid_choices_before_writing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "her2jax.main", "--config", "configs/resnet.py:resnet18,runlocal",
+         "--workdir", str(tmp_path / "run"), "--config.data_dir=nowhere",
+         "--config.eval.aggregation=mediam"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == ("error: config.eval.aggregation 'mediam' is not one of: median, "
+                             "mean, max\n")
     assert not (tmp_path / "run").exists()
 
 

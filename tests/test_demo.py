@@ -96,3 +96,15 @@ def test_a_cached_result_is_for_the_current_checkpoint_and_settings(tmp_path):
     (workdir / "best" / "4.orbax-checkpoint-tmp-1").mkdir()
     assert demo.checkpoint_step(workdir) == 3
     assert demo.cached(path, workdir, bootstrap_samples=50) is not None
+
+
+def test_other_training_settings_in_the_same_out_are_refused_in_one_line(first_run, capsys):
+    capsys.readouterr()
+    assert "--seed" not in TINY                     # the first run used the default, 0
+    other = [*TINY, "--seed", "7"]
+    config = os.path.join(first_run, "runs", f"resnet18_{demo.NORMALIZATIONS[0]}", "config.json")
+    before = open(config).read()
+    assert demo.main(["--out", first_run, *other]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "seed 0 -> 7" in err and "use another --out" in err
+    assert open(config).read() == before

@@ -79,6 +79,7 @@ def test_the_studys_sweeps_load(name, count):
     assert len(loaded.runs) == count
     assert len({run.name for run in loaded.runs}) == count
     assert loaded.name == name
+    assert sweep.unknown_override(loaded.runs) is None   # every override names a config key
     # every data variant prepares with real options
     for options in loaded.data.values():
         assert sweep.prepare_command("src", "out", options)[:3] == ["python", "-m",
@@ -105,6 +106,18 @@ def test_sweep_arguments_narrow_the_study_sweeps():
     first = sweep.load_sweep("configs/sweeps/lr_search.py").runs[:5]
     assert [r.name for r in first] == [r.name for r in
                                        sweep.load_sweep("configs/sweeps/lr_search.py:5").runs]
+
+
+def test_dry_run_refuses_unknown_set_keys(sweep_file, capsys):
+    assert sweep.main(["--sweep", sweep_file, "--dry_run", "--source", "/data/cohort",
+                       "--set", "total_step=3"]) == 2
+    captured = capsys.readouterr()
+    assert not captured.out
+    error = captured.err.splitlines()[-1]
+    assert error.startswith("error: total_step: config has no key 'total_step'; did you mean "
+                            '"total_steps"?')
+    assert sweep.main(["--sweep", sweep_file, "--dry_run", "--source", "/data/cohort",
+                       "--set", "total_steps=3"]) == 0
 
 
 def test_slurm_dry_run_line_by_line(sweep_file, capsys):

@@ -1,11 +1,12 @@
 """train_and_evaluate end to end on a tiny prepared dataset: logs, checkpoints, resume, SIGTERM,
-the NaN guard, and the dataset check."""
+the NaN guard, the dataset check, the relaunch check and the start-up checks of config values."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -14,10 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import resnet
+from configs import resnet, vit
 from conftest import write_cohort
 from data_prep import prepare
-from her2jax import input_pipeline, steps, train
+from her2jax import evaluate, input_pipeline, steps, train
 
 
 def prepared(folder: str, *extra: str) -> str:
@@ -141,9 +142,104 @@ def test_resume_refuses_data_prepared_differently(dataset, tmp_path):
         train.train_and_evaluate(config, workdir)
 
 
+def three_steps(config):
+    config.total_steps, config.eval.every_steps, config.checkpoint.every_steps = 3, 3, 3
+    config.warmup_steps = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset, tmp_path_factory):
+    """A finished three-step run; tests relaunch in copies of it."""
+    workdir = str(tmp_path_factory.mktemp("finished") / "run")
+    train.train_and_evaluate(three_steps(tiny_config(dataset[1])), workdir)
+    return workdir
+
+
+def run_copy(finished_run, tmp_path) -> tuple[str, bytes, list[str]]:
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished_run, workdir)
+    with open(os.path.join(workdir, "config.json"), "rb") as handle:
+        return workdir, handle.read(), sorted(os.listdir(workdir))
+
+
+def assert_untouched(workdir: str, config_bytes: bytes, listing: list[str]) -> None:
+    with open(os.path.join(workdir, "config.json"), "rb") as handle:
+        assert handle.read() == config_bytes
+    assert sorted(os.listdir(workdir)) == listing
+
+
+def test_relaunch_with_another_model_refuses_and_leaves_the_run_intact(dataset, finished_run,
+                                                                       tmp_path):
+    _, data_dir = dataset
+    workdir, config_bytes, listing = run_copy(finished_run, tmp_path)
+    config = three_steps(vit.get_config("tiny4,runlocal"))
+    config.data_dir, config.batch_size, config.eval.batch_size = data_dir, 4, 3
+    with pytest.raises(ValueError, match="started with a different config") as refused:
+        train.train_and_evaluate(config, workdir)
+    message = str(refused.value)
+    assert 'model.name "resnet18" -> "vit_tiny_patch4"' in message
+    assert "optimizer.learning_rate 0.001 -> 0.0003" in message
+    assert 'model.kwargs.attention "dual" -> (absent)' in message
+    assert "use another --workdir" in message and len(message) < 1500
+    assert_untouched(workdir, config_bytes, listing)
+    result = evaluate.evaluate_run(workdir, split="validation", samples=20, progress=False)
+    assert result["model"] == "resnet18"
+
+
+def test_relaunch_with_another_learning_rate_refuses(dataset, finished_run, tmp_path):
+    _, data_dir = dataset
+    workdir, config_bytes, listing = run_copy(finished_run, tmp_path)
+    config = three_steps(tiny_config(data_dir))
+    config.optimizer.learning_rate, config.model.kwargs.dropout = 0.5, 0.0
+    with pytest.raises(ValueError, match=r"model.kwargs.dropout 0.5 -> 0.0; "
+                                         r"optimizer.learning_rate 0.001 -> 0.5\)"):
+        train.train_and_evaluate(config, workdir)
+    assert_untouched(workdir, config_bytes, listing)
+
+
+def test_relaunch_may_extend_the_run_and_records_the_change(dataset, finished_run, tmp_path):
+    _, data_dir = dataset
+    workdir, _, _ = run_copy(finished_run, tmp_path)
+    config = three_steps(tiny_config(data_dir))
+    config.total_steps, config.log_every_steps = 5, 1
+    train.train_and_evaluate(config, workdir)
+    assert "5" in os.listdir(os.path.join(workdir, "checkpoints"))
+    assert [r["step"] for r in records(workdir) if r["split"] == "train"][-2:] == [4, 5]
+    with open(os.path.join(workdir, "config.json")) as handle:
+        assert json.load(handle)["total_steps"] == 5
+    with open(os.path.join(workdir, "launches.jsonl")) as handle:
+        launches = [json.loads(line) for line in handle]
+    assert [(r["step"], r["changed"]) for r in launches] == [
+        (0, {}), (3, {"log_every_steps": [2, 1], "total_steps": [3, 5]})]
+    # shortening below the last checkpoint would train nothing: refused
+    config.total_steps = 4
+    with pytest.raises(ValueError, match="checkpoint at step 5, past total_steps 4"):
+        train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize("key, value, valid", [
+    ("eval.aggregation", "mediam", "median, mean, max"),
+    ("dtype", "bf16", "float32, bfloat16"),
+    ("model.name", "resnet19", "resnet18"),
+    ("input.balance", "classes", "none, class, patient"),
+    ("eval_split", "valid", "splits: .*validation"),
+    ("model.kwargs.attention", "duel", "choose from .*dual"),
+    ("eval.every_steps", 0, "at least 1"),
+])
+def test_invalid_values_fail_before_anything_is_written(dataset, tmp_path, key, value, valid):
+    _, data_dir = dataset
+    config = tiny_config(data_dir)
+    config.update_from_flattened_dict({key: value})
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=valid):
+        train.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+
+
 TWO_DEVICE_RESUME = """
 import sys, torchvision, jax
-from configs import resnet
+from configs import resnet, vit
 from her2jax import train
 assert len(jax.devices()) == 2
 config = resnet.get_config("resnet18,runlocal")
