@@ -6,10 +6,16 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 
 .PHONY: setup test demo bench clean
 
+# JAX_EXTRA=tpu or cuda12 adds the accelerator runtime for the installed jax version
+# (`make setup JAX_EXTRA=tpu` on a Cloud TPU VM, `JAX_EXTRA=cuda12` on NVIDIA GPUs)
+JAX_EXTRA ?=
+
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(if $(JAX_EXTRA),$(PY) -m pip install --quiet \
+		"jax[$(JAX_EXTRA)]==$$($(PY) -c 'import jax; print(jax.__version__)')")
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

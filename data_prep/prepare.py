@@ -107,6 +107,10 @@ def build(args: argparse.Namespace):
 
     # checked before TFDS starts, which would otherwise write into --data_dir first
     manual_dir, manifest = locate(args.source)
+    if "://" in args.data_dir:
+        raise ValueError(f"--data_dir {args.data_dir}: preparation writes local files (TFRecords, "
+                         f"report, QC montage); prepare into a local folder, then copy it (e.g. "
+                         f"gcloud storage rsync -r DIR {args.data_dir})")
     if args.external and normalization.get(args.normalization).needs_fit and not args.fit_from:
         raise ValueError(
             f"--external {args.external}: normalization {args.normalization!r} is fitted on the "

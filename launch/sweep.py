@@ -18,8 +18,9 @@ Backends:
             preparation); `--dry_run` prints them
     tpu     the gcloud commands for a Cloud TPU VM: create (or `--queued` spot capacity through
             queued resources), copy the code, install, prepare, and run each run on every
-            worker (`--worker=all`, `--multihost=on`); data and run folders in `--bucket`;
-            `--dry_run` prints them
+            worker (`--worker=all`, `--multihost=on`); data and run folders in the bucket of
+            `--sweep_dir gs://BUCKET/...`; the cohort (`--source`, gs:// or local) is copied to
+            worker 0, prepared there and the data copied into the bucket; `--dry_run` prints them
 `--set key=value` overrides a config key in every run (e.g. `--set total_steps=100`); a key
 that a run's config lacks (from --set or the sweep file) is refused before anything runs, dry
 runs included (exit code 2).
@@ -451,15 +452,46 @@ def tpu_commands(plan: Plan, *, name: str, zone: str, accelerator: str, version:
     def ssh(command: str, worker: str = "all") -> str:
         return f"{tpu} tpu-vm ssh {name} {where} --worker={worker} --command={shlex.quote(command)}"
 
-    commands.append(ssh(f"tar xzf {repo_archive} && cd her2jax && make setup"))
-    for variant, command in plan.prepare_commands().items():
-        commands.append(ssh(f"cd her2jax && {shlex.join(command)}", worker="0"))
+    # the TPU VM images ship Python 3.10; her2jax needs 3.11 and jax's TPU runtime (libtpu)
+    commands.append(ssh(f"{TPU_PYTHON} && tar xzf {repo_archive} && cd her2jax && "
+                        f"make setup PYTHON=python3.11 JAX_EXTRA=tpu"))
+    if plan.datasets:
+        # preparation reads and writes local files: the cohort is copied to worker 0, prepared
+        # there, and the prepared data copied into the bucket, where every worker reads it
+        folder, manifest = _split_manifest(plan.source)
+        if folder.startswith("gs://"):
+            commands.append(ssh(f"mkdir -p {TPU_SOURCE} && gcloud storage rsync -r "
+                                f"{shlex.quote(folder)} {TPU_SOURCE}", worker="0"))
+        else:
+            commands.append(f"{tpu} tpu-vm scp --recurse {shlex.quote(folder)} "
+                            f"{name}:{TPU_SOURCE} {where} --worker=0")
+        local = TPU_SOURCE + (f"/{manifest}" if manifest else "")
+        for variant in plan.datasets:
+            command = prepare_command(f"../{local}", f"../{TPU_DATA}", plan.sweep.data[variant],
+                                      plan.python)
+            commands.append(ssh(f"cd her2jax && {shlex.join(command)}", worker="0"))
+        commands.append(ssh(f"gcloud storage rsync -r {TPU_DATA} {shlex.quote(plan.data_root)}",
+                            worker="0"))
     for run in plan.runs:
         run_commands = plan.commands(run)
         commands.append(ssh(f"cd her2jax && {shlex.join(run_commands['train'])}"))
         commands.append(ssh(f"cd her2jax && {shlex.join(run_commands['evaluate'])} "
                             f"--multihost=on"))
     return commands
+
+
+TPU_PYTHON = ("sudo add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -y -qq "
+              "python3.11 python3.11-venv")
+TPU_SOURCE = "her2jax_source"   # in the home folder of worker 0, beside the code (her2jax/)
+TPU_DATA = "her2jax_data"
+
+
+def _split_manifest(source: str) -> tuple[str, str | None]:
+    """(folder, manifest file name or None): a `.csv` source is a manifest inside its folder."""
+    if source.lower().endswith(".csv"):
+        folder, _, manifest = source.rstrip("/").rpartition("/")
+        return folder or ".", manifest
+    return source.rstrip("/"), None
 
 
 def _wait_until_active(describe: str, poll_seconds: int = 30, limit_seconds: int = 6 * 3600

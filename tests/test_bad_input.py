@@ -348,6 +348,20 @@ def test_unusable_source_stops_before_tfds_starts(kind, tmp_path, capsys):
     assert not data_dir.exists()
 
 
+def test_bucket_paths_are_refused_with_the_copy_to_make(cohort, tmp_path, capsys):
+    """Preparation reads and writes local files: a gs:// source or data folder stops at once."""
+    folder, _ = cohort
+    assert prepare.main(prepare_args("gs://lab/cohort", str(tmp_path / "out"))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --source gs://lab/cohort: preparation reads local files") \
+        and "gcloud storage rsync -r gs://lab/cohort DIR" in err and len(err.splitlines()) == 1
+    assert prepare.main(prepare_args(folder, "gs://lab/prepared")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data_dir gs://lab/prepared: preparation writes local files") \
+        and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_failure_removes_only_what_it_created_and_left_empty(cohort, tmp_path, capsys):
     folder, rows = cohort
     constant_volume(folder, rows)

@@ -196,10 +196,15 @@ def test_tpu_dry_run_line_by_line(sweep_file, capsys):
         "# wait for state ACTIVE",
         "git archive --format=tar.gz --prefix=her2jax/ -o her2jax.tar.gz HEAD",
         "gcloud compute tpus tpu-vm scp her2jax.tar.gz h2:~/ --zone=europe-west4-a --worker=all",
-        f"{ssh} --worker=all --command='tar xzf her2jax.tar.gz && cd her2jax && make setup'",
+        f"{ssh} --worker=all --command='sudo add-apt-repository -y ppa:deadsnakes/ppa && "
+        f"sudo apt-get install -y -qq python3.11 python3.11-venv && tar xzf her2jax.tar.gz && "
+        f"cd her2jax && make setup PYTHON=python3.11 JAX_EXTRA=tpu'",
+        f"{ssh} --worker=0 --command='mkdir -p her2jax_source && gcloud storage rsync -r "
+        f"gs://b/cohort her2jax_source'",
         f"{ssh} --worker=0 --command='cd her2jax && .venv/bin/python -m data_prep.prepare "
-        f"--source gs://b/cohort --data_dir gs://b/sw/data --quiet --image_size 16 "
+        f"--source ../her2jax_source --data_dir ../her2jax_data --quiet --image_size 16 "
         f"--normalization per_channel_clip_q98'",
+        f"{ssh} --worker=0 --command='gcloud storage rsync -r her2jax_data gs://b/sw/data'",
         f"{ssh} --worker=all --command='cd her2jax && .venv/bin/python -m her2jax.main --config "
         f"configs/resnet.py:resnet18 --workdir gs://b/sw/runs/{run} --config.seed=0 "
         f"--config.data_dir=gs://b/sw/data/her2_dce/{Q98} --config.model.kwargs.attention=dual "
@@ -208,6 +213,18 @@ def test_tpu_dry_run_line_by_line(sweep_file, capsys):
         f"--workdir gs://b/sw/runs/{run} --split test --quiet --multihost=on'",
     ]
     assert capsys.readouterr().out.splitlines() == expected
+
+
+def test_tpu_copies_a_local_manifest_cohort_to_worker_zero(sweep_file, capsys):
+    assert sweep.main(["--sweep", sweep_file, "--backend", "tpu", "--dry_run", "--source",
+                       "cohorts/ambl/manifest.csv", "--sweep_dir", "gs://b/sw", "--reuse",
+                       "--only", "*dual*", "--tpu_name", "h2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "gcloud compute tpus tpu-vm scp --recurse cohorts/ambl h2:her2jax_source " \
+           "--zone=us-central2-b --worker=0" in lines
+    assert any("data_prep.prepare --source ../her2jax_source/manifest.csv "
+               "--data_dir ../her2jax_data" in line for line in lines)
+    assert not any("tpu-vm create" in line or "queued-resources" in line for line in lines)
 
 
 def test_tpu_needs_a_bucket_and_data_needs_a_source(sweep_file, capsys):

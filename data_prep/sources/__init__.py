@@ -78,6 +78,9 @@ def locate(source: str) -> tuple[str, str | None]:
     a `.csv` file is a manifest; a folder must hold `manifest.csv` or a BreastDCEDL metadata CSV."""
     from data_prep.sources import breastdcedl
 
+    if "://" in source:
+        raise ValueError(f"--source {source}: preparation reads local files; copy the cohort "
+                         f"here first (e.g. gcloud storage rsync -r {source} DIR)")
     path = os.path.abspath(source)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--source {source}: does not exist")
