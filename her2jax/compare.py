@@ -71,6 +71,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def undefined_reason(result: dict) -> str | None:
+    """Why the test's NaN figures are NaN (see `stats.delong_paired_test`), or None."""
+    if result["positives"] == 0 or result["negatives"] == 0:
+        return "the test needs both classes among the patients: every figure is undefined"
+    if min(result["positives"], result["negatives"]) < 2:
+        return ("a class with a single patient: the variance, CI, z and p are undefined; "
+                "evaluate on more patients")
+    if result["standard_error"] == 0.0 and result["difference"] == 0.0:
+        return "the two runs rank the patients alike (variance 0): no evidence of a difference"
+    if result["standard_error"] == 0.0:
+        return ("the per-patient differences are one constant (variance 0): z and p are "
+                "undefined, the difference is exact")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -92,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  A - B = {result['difference']:+.3f}  {level}% CI [{result['ci_low']:+.3f}, "
           f"{result['ci_high']:+.3f}]  z = {result['z']:.2f}  p = {result['p_value']:.4f} "
           f"(paired DeLong)")
+    reason = undefined_reason(result)
+    if reason:
+        print(f"  {reason}")
     print(out)
     return 0
 

@@ -4,7 +4,8 @@ IN is a torchvision ResNet state dict (`.pth`), a timm ViT checkpoint (`.safeten
 or a HuggingFace ViT / ViT-MAE checkpoint (`.safetensors` or `.bin`). OUT is a converted file
 that training loads with one config key (`config.init.pretrained = OUT`). The conversion is
 checked against the registered model `NAME` with the checkpoint's own class count, and the report
-lists loaded, missing and unused keys.
+lists loaded, missing and unused keys; a checkpoint that leaves parameters outside the head
+missing or of another shape is refused (another architecture), unless `--allow_partial`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "names such as vit_small_patch16_224 are accepted")
     parser.add_argument("input", help="PyTorch checkpoint")
     parser.add_argument("output", help="converted file (.safetensors)")
+    parser.add_argument("--allow_partial", action="store_true",
+                        help="write the file even when parameters outside the classification "
+                             "head are missing from the checkpoint or have another shape")
     return parser.parse_args(argv)
+
+
+HEAD = ("fc/", "head/")   # the classification head: replaced for the task anyway
 
 
 def registry_name(arch: str) -> tuple[str, dict]:
@@ -67,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     if not report.loaded:
         print(f"error: nothing in {args.input} matches {name}; wrong --source or --arch?",
               file=sys.stderr)
+        return 1
+    unfit = report.mismatched + [key for key in report.missing if not key.startswith(HEAD)]
+    if unfit and not args.allow_partial:
+        print(f"error: {args.input} does not fit {name}: {len(unfit)} parameters outside the "
+              f"head are missing or of another shape (first: {unfit[0]}); wrong --arch? "
+              f"(--allow_partial writes it anyway)", file=sys.stderr)
         return 1
     weights.save(converted, args.output, source=args.source, arch=args.arch)
     print(args.output)

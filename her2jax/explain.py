@@ -174,10 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    for name, ratio in summary["mean_concentration_ratio"].items():
-        print(f"{name}: mean heat inside / outside the tumour {ratio:.2f}")
-    print(f"{len(summary['slices'])} overlays of {len(summary['patients'])} patients in "
-          f"{summary['folder']}")
+    ratios = summary["mean_concentration_ratio"]
+    for name in dict.fromkeys(name for entry in summary["slices"] for name in entry["maps"]):
+        if name in ratios:
+            print(f"{name}: mean heat inside / outside the tumour {ratios[name]:.2f}")
+        else:
+            print(f"{name}: inside / outside ratio defined on no slice (a map that is zero or "
+                  f"constant, e.g. a 1x1 feature map at this image size)")
+    overlays, patients = len(summary["slices"]), len(summary["patients"])
+    print(f"{overlays} overlay{'s' * (overlays != 1)} of {patients} "
+          f"patient{'s' * (patients != 1)} in {summary['folder']}")
     return 0
 
 

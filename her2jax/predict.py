@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -157,7 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "affine, as in the BreastDCEDL release")
     parser.add_argument("--spacing", type=_numbers(float, 3),
                         help="z,y,x spacing in mm when the headers lack it (used by N4)")
-    parser.add_argument("--patient_id", default="patient")
+    parser.add_argument("--patient_id", help="name in messages and prediction.json (default: "
+                                               "the --pre file's name)")
     parser.add_argument("--checkpoint", default="best")
     parser.add_argument("--out", help="folder for prediction.json (and overlays)")
     parser.add_argument("--explain", action="store_true",
@@ -168,8 +170,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def layout_warning(path: str, layout: str) -> str | None:
+    """A warning when a NIfTI file to be read with its own geometry looks like a BreastDCEDL
+    file: an identity affine (1 mm voxels, no orientation), which that release writes with the
+    array stored (z, y, x)."""
+    if layout != "standard" or not path.lower().endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        import nibabel as nib
+
+        affine = nib.load(path).affine
+    except Exception:  # the reader reports unreadable files, with the patient and the file
+        return None
+    if not np.allclose(affine, np.eye(4)):
+        return None
+    return (f"warning: {path} has an identity affine (1 mm voxels, no orientation), as the "
+            f"BreastDCEDL files have; if it is one of them, its array is stored (z, y, x): add "
+            f"--layout breastdcedl")
+
+
+def file_stem(path: str) -> str:
+    """`.../T-006_pre.nii.gz` -> `T-006_pre`."""
+    name = os.path.basename(os.path.normpath(path))
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    warning = layout_warning(args.pre, args.layout)
+    if warning:
+        print(warning, file=sys.stderr)
+    args.patient_id = args.patient_id or file_stem(args.pre)
     try:
         result = predict(args.workdir, pre=args.pre, early=args.early, late=args.late,
                          mask=args.mask, box=args.box, layout=args.layout, spacing=args.spacing,

@@ -99,7 +99,8 @@ class RunLog:
                 f"lower the learning rate, check the data, or resume from the last checkpoint")
         now = time.perf_counter()
         then, last_step = self._last
-        rate = (len(losses) * batch_size / (now - then)) if last_step is not None else math.nan
+        # no rate for the first logged steps of a launch (compilation): null in the JSON
+        rate = (len(losses) * batch_size / (now - then)) if last_step is not None else None
         self._last = (now, step)
         record = {"step": step, "split": "train", "learning_rate": learning_rate,
                   "images_per_second": rate}
@@ -109,11 +110,12 @@ class RunLog:
             return
         self._append(record)
         for key, value in record.items():
-            if key not in ("step", "split") and math.isfinite(value):
+            if key not in ("step", "split") and value is not None and math.isfinite(value):
                 self._writer.add_scalar(f"train/{key}", value, step)
-        eta = (self.total_steps - step) * batch_size / rate if rate == rate and rate > 0 else 0
+        speed = "-" if rate is None else f"{rate:.1f}"
+        eta = f"{(self.total_steps - step) * batch_size / rate / 60:.1f} min" if rate else "-"
         print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f}  lr {learning_rate:.2e}"
-              f"  {rate:.1f} img/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+              f"  {speed} img/s  eta {eta}", file=sys.stderr, flush=True)
 
     def evaluation(self, step: int, split: str, report: dict[str, Any]) -> None:
         if not self.enabled:

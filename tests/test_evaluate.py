@@ -9,6 +9,7 @@ import io
 import json
 import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -174,7 +175,17 @@ def test_predict_reports_bad_input_by_file(setup, tmp_path, capsys):
     pre = os.path.join(cohort, "dce", "T-006_spy2_vis1_dce_aqc_0.nii.gz")
     code = predict.main(["--workdir", setup["run_a"], "--pre", pre, "--early", pre,
                          "--late", str(tmp_path / "missing.nii.gz"), "--box", "1,2,3,4,5,6"])
-    assert code == 1 and "missing.nii.gz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 1 and "missing.nii.gz" in err
+    # the patient is named after the --pre file; the BreastDCEDL-style header is pointed out
+    assert "patient T-006_spy2_vis1_dce_aqc_0:" in err
+    assert err.splitlines()[0] == predict.layout_warning(pre, "standard")
+    assert "--layout breastdcedl" in err.splitlines()[0]
+    assert predict.layout_warning(pre, "breastdcedl") is None
+    oriented = str(tmp_path / "oriented.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([0.7, 0.7, 2.5, 1])),
+             oriented)
+    assert predict.layout_warning(oriented, "standard") is None
     with pytest.raises(SystemExit):
         predict.parse_args(["--workdir", "r", "--pre", "a", "--early", "b", "--late", "c",
                             "--box", "1,2,3"])

@@ -42,7 +42,11 @@ def test_overlays_and_grad_cam_on_the_tumour(trained, capsys):
     out = os.path.join(workdir, "explain_out")
     assert explain.main(["--workdir", workdir, "--split", "test", "--patients", "3",
                          "--out", out]) == 0
-    assert "inside / outside" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed[:3]] == [
+        "Grad-CAM", "Grad-CAM layer3", "gate attention.spatial"]
+    assert all("mean heat inside / outside the tumour" in line for line in printed[:3])
+    assert printed[3].startswith("12 overlays of 3 patients in ")
     summary = json.load(open(os.path.join(out, "explain.json")))
     assert summary["patients"] == ["T-000", "T-001", "T-006"]     # +, -, + alternately
     assert len(summary["slices"]) == 12                           # 4 slices each
@@ -79,3 +83,17 @@ def test_predict_with_explain_writes_overlays(trained, tmp_path):
     for entry in result["explanations"]:
         assert (tmp_path / entry["file"]).stat().st_size > 1000
         assert entry["maps"]["Grad-CAM"]["concentration_ratio"] > 1
+
+
+def test_summary_names_every_map_even_without_a_ratio(monkeypatch, capsys):
+    """A 1x1 layer4 map (small images) has no inside / outside ratio: still one line for it."""
+    summary = {"slices": [{"maps": {"Grad-CAM": {}, "Grad-CAM layer3": {}}}],
+               "mean_concentration_ratio": {"Grad-CAM layer3": 1.5}, "patients": ["P1"],
+               "folder": "out"}
+    monkeypatch.setattr(explain, "explain_run", lambda *args, **kwargs: summary)
+    assert explain.main(["--workdir", "run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "Grad-CAM: inside / outside ratio defined on no slice (a map that is zero or constant, "
+        "e.g. a 1x1 feature map at this image size)",
+        "Grad-CAM layer3: mean heat inside / outside the tumour 1.50",
+        "1 overlay of 1 patient in out"]

@@ -34,3 +34,17 @@ def test_unknown_model_name_is_refused(capsys):
     with pytest.raises(SystemExit):
         table.main(["--names", "resnet7"])
     assert "unknown models ['resnet7']" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_take_the_size_gets_a_row_saying_why(capsys):
+    out = io.StringIO()
+    table.table(["vit_tiny_patch32", "vit_tiny_patch4"], image_size=16, batch=1, repeats=1,
+                out=out)
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("| vit_")]
+    assert rows[0] == "| vit_tiny_patch32 | not at 16 px: image_size 16 is not a multiple of 32 " \
+                      "| | | |"
+    assert float(rows[1].strip("|").split("|")[2]) > 0
+    for bad in (["--image_size", "0"], ["--batch", "0"]):
+        with pytest.raises(SystemExit):
+            table.main(bad)
+        assert "must be at least 1" in capsys.readouterr().err

@@ -383,3 +383,20 @@ def test_invalid_inputs_raise():
         stats.calibration_bins(labels, scores, bins=0)
     with pytest.raises(ValueError, match="NaN"):
         stats.delong_placements(labels, [0.1, math.nan, 0.3, 0.4])
+
+
+def test_compare_says_why_a_test_figure_is_undefined():
+    from her2jax.compare import undefined_reason
+
+    labels = [0, 0, 1, 1, 0, 1]
+    scores = [0.1, 0.4, 0.35, 0.8, 0.2, 0.9]
+    assert undefined_reason(stats.delong_paired_test(labels, scores, scores[::-1])) is None
+    same = stats.delong_paired_test(labels, scores, [2 * s for s in scores])
+    assert "rank the patients alike" in undefined_reason(same)
+    perfect, inverted = [0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
+    constant = stats.delong_paired_test(perfect, inverted, inverted[::-1])
+    assert "one constant" in undefined_reason(constant)
+    single = stats.delong_paired_test([0, 0, 1], [0.1, 0.5, 0.7], [0.2, 0.1, 0.9])
+    assert "single patient" in undefined_reason(single)
+    absent = stats.delong_paired_test([0, 0, 0], [0.1, 0.5, 0.7], [0.2, 0.1, 0.9])
+    assert "both classes" in undefined_reason(absent)

@@ -62,6 +62,12 @@ def test_run_writes_logs_checkpoints_and_reports(dataset, tmp_path, monkeypatch)
     workdir = str(tmp_path / "run")
     rows = records(workdir)
     assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]
+    # standard JSON for other tools: no bare NaN (no speed before the second log line: null)
+    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+        train_lines = [line for line in handle if '"split": "train"' in line]
+    strict = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+              for line in train_lines]
+    assert strict[0]["images_per_second"] is None and strict[1]["images_per_second"] > 0
     elapsed = [r["elapsed_seconds"] for r in rows]
     assert elapsed == sorted(elapsed) and elapsed[-1] > 0
     evaluations = [r for r in rows if r["split"] == "validation"]

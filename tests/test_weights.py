@@ -161,6 +161,13 @@ def test_command_line_errors(resnet_files, tmp_path, capsys):
                          out]) == 1
     assert "nothing in" in capsys.readouterr().err                  # ResNet keys, ViT model
     assert not os.path.exists(out)
+    # ResNet-18 weights for a ResNet-34: half its blocks would stay random
+    assert convert.main(["--source", "torchvision", "--arch", "resnet34", source, out]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit resnet34" in err and "wrong --arch?" in err and not os.path.exists(out)
+    assert convert.main(["--source", "torchvision", "--arch", "resnet34", source, out,
+                         "--allow_partial"]) == 0
+    assert os.path.exists(out)
     from safetensors.numpy import save_file
     save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a converted her2jax checkpoint"):

@@ -67,8 +67,12 @@ def table(names: list[str], image_size: int, batch: int, repeats: int, out=sys.s
     print("|---|---|---|---|---|", file=out)
     for name in names:
         kwargs = {"image_size": image_size} if name.startswith("vit") else {}
-        model = models.create(name, num_classes=2, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
-                              **kwargs)
+        try:
+            model = models.create(name, num_classes=2, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
+                                  **kwargs)
+        except ValueError as error:      # e.g. an image smaller than the ViT's patch
+            print(f"| {name} | not at {image_size} px: {error} | | | |", file=out, flush=True)
+            continue
         forward, state = forward_function(model)
         flops = flops_per_image(forward, state, image_size)
         seconds = forward_seconds(forward, state, image_size, batch, repeats)
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype (parameters stay float32)")
     args = parser.parse_args(argv)
+    for option in ("image_size", "batch", "repeats"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
     unknown = sorted(set(args.names or []) - set(models.names()))
     if unknown:
         parser.error(f"unknown models {unknown}; registered: {', '.join(models.names())}")
