@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -191,7 +190,7 @@ def layout_warning(path: str, layout: str) -> str | None:
 
 def file_stem(path: str) -> str:
     """`.../T-006_pre.nii.gz` -> `T-006_pre`."""
-    name = os.path.basename(os.path.normpath(path))
+    name = epath.Path(path).name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
             return name[:-len(suffix)]
