@@ -1,7 +1,8 @@
 """Evaluate a trained run on a split: `python -m her2jax.evaluate --workdir RUN [--split test]
 [--data_dir PATH] [--checkpoint best|latest|STEP] [--out DIR]`.
 
-Writes under RUN/eval/<split>/ (or --out):
+Writes under RUN/eval/<split>/ (RUN/eval/<split>_<checkpoint>/ for a checkpoint other than the
+best, e.g. eval/test_latest, eval/test_6, so the best one's results stay; or --out):
     metrics.json             slice- and patient-level AUC with bootstrap CIs (patients resampled,
                              seeded); accuracy, balanced accuracy, sensitivity, specificity, PPV,
                              NPV, F1 at the threshold chosen on the validation split (Youden's J)
@@ -239,6 +240,14 @@ def validation_threshold(restored: Any, *, aggregation: str, batch_size: int,
     return entry
 
 
+def default_folder(workdir: str | epath.Path, split: str, checkpoint: str | int = "best"
+                   ) -> epath.Path:
+    """RUN/eval/<split> for the best checkpoint (what compare, collect and the demo read),
+    RUN/eval/<split>_<checkpoint> for any other."""
+    name = split if str(checkpoint) == "best" else f"{split}_{checkpoint}"
+    return epath.Path(workdir) / "eval" / name
+
+
 def _writer() -> bool:
     """Only process 0 writes files (every process computes the same numbers)."""
     import jax
@@ -283,7 +292,7 @@ def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = No
 
     if not _writer():
         return result
-    folder = epath.Path(out) if out else epath.Path(workdir) / "eval" / split
+    folder = epath.Path(out) if out else default_folder(workdir, split, checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=True))
     table = patient_table(slices, aggregation)
@@ -403,14 +412,22 @@ def _progress(total: int, description: str, enabled: bool):
                 file=sys.stderr)
 
 
+def _checkpoint(text: str) -> str:
+    if text in ("best", "latest") or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"best, latest or a step number, got {text!r}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m her2jax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="run folder (python -m her2jax.main)")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--data_dir", help="prepared dataset (default: the run's own)")
-    parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
-    parser.add_argument("--out", help="output folder (default RUN/eval/<split>)")
+    parser.add_argument("--checkpoint", default="best", type=_checkpoint,
+                        help="best, latest or a step number")
+    parser.add_argument("--out", help="output folder (default RUN/eval/<split>, or "
+                                      "RUN/eval/<split>_<checkpoint> for another checkpoint)")
     parser.add_argument("--aggregation", choices=metrics.AGGREGATIONS,
                         help="slice -> patient rule (default: the run's)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
@@ -442,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
           f"[{format_number(patient['auc_ci_low'])}, {format_number(patient['auc_ci_high'])}]  "
           f"sensitivity {format_number(rates['sensitivity'])}  specificity "
           f"{format_number(rates['specificity'])}  ({result['patients']} patients)")
-    print(epath.Path(args.out) if args.out else epath.Path(args.workdir) / "eval" / args.split)
+    print(epath.Path(args.out) if args.out else
+          default_folder(args.workdir, args.split, args.checkpoint))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Train: `python -m her2jax.main --config configs/resnet.py:resnet18 --workdir RUN [--config.k=v]`.
 
-Re-running the same command resumes from the latest checkpoint in RUN; SIGTERM (preemption)
-writes a checkpoint and exits cleanly. A relaunch may change only the keys in
+Re-running the same command resumes from the latest checkpoint in RUN; SIGTERM (preemption) or
+a first Ctrl-C writes a checkpoint and exits with 143 or 130 (a second Ctrl-C stops at once). A relaunch may change only the keys in
 `train.RELAUNCH_KEYS` (e.g. total_steps, to extend the run); any other change is refused.
 
 Several processes (hosts of a TPU pod slice, SLURM tasks, or explicit flags) run the same
@@ -92,6 +92,7 @@ def main(argv: list[str]) -> None:
         train.train_and_evaluate(config, FLAGS.workdir)
     except train.StopRequested as stop:
         print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)     # not 0: a sweep must not take a stopped run for finished
     except (FloatingPointError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -166,6 +166,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.explain and not args.out:
         parser.error("--explain writes images: give --out")
+    box = args.box
+    if box and (min(box) < 0 or box[0] > box[1] or box[2] > box[3] or box[4] > box[5]):
+        parser.error(f"--box {','.join(map(str, box))}: expected z0,z1,y0,y1,x0,x1 with each "
+                     f"first index <= the second (inclusive) and none negative")
     return args
 
 

@@ -43,7 +43,12 @@ RELAUNCH_KEYS = frozenset({
 
 
 class StopRequested(Exception):
-    """Raised inside the loop after SIGTERM, once a checkpoint is safely written."""
+    """Raised inside the loop after SIGTERM (or a first Ctrl-C), once a checkpoint is safely
+    written; `exit_code` is the shell's code for that signal (143, 130)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 def run_folder(workdir: str | epath.Path) -> epath.Path:
@@ -146,8 +151,10 @@ def build_model(config: ml_collections.ConfigDict, image_size: int) -> nnx.Modul
                          rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.dtype), **kwargs)
 
 
-def evaluate(eval_step, params, rest, config, mesh, split: str) -> dict[str, Any]:
-    """Patient-level metrics on `split`: every slice exactly once (the last batch is padded)."""
+def evaluate(eval_step, params, rest, config, mesh, split: str, step: int | None = None
+             ) -> dict[str, Any]:
+    """Patient-level metrics on `split`: every slice exactly once (the last batch is padded).
+    NaN/inf outputs (diverged parameters, though the loss logged was finite) stop the run."""
     ids, probabilities, labels, valid = [], [], [], []
     # a batch must split evenly over the devices; padding covers the extra rows
     batch_size = -(-config.eval.batch_size // mesh.size) * mesh.size
@@ -164,6 +171,12 @@ def evaluate(eval_step, params, rest, config, mesh, split: str) -> dict[str, Any
     rows = distributed.allgather_rows({
         "patient_id": np.array(ids, dtype=object), "probability": np.concatenate(probabilities),
         "label": np.concatenate(labels), "valid": np.concatenate(valid)})
+    if not np.isfinite(rows["probability"][rows["valid"].astype(bool)]).all():
+        raise FloatingPointError(
+            f"the model's outputs on {split} are NaN/inf"
+            + (f" at step {step}" if step is not None else "")
+            + ": its parameters diverged; lower the learning rate, check the data, or resume "
+              "from an earlier checkpoint")
     return metrics.patient_report(rows["patient_id"], rows["probability"], rows["label"],
                                   valid=rows["valid"], method=config.eval.aggregation)
 
@@ -237,14 +250,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def save(step: int) -> None:
         latest.save(step, args=ocp.args.StandardSave(state), force=True)
 
-    stop = {"requested": False}
+    stop: dict[str, Any] = {"requested": None}     # the signal that asked to stop
     several = jax.process_count() > 1
     if several:
         # jax.distributed's preemption notifier owns SIGTERM; all processes stop at one step
         from jax.experimental.multihost_utils import reached_preemption_sync_point
     else:
-        previous_handler = signal.signal(signal.SIGTERM,
-                                         lambda *_: stop.__setitem__("requested", True))
+        def request_stop(signum, frame):
+            if stop["requested"] == signal.SIGINT and signum == signal.SIGINT:
+                raise KeyboardInterrupt      # a second Ctrl-C: stop now, without a checkpoint
+            stop["requested"] = signum
+
+        previous_handlers = {signum: signal.signal(signum, request_stop)
+                             for signum in (signal.SIGTERM, signal.SIGINT)}
 
     # ------------------------------------------------------------------ train loop
     iterator = input_pipeline.train_iterator(
@@ -267,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pending = []
             if step % config.eval.every_steps == 0 or step == config.total_steps:
                 report = evaluate(eval_step, state["params"], state["rest"], config, mesh,
-                                  config.eval_split)
+                                  config.eval_split, step)
                 log.evaluation(step, config.eval_split, report)
                 if np.isfinite(report["auc"]):
                     best.save(step, args=ocp.args.StandardSave(state),
@@ -276,10 +294,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 save(step)
             if stop["requested"] or (several and reached_preemption_sync_point(step)):
                 save(step)
-                raise StopRequested(f"SIGTERM: checkpoint written at step {step}")
+                signum = stop["requested"] or signal.SIGTERM
+                raise StopRequested(f"{signal.Signals(signum).name}: checkpoint written at step "
+                                    f"{step}; the same command resumes", signum)
     finally:
         if not several:
-            signal.signal(signal.SIGTERM, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         latest.wait_until_finished()
         best.wait_until_finished()
         log.close()

@@ -3,8 +3,9 @@ local|slurm|tpu [--dry_run] [--only PATTERN] [--source COHORT] [--sweep_dir DIR]
 
 Every run gets a stable name (`launch.spec`) and the work directory SWEEP_DIR/runs/NAME; the
 data variants the runs need are prepared once, into SWEEP_DIR/data, before those runs. A run
-whose test evaluation exists is finished and skipped; a failed run is reported and retried with
-`--retry_failed`; an interrupted one resumes from its latest checkpoint (training does that by
+whose test evaluation exists is finished and skipped; a run stopped by SIGTERM or Ctrl-C (exit
+code 143 or 130, its checkpoint written) is `stopped` and resumed by the next launch; a failed run
+is reported and retried with `--retry_failed` (training resumes from its latest checkpoint by
 itself). SWEEP_DIR/manifest.json records every run's commands, config, status and timings;
 `python -m launch.collect SWEEP_DIR` turns the finished runs into the leaderboard.
 
@@ -46,6 +47,8 @@ from launch.spec import Run, Sweep
 
 BACKENDS = ("local", "slurm", "tpu")
 FINISHED, FAILED, PENDING, RUNNING, SKIPPED = "finished", "failed", "pending", "running", "skipped"
+STOPPED = "stopped"           # SIGTERM / Ctrl-C: a checkpoint was written; a relaunch resumes it
+STOP_CODES = (128 + 15, 128 + 2, -15, -2)
 
 
 # ---------------------------------------------------------------- loading a sweep
@@ -166,6 +169,12 @@ class Plan:
         self.source = source
         self.python = python
         self.data_root = data_root or f"{self.sweep_dir}/data"
+        for key in settings or {}:
+            values = {repr(run.settings[key]) for run in sweep.runs if key in run.settings}
+            if len(values) > 1:
+                raise ValueError(f"--set {key}: sweep {sweep.name} varies this key "
+                                 f"({', '.join(sorted(values))}); setting it would make its runs "
+                                 f"one and the same (narrow the sweep with --only instead)")
         runs = [with_settings(run, settings or {}) for run in sweep.runs]
         if only:
             runs = [run for run in runs if fnmatch.fnmatch(run.name, only)
@@ -295,11 +304,14 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
             entry["returncode"] = process.returncode
             entry["finished"] = _now()
             entry["seconds"] = round(time.perf_counter() - started, 1)
-            entry["status"] = FINISHED if process.returncode == 0 and \
-                is_finished(entry["workdir"]) else FAILED
+            if process.returncode == 0 and is_finished(entry["workdir"]):
+                entry["status"] = FINISHED
+            else:
+                entry["status"] = STOPPED if process.returncode in STOP_CODES else FAILED
             write_manifest(plan.sweep_dir, manifest)
             print(f"{entry['status']}: {run.name} ({entry['seconds']} s)"
-                  + (f", log {entry['log']}" if entry["status"] == FAILED else ""),
+                  + (f", log {entry['log']}" if entry["status"] == FAILED else "")
+                  + (" (a relaunch resumes it)" if entry["status"] == STOPPED else ""),
                   file=out, flush=True)
     return manifest
 

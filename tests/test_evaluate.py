@@ -189,6 +189,10 @@ def test_predict_reports_bad_input_by_file(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict.parse_args(["--workdir", "r", "--pre", "a", "--early", "b", "--late", "c",
                             "--box", "1,2,3"])
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--workdir", "r", "--pre", "a", "--early", "b", "--late", "c",
+                            "--box", "6,3,13,14,7,9"])
+    assert "each first index <= the second" in capsys.readouterr().err
 
 
 def test_compare_runs_a_paired_delong_test(setup, tmp_path, capsys):
@@ -252,3 +256,17 @@ def test_a_run_without_a_best_checkpoint_falls_back_to_the_latest(setup, tmp_pat
     assert restored.checkpoint.startswith("latest") and restored.step == 6
     result = evaluate.evaluate_run(workdir, samples=50, progress=False)
     assert result["step"] == 6 and "no best" in result["checkpoint"]
+
+
+def test_another_checkpoint_is_written_beside_the_best_ones_results(setup, capsys):
+    run = setup["run_a"]
+    best = open(os.path.join(run, "eval", "test", "metrics.json")).read()
+    assert evaluate.main(["--workdir", run, "--checkpoint", "latest", "--quiet",
+                          "--bootstrap", "20"]) == 0
+    assert capsys.readouterr().out.strip().endswith(os.path.join("eval", "test_latest"))
+    latest = json.load(open(os.path.join(run, "eval", "test_latest", "metrics.json")))
+    assert latest["checkpoint"].startswith("latest")
+    assert open(os.path.join(run, "eval", "test", "metrics.json")).read() == best
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--workdir", run, "--checkpoint", "abc"])
+    assert "best, latest or a step number, got 'abc'" in capsys.readouterr().err

@@ -259,6 +259,41 @@ def test_finished_runs_are_skipped_and_failed_ones_retried_on_request(sweep_file
     assert f"train {done}" not in out
 
 
+def test_set_refuses_a_key_the_sweep_varies(sweep_file, tmp_path, capsys):
+    """Setting the swept key would give every run one name and one folder at the same time."""
+    args = ["--sweep", sweep_file, "--sweep_dir", str(tmp_path / "sw"), "--source", "c",
+            "--dry_run"]
+    assert sweep.main([*args, "--set", "model.kwargs.attention=cbam"]) == 1
+    err = capsys.readouterr().err
+    assert "--set model.kwargs.attention: sweep tiny varies this key ('dual', 'none')" in err
+    assert sweep.main([*args, "--set", "total_steps=4"]) == 0     # a key it does not vary
+
+
+def test_a_run_stopped_by_a_signal_is_resumed_by_the_next_launch(sweep_file, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Training exits 143 after SIGTERM (130 after Ctrl-C) with its checkpoint written: the run
+    is 'stopped', not finished nor failed, and a plain relaunch picks it up again."""
+    import subprocess
+
+    sweep_dir = str(tmp_path / "sw")
+    args = ["--sweep", sweep_file, "--sweep_dir", sweep_dir, "--source", "c", "--only", "*dual*"]
+    plan = sweep.build_plan(sweep.parse_args(args))
+    for data_dir in plan.datasets.values():              # data prepared already
+        os.makedirs(data_dir)
+        open(os.path.join(data_dir, "metadata.json"), "w").close()
+    codes = iter([143, 1])
+    monkeypatch.setattr(sweep, "_start", lambda plan, run, entry, *rest: (
+        entry.update(status="running", log="x.log")
+        or subprocess.Popen(["bash", "-c", f"exit {next(codes)}"]), run, 0.0))
+    assert sweep.main(args) == 0
+    (entry,) = sweep.read_manifest(sweep_dir)["runs"]
+    assert entry["status"] == "stopped" and entry["returncode"] == 143
+    assert "(a relaunch resumes it)" in capsys.readouterr().out
+    assert sweep.main(args) == 1                          # started again; this time it fails
+    assert "started: " in capsys.readouterr().out
+    assert sweep.read_manifest(sweep_dir)["runs"][0]["status"] == "failed"
+
+
 @pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("local_sweep")

@@ -102,8 +102,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(dataset, tmp_path, monkey
         return wrapped
 
     monkeypatch.setattr(steps, "make_train_step", preempted_after_step_4)
-    with pytest.raises(train.StopRequested, match="step 4"):
+    with pytest.raises(train.StopRequested, match="SIGTERM: checkpoint written at step 4") as stop:
         train.train_and_evaluate(tiny_config(data_dir), resumed)
+    assert stop.value.exit_code == 143
     assert "4" in os.listdir(os.path.join(resumed, "checkpoints"))   # SIGTERM's checkpoint
     monkeypatch.setattr(steps, "make_train_step", make_train_step)
     train.train_and_evaluate(tiny_config(data_dir), resumed)
@@ -289,3 +290,54 @@ def test_checkpoint_restores_onto_two_devices(dataset, tmp_path, monkeypatch):
     assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
     last = [r for r in records(workdir) if r["split"] == "train"][-1]
     assert last["step"] == 6 and np.isfinite(last["loss"])
+
+
+def test_ctrl_c_writes_a_checkpoint_and_a_second_one_stops_at_once(dataset, tmp_path,
+                                                                   monkeypatch):
+    _, data_dir = dataset
+    make_train_step = steps.make_train_step
+
+    def interrupted(at_calls, times=1):
+        def make(*args, **kwargs):
+            step, calls = make_train_step(*args, **kwargs), {"n": 0}
+
+            def wrapped(*inputs):
+                calls["n"] += 1
+                outputs = step(*inputs)
+                if calls["n"] in at_calls:
+                    for _ in range(times):
+                        os.kill(os.getpid(), signal.SIGINT)
+                return outputs
+
+            return wrapped
+        return make
+
+    monkeypatch.setattr(steps, "make_train_step", interrupted({2}))
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train.StopRequested, match="SIGINT: checkpoint written at step 2") as stop:
+        train.train_and_evaluate(tiny_config(data_dir), workdir)
+    assert stop.value.exit_code == 130
+    assert "2" in os.listdir(os.path.join(workdir, "checkpoints"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # handler given back
+    # two Ctrl-C before the step ends: the second one is a plain KeyboardInterrupt
+    monkeypatch.setattr(steps, "make_train_step", interrupted({1}, times=2))
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "other"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_nan_outputs_at_an_evaluation_stop_the_run_naming_the_step(dataset, tmp_path,
+                                                                  monkeypatch):
+    """Parameters can diverge in an update whose loss was still finite: the evaluation's NaN
+    outputs then stop the run with the step, not a metric library's complaint."""
+    _, data_dir = dataset
+    make_eval_step = steps.make_eval_step
+
+    def diverged(*args, **kwargs):
+        step = make_eval_step(*args, **kwargs)
+        return lambda *inputs: step(*inputs) * float("nan")
+
+    monkeypatch.setattr(steps, "make_eval_step", diverged)
+    with pytest.raises(FloatingPointError,
+                       match="outputs on validation are NaN/inf at step 3: its parameters"):
+        train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "run"))
