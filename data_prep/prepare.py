@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -133,6 +134,9 @@ def build(args: argparse.Namespace):
                       skip_bad=args.skip_bad, progress=not args.quiet, manifest=manifest)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    if not args.overwrite:
+        _check_same_source(os.fspath(builder.data_path),
+                           os.path.join(manual_dir, manifest) if manifest else manual_dir)
     new = [path for path in _tfds_paths(builder, args.data_dir) if not os.path.lexists(path)]
     try:
         # TFDS prints its own progress to stdout: keep stdout for the dataset path alone
@@ -143,6 +147,20 @@ def build(args: argparse.Namespace):
         _remove_left_empty(new)
         raise
     return builder
+
+
+def _check_same_source(dataset: str, source: str) -> None:
+    """A finished dataset of the same settings is reused only if it came from the same source
+    (the config name holds the settings, not the source)."""
+    path = os.path.join(dataset, "metadata.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        used = (json.load(handle).get("source") or {}).get("path")
+    if used and os.path.normpath(used) != os.path.normpath(source):
+        raise ValueError(f"{dataset} holds a dataset prepared with these settings from {used}, "
+                         f"not from {source}: use another --data_dir, or --overwrite to "
+                         f"replace it")
 
 
 def _tfds_paths(builder, data_dir: str) -> list[str]:

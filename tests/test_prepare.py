@@ -383,7 +383,7 @@ def file_times(path: str) -> dict[str, int]:
     return {name: os.stat(os.path.join(path, name)).st_mtime_ns for name in os.listdir(path)}
 
 
-def test_second_run_reuses_and_overwrite_rebuilds(tmp_path):
+def test_second_run_reuses_and_overwrite_rebuilds(tmp_path, capsys):
     folder, data_dir = str(tmp_path / "cohort"), str(tmp_path / "prepared")
     write_cohort(folder, patients=4, times=3)
     rc, lines = run_prepare(folder, data_dir)
@@ -411,6 +411,19 @@ def test_second_run_reuses_and_overwrite_rebuilds(tmp_path):
     assert changed == {"T-001"}
     assert len(after) == len(before)
     assert os.path.isfile(os.path.join(path, "preparation_report.md"))
+
+    # the same settings from another source: refused, not the first source's data handed back
+    other = str(tmp_path / "other")
+    write_cohort(other, patients=5, times=3, seed=3)
+    rebuilt = file_times(path)
+    assert prepare.main(prepare_args(other, data_dir)) == 1
+    err = capsys.readouterr().err
+    assert f"holds a dataset prepared with these settings from {folder}, not from " in err
+    assert "--overwrite to replace it" in err and file_times(path) == rebuilt
+    rc, lines = run_prepare(other, data_dir, "--overwrite")
+    assert rc == 0 and lines[-1] == path
+    assert {key[1] for key in example_keys(read_examples(path))} == {
+        f"T-{i:03d}" for i in range(5)}
 
 
 def test_external_cohort(tmp_path):
