@@ -25,7 +25,7 @@ from data_prep import n4, normalization, slices
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
 from data_prep.sources import Case
-from data_prep.volumes import check_intensities, read_volume
+from data_prep.volumes import Volume, check_intensities, read_volume
 
 
 @dataclasses.dataclass
@@ -57,23 +57,42 @@ def load_case(case: Case, params: PrepParams) -> Loaded:
         if volume.array.shape != shape:
             raise BadCaseError(case.patient_id, path, f"phases of different shapes: "
                                                       f"{volume.array.shape} vs pre {shape}")
+        _check_spacing(case, path, volume, volumes[0], "the pre-contrast phase")
     phases = np.stack([check_intensities(case.patient_id, path, v.array)
                        for path, v in zip(case.phases, volumes)])
     spacing = case.spacing or volumes[0].spacing
-    mask, box = _tumour_region(case, shape)
+    mask, box = _tumour_region(case, shape, volumes[0])
     if params.n4:
         phases = n4.correct_phases(phases, spacing, params.n4_shrink, params.n4_iterations)
     return Loaded(phases, mask, box, spacing)
 
 
-def _tumour_region(case: Case, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+def _check_spacing(case: Case, path: str, volume: Volume, reference: Volume | None,
+                   what: str) -> None:
+    """Volumes of one patient share one voxel grid: a different header spacing means a file
+    resampled or exported apart (BreastDCEDL headers hold a placeholder: not compared)."""
+    if case.stored_zyx or reference is None:
+        return
+    if not np.allclose(volume.spacing, reference.spacing, rtol=1e-3, atol=1e-4):
+        raise BadCaseError(case.patient_id, path, f"voxel spacing {_mm(volume.spacing)}, not the "
+                                                  f"{_mm(reference.spacing)} of {what}")
+
+
+def _mm(spacing: tuple[float, ...]) -> str:
+    return "x".join(f"{s:g}" for s in spacing) + " mm"
+
+
+def _tumour_region(case: Case, shape: tuple[int, ...], reference: Volume | None = None
+                   ) -> tuple[np.ndarray, tuple[int, ...]]:
     if case.mask is None:
         z0, z1, y0, y1, x0, x1 = case.box
         if z1 >= shape[0] or y1 >= shape[1] or x1 >= shape[2]:
             raise BadCaseError(case.patient_id, case.phases[0],
                                f"tumour box {case.box} outside the volume of shape {shape}")
         return np.zeros(shape, np.uint8), case.box
-    mask = read_volume(case.patient_id, case.mask, case.stored_zyx).array
+    volume = read_volume(case.patient_id, case.mask, case.stored_zyx)
+    _check_spacing(case, case.mask, volume, reference, "the phases")
+    mask = volume.array
     if mask.shape != shape:
         raise BadCaseError(case.patient_id, case.mask,
                            f"mask shape mismatch: {mask.shape} vs phases {shape}")

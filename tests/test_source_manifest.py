@@ -271,3 +271,19 @@ def test_dicom_folder_with_two_series_is_rejected(tmp_path):
         shutil.copy(other / name, folder / f"B{name}")
     with pytest.raises(BadCaseError, match="2 DICOM series"):
         read_volume("P8", str(folder))
+
+
+@pytest.mark.parametrize("which", ["early", "mask"])
+def test_a_file_on_another_voxel_grid_is_refused(manifest_source, which):
+    """A phase or mask resampled apart (same shape, other spacing) would be fused voxel by
+    voxel with the wrong anatomy: refused, naming the file and both spacings."""
+    folder, arrays, spacing = manifest_source
+    index = {"early": 1, "mask": 3}[which]
+    path = os.path.join(folder, "M-0", f"{which}.nii.gz")
+    write_nifti(arrays["M-0"][index], path, (2.0, 0.8, 0.7))
+    case = next(c for c in list_cases(folder, PrepParams()).cases if c.patient_id == "M-0")
+    with pytest.raises(BadCaseError) as error:
+        pipeline.load_case(case, PrepParams())
+    assert error.value.path == path
+    expected = "the pre-contrast phase" if which == "early" else "the phases"
+    assert f"voxel spacing 2x0.8x0.7 mm, not the 3x0.8x0.7 mm of {expected}" in str(error.value)
