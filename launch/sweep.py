@@ -6,7 +6,8 @@ data variants the runs need are prepared once, into SWEEP_DIR/data, before those
 whose test evaluation exists is finished and skipped; a run stopped by SIGTERM or Ctrl-C (exit
 code 143 or 130, its checkpoint written) is `stopped` and resumed by the next launch; a failed run
 is reported and retried with `--retry_failed` (training resumes from its latest checkpoint by
-itself). SWEEP_DIR/manifest.json records every run's commands, config, status and timings;
+itself). Ctrl-C or SIGTERM to the local launcher passes SIGTERM on to every run it started (each
+writes its checkpoint and is marked `stopped`). SWEEP_DIR/manifest.json records every run's commands, config, status and timings;
 `python -m launch.collect SWEEP_DIR` turns the finished runs into the leaderboard.
 
 Backends:
@@ -29,12 +30,14 @@ runs included (exit code 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fnmatch
 import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -285,6 +288,30 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
     running: list[tuple[subprocess.Popen, Run, Any, float]] = []
     queue = list(todo)
     free = list(range(parallel))
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        _run_queue(plan, manifest, entries, queue, running, free, devices, cpu_threads, parallel,
+                   out)
+    except (KeyboardInterrupt, SystemExit):
+        # the launcher is stopped: pass the signal on, so that every run writes its checkpoint
+        for process, run, _, _ in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process, run, _, _ in running:
+            process.wait()
+            entries[run.name].update(status=STOPPED, returncode=process.returncode)
+            print(f"{STOPPED}: {run.name} (a relaunch resumes it)", file=out, flush=True)
+        write_manifest(plan.sweep_dir, manifest)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return manifest
+
+
+def _run_queue(plan: Plan, manifest: dict[str, Any], entries: dict[str, Any], queue: list[Run],
+               running: list, free: list[int], devices: Sequence[str], cpu_threads: int | None,
+               parallel: int, out) -> None:
+    """Starts queued runs as slots free up and records each one's end, until all are done."""
     while queue or running:
         while queue and free:
             run = queue.pop(0)
@@ -313,7 +340,6 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
                   + (f", log {entry['log']}" if entry["status"] == FAILED else "")
                   + (" (a relaunch resumes it)" if entry["status"] == STOPPED else ""),
                   file=out, flush=True)
-    return manifest
 
 
 def _start(plan: Plan, run: Run, entry: dict[str, Any], slot: int, devices: Sequence[str],
@@ -335,8 +361,9 @@ def _start(plan: Plan, run: Run, entry: dict[str, Any], slot: int, devices: Sequ
     script = f"{shlex.join(commands['train'])} && {shlex.join(commands['evaluate'])}"
     entry.update(status=RUNNING, started=_now(), log=str(log))
     handle = open(os.fspath(log), "a")     # a local file: the local backend runs here
+    # its own process group: a signal to the launcher is passed on to the run's whole group
     process = subprocess.Popen(["bash", "-c", script], stdout=handle, stderr=subprocess.STDOUT,
-                               env=env)
+                               env=env, start_new_session=True)
     handle.close()
     return process, run, time.perf_counter()
 

@@ -294,6 +294,43 @@ def test_a_run_stopped_by_a_signal_is_resumed_by_the_next_launch(sweep_file, tmp
     assert sweep.read_manifest(sweep_dir)["runs"][0]["status"] == "failed"
 
 
+def test_stopping_the_launcher_stops_every_run_it_started(sweep_file, tmp_path, monkeypatch,
+                                                          capsys):
+    """Ctrl-C or SIGTERM to `launch.sweep --parallel 2`: each run's process group gets SIGTERM
+    (training writes its checkpoint), none is left running, and both are marked stopped."""
+    import subprocess
+    import types
+
+    sweep_dir = str(tmp_path / "sw")
+    args = ["--sweep", sweep_file, "--sweep_dir", sweep_dir, "--source", "c", "--parallel", "2"]
+    plan = sweep.build_plan(sweep.parse_args(args))
+    for data_dir in plan.datasets.values():
+        os.makedirs(data_dir)
+        open(os.path.join(data_dir, "metadata.json"), "w").close()
+    started = []
+
+    def start(plan, run, entry, *rest):
+        entry.update(status="running", log="x.log")
+        # a stand-in for `train && evaluate`: the child exits 143 on SIGTERM, as training does
+        process = subprocess.Popen(["bash", "-c", "trap 'exit 143' TERM; sleep 60 & wait $!"],
+                                   start_new_session=True)
+        started.append(process)
+        return process, run, 0.0
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "_start", start)
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(sleep=interrupted,
+                                                             perf_counter=lambda: 0.0))
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(args)
+    assert len(started) == 2 and all(p.poll() is not None for p in started)
+    runs = sweep.read_manifest(sweep_dir)["runs"]
+    assert [r["status"] for r in runs] == ["stopped", "stopped"]
+    assert [r["returncode"] for r in runs] == [143, 143]
+
+
 @pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("local_sweep")
