@@ -90,15 +90,21 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     config.checkpoint.every_steps = 3
 
 
+def load_file(path: str, kind: str):
+    """The Python file `path` (a config or sweep file) as a module; FileNotFoundError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {kind} file {path}")
+    module_spec = importlib.util.spec_from_file_location(
+        f"her2jax_{kind}_{os.path.basename(path).removesuffix('.py')}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
     """`configs/resnet.py:resnet18` -> that config, read as `--config` reads it (no overrides)."""
     path, sep, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file {path}")
-    module_spec = importlib.util.spec_from_file_location(
-        f"her2jax_config_{os.path.basename(path).removesuffix('.py')}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_file(path, "config")
     return module.get_config(arg) if sep else module.get_config()
 
 

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import datetime
 import fnmatch
-import importlib.util
 import json
 import os
 import shlex
@@ -58,13 +57,10 @@ STOP_CODES = (128 + 15, 128 + 2, -15, -2)
 
 def load_sweep(spec: str) -> Sweep:
     """`configs/sweeps/attention.py[:arg]` -> the Sweep its get_sweep(arg) returns."""
+    from configs.common import load_file
+
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no sweep file {path}")
-    module_spec = importlib.util.spec_from_file_location(
-        f"her2jax_sweep_{os.path.basename(path).removesuffix('.py')}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_file(path, "sweep")
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path} has no get_sweep(arg)")
     sweep = module.get_sweep(arg or None)
