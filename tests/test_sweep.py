@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import time
 
 import pytest
 
@@ -308,16 +309,24 @@ def test_stopping_the_launcher_stops_every_run_it_started(sweep_file, tmp_path, 
         os.makedirs(data_dir)
         open(os.path.join(data_dir, "metadata.json"), "w").close()
     started = []
+    real_sleep = time.sleep
 
     def start(plan, run, entry, *rest):
         entry.update(status="running", log="x.log")
-        # a stand-in for `train && evaluate`: the child exits 143 on SIGTERM, as training does
-        process = subprocess.Popen(["bash", "-c", "trap 'exit 143' TERM; sleep 60 & wait $!"],
-                                   start_new_session=True)
-        started.append(process)
+        # a stand-in for `train && evaluate`: exits 143 on SIGTERM, as training does once its
+        # handler is set (the marker says it is)
+        marker = tmp_path / f"ready{len(started)}"
+        process = subprocess.Popen(
+            ["bash", "-c", f"trap 'exit 143' TERM; touch {marker}; sleep 60 & wait $!"],
+            start_new_session=True)
+        started.append((process, marker))
         return process, run, 0.0
 
     def interrupted(seconds):
+        for _ in range(500):                 # Ctrl-C once both runs are under way
+            if len(started) == 2 and all(marker.exists() for _, marker in started):
+                break
+            real_sleep(0.02)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep, "_start", start)
@@ -325,7 +334,7 @@ def test_stopping_the_launcher_stops_every_run_it_started(sweep_file, tmp_path, 
                                                              perf_counter=lambda: 0.0))
     with pytest.raises(KeyboardInterrupt):
         sweep.main(args)
-    assert len(started) == 2 and all(p.poll() is not None for p in started)
+    assert len(started) == 2 and all(p.poll() is not None for p, _ in started)
     runs = sweep.read_manifest(sweep_dir)["runs"]
     assert [r["status"] for r in runs] == ["stopped", "stopped"]
     assert [r["returncode"] for r in runs] == [143, 143]
