@@ -11,10 +11,11 @@
 #      (recorded for an H100 in RESULTS.md already);
 #   3. her2jax against PyTorch (eager, AMP bfloat16, channels-last; and torch.compile) training
 #      throughput, MFU, compile time and peak memory at 224x224, one process per model, the
-#      issue's two target models (ResNet-50 with dual attention, ViT-B/16) first:
+#      issue's two target models (ResNet-50 with dual attention, ViT-B/16) first, her2jax's ViTs
+#      with their default attention_kernel='auto' (cuDNN's fused attention on the GPU):
 #      compare_<model>_bf16.json, and all of them in one table (benchmarks/report_compare.py);
-#   4. her2jax's ViT-B/16 with attention_kernel='cudnn' against PyTorch eager:
-#      attention_cudnn_vit_base16_bf16.json;
+#   4. her2jax's ViT-B/16 with attention written out (attention_kernel='xla') against PyTorch
+#      eager: attention_xla_vit_base16_bf16.json;
 #   5. the scaling benchmark on the devices present: scaling.json.
 # Worst case (every limit reached) about 8.5 minutes; TESTS=1 and TABLES=1 add up to 4 and 3.
 # DRY=1 runs steps 3-5 in their tiny CPU mode (a check of the script on a machine without GPU).
@@ -57,13 +58,13 @@ fi
 if [ "${DRY:-0}" = 1 ]; then
     # torch.compile on this CPU needs minutes; the GPU run times it
     shape="--dry_run --device cpu" compile=""
-    models="resnet18_dual:60 vit_small16:60" fused="vit_small16:60"
+    models="resnet18_dual:60 vit_small16:60" written="vit_small16:60"
     scaling="--image_size 32 --batch 4 --steps 1 --repeats 1"
 else
     shape="--device gpu --image_size 224 --batch 64 --steps 10 --warmup 3 --repeats 3"
     compile="--compile"
     models="resnet50_dual:110 vit_base16:110 resnet18_dual:70 vit_small16:70"
-    fused="vit_base16:80"
+    written="vit_base16:80"
     scaling="--image_size 224 --batch 64 --steps 10 --repeats 3"
 fi
 for entry in $models; do
@@ -74,10 +75,10 @@ for entry in $models; do
 done
 # every model in one table (also when some were cut off or failed)
 python3 benchmarks/report_compare.py "$out"/compare_*_bf16.json 2>&1 | tee -a "$log"
-# the ViT with cuDNN's fused attention (attention_kernel='cudnn') against PyTorch eager
-model=${fused%%:*} limit=${fused##*:}
+# the ViT with attention written out (attention_kernel='xla') against PyTorch eager
+model=${written%%:*} limit=${written##*:}
 timeout "$limit" python3 benchmarks/torch_compare.py --models "$model" --dtype bfloat16 $shape \
-    --vit_attention cudnn --json "$out/attention_cudnn_${model}_bf16.json" 2>&1 \
+    --vit_attention xla --json "$out/attention_xla_${model}_bf16.json" 2>&1 \
     | grep -v "^WARNING" | tee -a "$log"
 devices=$(python3 -c "import jax; print(','.join(str(i + 1) for i in range(jax.device_count())))" 2>/dev/null || echo 1)
 timeout 60 python3 benchmarks/scaling.py --devices "$devices" $scaling \

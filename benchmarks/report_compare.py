@@ -4,7 +4,9 @@ model), for RESULTS.md.
     python benchmarks/report_compare.py compare_resnet50_dual_bf16.json ... [--plot chart.png]
 
 The files must come from runs with the same settings (image size, batch, steps, precision,
-device, torch.compile or not); their models are put in the order given. Prints the markdown
+device, torch.compile or not; a setting a file predates counts as its default); their models are
+put in the order given. The ViT attention kernel may differ between files: ViT rows are named
+with the kernel their file ran, e.g. "vit_base16 (cudnn attention)". Prints the markdown
 table of `torch_compare.py` over all of them, notes files that were cut off ("complete": false)
 and runs that failed, and with --plot draws images/s per model and framework (grouped bars, the
 her2jax / PyTorch ratios written beside them). Needs neither JAX nor PyTorch.
@@ -22,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_compare  # noqa: E402  (standard library only at import)
 
 # Arguments that may differ between the files being merged.
-PER_FILE = {"models", "json"}
+PER_FILE = {"models", "json", "vit_attention", "cudnn_token_multiple"}
+DEFAULTS = vars(torch_compare.parse([]))
 FRAMEWORKS = (("her2jax", "her2jax"), ("torch_eager", "PyTorch eager"),
               ("torch_compile", "torch.compile"))
 
@@ -42,19 +45,35 @@ def load(paths: list[str]) -> dict[str, Any]:
             raise SystemExit(f"report_compare: {path} is not a torch_compare.py --json file")
         runs.append((path, run))
     first_path, first = runs[0]
-    settings = {k: v for k, v in first["arguments"].items() if k not in PER_FILE}
+    keys = (set(DEFAULTS) | {k for _, run in runs for k in run["arguments"]}) - PER_FILE
+
+    def settings(run: dict[str, Any]) -> dict[str, Any]:
+        return {k: run["arguments"].get(k, DEFAULTS.get(k)) for k in keys}
+
     for path, run in runs[1:]:
-        other = {k: v for k, v in run["arguments"].items() if k not in PER_FILE}
-        differ = sorted(k for k in set(settings) | set(other) if settings.get(k) != other.get(k))
+        mine, other = settings(first), settings(run)
+        differ = sorted(k for k in keys if mine[k] != other[k])
         if differ:
-            detail = ", ".join(f"{k}: {settings.get(k)!r} in {first_path}, {other.get(k)!r}"
+            detail = ", ".join(f"{k}: {mine[k]!r} in {first_path}, {other[k]!r}"
                                for k in differ)
             raise SystemExit(f"report_compare: {path} was run with other settings ({detail})")
-    results = [result for _, run in runs for result in run["results"]]
+    results = [named(result, run) for _, run in runs for result in run["results"]]
     incomplete = [path for path, run in runs if not run.get("complete", False)]
-    return {"arguments": first["arguments"], "peak_flops": first.get("peak_flops"),
-            "environment": first["environment"], "results": results,
-            "incomplete": incomplete}
+    environment = {k: v for k, v in first["environment"].items() if k != "vit_attention_kernel"}
+    dates = list(dict.fromkeys(run["environment"].get("date_utc", "n/a") for _, run in runs))
+    environment["date_utc"] = ", ".join(dates)
+    return {"arguments": dict(first["arguments"], vit_attention="xla"),   # ViT rows say theirs
+            "peak_flops": first.get("peak_flops"), "environment": environment,
+            "results": results, "incomplete": incomplete}
+
+
+def named(result: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """A ViT's result with the attention kernel its run used in the model name."""
+    if torch_compare.MODELS.get(result.get("model"), {}).get("family") != "vit":
+        return result
+    kernel = (run["environment"].get("vit_attention_kernel")   # what ran; older files: asked for
+              or run["arguments"].get("vit_attention", "xla"))
+    return dict(result, model=f"{result['model']} ({kernel} attention)")
 
 
 def report(merged: dict[str, Any]) -> str:

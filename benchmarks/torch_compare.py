@@ -3,7 +3,8 @@
     python benchmarks/torch_compare.py [--models resnet18_dual,resnet50_dual,vit_small16,vit_base16]
         [--image_size 224] [--batch 8] [--steps 5] [--warmup 2] [--repeats 3]
         [--dtype float32|bfloat16] [--device cpu|gpu] [--compile [--compile_backend inductor]]
-        [--vit_attention xla|cudnn] [--json OUT] [--dry_run]
+        [--vit_attention auto|xla|cudnn] [--cudnn_token_multiple N] [--her2jax_only] [--no_flops]
+        [--json OUT] [--dry_run]
 
 Models (see benchmarks/torch_models.py for the PyTorch side):
   resnet18_dual, resnet50_dual  her2jax resnet18/50(attention='dual', placement='last',
@@ -21,9 +22,13 @@ PyTorch: eager (torch.optim.AdamW, clip_grad_norm_); --dtype bfloat16 runs it un
 (bfloat16) and her2jax with compute dtype bfloat16 (float32 parameters in both). On GPU the
 ResNets run channels_last; --compile adds a `torch.compile`d copy of the model (backend
 --compile_backend, default inductor; aot_eager checks the path in seconds on a CPU).
---vit_attention cudnn builds the her2jax ViTs with attention_kernel='cudnn' (fused attention, as
-timm's scaled_dot_product_attention in PyTorch; NVIDIA GPUs, bfloat16); FLOPs are then counted
-on the same model with attention written out.
+--vit_attention sets the her2jax ViTs' attention_kernel: 'auto' (default, the model's default:
+'cudnn' on an NVIDIA GPU in bfloat16, 'xla' elsewhere), 'xla' (written out) or 'cudnn' (fused
+attention, as timm's scaled_dot_product_attention in PyTorch); FLOPs are counted on the same
+model with attention written out; --cudnn_token_multiple sets the multiple its
+token count is padded to (vit.CUDNN_TOKEN_MULTIPLE). --her2jax_only skips the PyTorch timings
+(the PyTorch model still provides the weights) and --no_flops the CPU FLOP count: quick runs of
+her2jax variants (benchmarks/jax_variants.py). XLA_FLAGS, when set, is recorded.
 
 Measured per model and framework, the same batch in the same process:
   images/s     median (and min-max) of --repeats windows of --steps steps, after --warmup
@@ -103,8 +108,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile_backend", default="inductor",
                         help="torch.compile backend (inductor; eager or aot_eager only to test "
                              "the script)")
-    parser.add_argument("--vit_attention", default="xla", choices=["xla", "cudnn"],
-                        help="her2jax ViT attention_kernel (cudnn: fused, NVIDIA GPU, bfloat16)")
+    parser.add_argument("--vit_attention", default="auto", choices=["auto", "xla", "cudnn"],
+                        help="her2jax ViT attention_kernel (auto, the default: cudnn on NVIDIA "
+                             "GPUs in bfloat16, xla elsewhere)")
+    parser.add_argument("--cudnn_token_multiple", type=int, default=None,
+                        help="pad the tokens to a multiple of this for cuDNN attention")
+    parser.add_argument("--her2jax_only", action="store_true", help="skip the PyTorch timings")
+    parser.add_argument("--no_flops", action="store_true", help="skip the CPU FLOP count")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--dry_run", action="store_true", help="tiny shapes, for tests")
     args = parser.parse_args(argv)
@@ -119,6 +129,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     args.models = names
+    if args.cudnn_token_multiple is not None and args.cudnn_token_multiple < 1:
+        parser.error("--cudnn_token_multiple must be positive")
+    if args.her2jax_only and args.compile:
+        parser.error("--her2jax_only times no PyTorch: leave out --compile")
     if min(args.steps, args.repeats, args.batch) < 1 or args.warmup < 0:
         parser.error("--steps, --repeats and --batch must be positive, --warmup non-negative")
     return args
@@ -297,6 +311,9 @@ def jax_setup(spec: dict, args, arrays: dict, dtype, attention_kernel: str | Non
         if args.vit_depth is not None:
             options["depth"] = args.vit_depth
         options["attention_kernel"] = attention_kernel or args.vit_attention
+        if args.cudnn_token_multiple is not None:
+            from her2jax.models import vit
+            vit.CUDNN_TOKEN_MULTIPLE = args.cudnn_token_multiple
     model = models.create(spec["jax"], num_classes=2, rngs=nnx.Rngs(0), dtype=dtype, **options)
     report = load_pretrained(model, arrays)
     if report.missing or report.unused or report.mismatched:
@@ -364,9 +381,13 @@ def jax_run(spec: dict, args, arrays: dict, images, labels) -> dict[str, Any]:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     on_cpu = jax.devices()[0].platform == "cpu"
-    flops = (_flops(compiled) if on_cpu else
-             step_flops(counting_graph(spec, args, arrays, dtype, graph), params, rest,
-                        optimizer, batch, dtype))
+    if args.no_flops:
+        flops = None
+    elif on_cpu:
+        flops = _flops(compiled)
+    else:
+        flops = step_flops(counting_graph(spec, args, arrays, dtype, graph), params, rest,
+                           optimizer, batch, dtype)
     state = [params, rest, opt_state]
 
     def one_step():
@@ -412,7 +433,8 @@ def run_model(name: str, args, on_update: Callable[[dict], None] | None = None
     result = {"model": name, "her2jax_model": spec["jax"], "torch_model": spec["torch"],
               "torch_parameters": torch_models.parameter_count(net)}
     runs = [("her2jax", lambda: jax_run(spec, args, arrays, images, labels))]
-    runs.append(("torch_eager", lambda: torch_run(net, spec, images, labels, args, False)))
+    if not args.her2jax_only:
+        runs.append(("torch_eager", lambda: torch_run(net, spec, images, labels, args, False)))
     if args.compile:
         def compiled_run():
             fresh = torch_model(spec, args)
@@ -494,9 +516,17 @@ def environment(args) -> dict[str, Any]:
     info = {"versions": versions, "jax_device": f"{device.platform} ({device.device_kind})",
             "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "xla_flags": os.environ.get("XLA_FLAGS")}
     if args.compile:
         info["torch_compile_backend"] = args.compile_backend
+    if any(MODELS[name]["family"] == "vit" for name in args.models):
+        from her2jax.models import vit
+
+        # what --vit_attention comes to here ('auto' and 'cudnn' run 'xla' where cuDNN cannot)
+        usable = vit.cudnn_attention_usable(args.dtype, warn=False)
+        info["vit_attention_kernel"] = ("cudnn" if args.vit_attention != "xla" and usable
+                                        else "xla")
     if args.device == "gpu":
         info["torch_device"] = torch.cuda.get_device_name(0)
         info["torch_float32_matmul_precision"] = torch.get_float32_matmul_precision()
@@ -517,13 +547,29 @@ def mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
+def attention_note(args, info: dict) -> str:
+    """The table's first line names the ViT attention kernel asked for when the rows do not say
+    what ran (files written before it was recorded)."""
+    requested = getattr(args, "vit_attention", "xla")
+    if "vit_attention_kernel" in info or requested in ("xla", "auto"):
+        return ""
+    return f", her2jax ViT attention_kernel {requested}"
+
+
+def row_name(result: dict, info: dict) -> str:
+    """The model, for ViTs with the attention kernel her2jax ran: 'vit_base16 (cudnn attention)'."""
+    kernel = info.get("vit_attention_kernel")
+    if kernel and MODELS.get(result["model"], {}).get("family") == "vit":
+        return f"{result['model']} ({kernel} attention)"
+    return result["model"]
+
+
 def table(results: list[dict], args, info: dict) -> str:
     with_compile = args.compile
     lines = [f"{args.image_size}x{args.image_size} images, batch {args.batch}, {args.dtype}, "
              f"median of {args.repeats} windows of {args.steps} steps after {args.warmup} "
              f"warm-up, device {info['jax_device']}"
-             + (f", her2jax ViT attention_kernel {args.vit_attention}"
-                if getattr(args, "vit_attention", "xla") != "xla" else "")
+             + attention_note(args, info)
              + (f" / {info['torch_device']}" if "torch_device" in info else "")
              + f", {info['cpu_cores']} CPU cores, torch threads {info['torch_threads']}"]
     header = ["model", "her2jax img/s", "PyTorch eager img/s", "ratio (her2jax / eager)"]
@@ -547,7 +593,8 @@ def table(results: list[dict], args, info: dict) -> str:
 
     for result in results:
         labels = ["her2jax", "torch_eager"] + (["torch_compile"] if with_compile else [])
-        row = [result["model"], rate(result.get("her2jax")), rate(result.get("torch_eager")),
+        row = [row_name(result, info), rate(result.get("her2jax")),
+               rate(result.get("torch_eager")),
                number(result.get("ratio_vs_torch_eager"), "{:.2f}")]
         if with_compile:
             row += [rate(result.get("torch_compile")),

@@ -3,6 +3,7 @@ pipeline ever limits training.
 
     python benchmarks/train.py --data_dir DATASET [--config configs/resnet.py:resnet18]
                                [--batch 32] [--steps 30] [--repeats 3]
+                               [--input_only] [--no_augment]
 
 Three measurements per repeat, each after a warm-up (compilation excluded):
   input      a fresh train_iterator with the config's augmentation alone (host tf.data),
@@ -10,6 +11,9 @@ Three measurements per repeat, each after a warm-up (compilation excluded):
   step       the jitted train step on one device-resident batch (compute alone)
   end-to-end iterator -> to_global -> train step, as in training
 Prints medians (images/s) and the end-to-end rate as a fraction of each of the other two.
+--input_only measures the input alone (no model is built: e.g. under `taskset` to see how the
+host pipeline scales with cores); --no_augment reads without the augmentation (decoding and
+batching alone).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ def rate(function, count: int, batch: int) -> float:
     return count * batch / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True)
@@ -56,24 +60,36 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--input_only", action="store_true", help="measure the input alone")
+    parser.add_argument("--no_augment", action="store_true", help="input without augmentation")
+    args = parser.parse_args(argv)
     config = load_config(args.config)
     config.data_dir, config.batch_size = args.data_dir, args.batch
     size = input_pipeline.preparation_metadata(args.data_dir)["preparation"]["image_size"]
-    mesh = steps.data_mesh()
-    graph, _, params, rest = steps.split_model(train.build_model(config, size))
-    optimizer = create_optimizer(params, learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
-    opt_state = optimizer.init(params)
-    step = steps.make_train_step(graph, optimizer, mesh, dtype=jnp.dtype(config.dtype))
+    augment = None if args.no_augment else config.input.augment.to_dict()
+
     def new_iterator():
         return input_pipeline.train_iterator(
-            args.data_dir, global_batch_size=args.batch, seed=0,
-            augment=config.input.augment.to_dict(), balance=config.input.balance)
+            args.data_dir, global_batch_size=args.batch, seed=0, augment=augment,
+            balance=config.input.balance)
 
     def input_rate() -> float:
         fresh = new_iterator()
         next(fresh), next(fresh)
         return rate(lambda: next(fresh)["image"], 5 * args.steps, args.batch)
+
+    title = (f"{size}x{size} images, batch {args.batch}, augmentation "
+             f"{'off' if augment is None else 'on'}, {os.cpu_count()} CPU cores "
+             f"({len(os.sched_getaffinity(0))} usable)")
+    if args.input_only:
+        results = {"input": [input_rate() for _ in range(args.repeats)]}
+        print(f"input alone, {title}")
+        return report(results)
+    mesh = steps.data_mesh()
+    graph, _, params, rest = steps.split_model(train.build_model(config, size))
+    optimizer = create_optimizer(params, learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
+    opt_state = optimizer.init(params)
+    step = steps.make_train_step(graph, optimizer, mesh, dtype=jnp.dtype(config.dtype))
 
     iterator = new_iterator()
     batch = input_pipeline.to_global(next(iterator), mesh)
@@ -94,16 +110,21 @@ def main() -> None:
         results["step"].append(rate(compute, args.steps, args.batch))
         results["end-to-end"].append(rate(end_to_end, args.steps, args.batch))
     device = jax.devices()[0]
-    print(f"{config.model.name} {config.model.kwargs.to_dict()}, {size}x{size} images, batch "
-          f"{args.batch}, {args.steps} steps x {args.repeats}, {device.platform} "
-          f"({device.device_kind}), {os.cpu_count()} CPU cores")
+    print(f"{config.model.name} {config.model.kwargs.to_dict()}, {title}, {args.steps} steps x "
+          f"{args.repeats}, {device.platform} ({device.device_kind})")
+    report(results)
+    e2e = statistics.median(results["end-to-end"])
+    print(f"end-to-end / input = {e2e / statistics.median(results['input']):.2f}, "
+          f"end-to-end / step = {e2e / statistics.median(results['step']):.2f}")
+    return results
+
+
+def report(results: dict[str, list[float]]) -> dict[str, list[float]]:
     print("| measurement | median images/s | min-max |")
     print("|---|---|---|")
     for name, values in results.items():
         print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}-{max(values):.1f} |")
-    e2e = statistics.median(results["end-to-end"])
-    print(f"end-to-end / input = {e2e / statistics.median(results['input']):.2f}, "
-          f"end-to-end / step = {e2e / statistics.median(results['step']):.2f}")
+    return results
 
 
 if __name__ == "__main__":

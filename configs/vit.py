@@ -23,10 +23,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
     config.model.name = VARIANTS[variant]
     # image_size is set from the dataset at run time (position embeddings follow it)
-    # attention_kernel: 'xla' or 'cudnn' (fused attention on NVIDIA GPUs in bfloat16; the same
-    # function, so runs and checkpoints move freely between the two)
+    # attention_kernel: 'auto' (cuDNN's fused attention on NVIDIA GPUs in bfloat16, the written-out
+    # 'xla' elsewhere), 'xla' or 'cudnn': the same function, so runs and checkpoints move freely
+    # between them
     config.model.kwargs = ml_collections.ConfigDict({"pool": "token", "dropout": 0.1,
-                                                     "drop_path": 0.1, "attention_kernel": "xla"})
+                                                     "drop_path": 0.1, "attention_kernel": "auto"})
     if variant == "tiny4":
         config.model.kwargs.depth = 6
     config.optimizer.learning_rate = 3e-4

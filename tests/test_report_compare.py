@@ -69,3 +69,28 @@ def test_files_from_other_settings_are_refused(per_model_files, tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match=r"list\.json is not a torch_compare\.py --json file"):
         report_compare.main([str(tmp_path / "list.json")])
+
+
+def test_files_with_other_vit_attention_merge_with_named_rows(per_model_files, tmp_path):
+    """The attention kernel may differ per file (gpu.sh's written-out ViT-B beside the default):
+    the ViT rows say which ran; a file older than a setting counts as having its default."""
+    _, paths = per_model_files
+    fused = json.loads(open(paths[1]).read())
+    fused["arguments"]["vit_attention"] = "cudnn"
+    fused["environment"]["vit_attention_kernel"] = "cudnn"
+    fused["environment"]["date_utc"] = "2026-11-27 15:00"
+    (tmp_path / "fused.json").write_text(json.dumps(fused))
+    older = json.loads(open(paths[0]).read())
+    for key in ("her2jax_only", "no_flops", "cudnn_token_multiple"):
+        del older["arguments"][key]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    text = report_compare.main([str(tmp_path / "older.json"), paths[1],
+                                str(tmp_path / "fused.json")])
+    names = [row.split(" | ")[0].lstrip("| ") for row in rows(text)[2:]]
+    assert names == ["resnet18_dual", "vit_small16 (xla attention)",
+                     "vit_small16 (cudnn attention)"]
+    assert ", 2026-11-27 15:00" in text and "attention_kernel" not in text.splitlines()[0]
+    older["arguments"]["no_flops"] = True   # a setting that changes what is measured still counts
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match=r"other settings \(no_flops: True"):
+        report_compare.main([str(tmp_path / "older.json"), paths[1]])

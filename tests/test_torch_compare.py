@@ -171,17 +171,19 @@ def test_a_run_cut_off_mid_model_keeps_the_frameworks_it_finished(tmp_path, monk
     assert "| not run |" in row
 
 
-def test_flops_of_a_cudnn_attention_vit_are_counted_on_the_written_out_model(monkeypatch):
+@pytest.mark.parametrize("kernel", ["cudnn", "auto"])
+def test_flops_of_a_cudnn_attention_vit_are_counted_on_the_written_out_model(monkeypatch, kernel):
     """On a GPU the step's FLOPs come from a CPU compilation, where a cuDNN attention call cannot
     be compiled: the count uses the same ViT with attention written out."""
     from her2jax.models import vit
 
     args = torch_compare.parse(["--dry_run", "--models", "vit_small16", "--vit_attention",
-                                "cudnn"])
+                                kernel])
     spec = torch_compare.MODELS["vit_small16"]
     torch.manual_seed(0)
     arrays = torch_models.jax_arrays(torch_compare.torch_model(spec, args))
-    monkeypatch.setattr(vit, "cudnn_attention_usable", lambda dtype: True)   # as on a GPU
+    # as on a GPU
+    monkeypatch.setattr(vit, "cudnn_attention_usable", lambda dtype, warn=True: True)
     dtype = jnp.bfloat16
     graph, params, rest, optimizer = torch_compare.jax_setup(spec, args, arrays, dtype)
     batch = {"image": jnp.zeros((2, 32, 32, 3), jnp.uint8), "label": jnp.zeros((2,), jnp.int32)}

@@ -2,6 +2,8 @@
 dropout and stochastic depth, mixed precision."""
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +39,8 @@ def load(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
 
 
 def tiny(seed: int = 0, **options) -> vit.VisionTransformer:
-    return models.create("vit_tiny_patch16", num_classes=3, image_size=32, rngs=nnx.Rngs(seed),
-                         **options)
+    options.setdefault("image_size", 32)
+    return models.create("vit_tiny_patch16", num_classes=3, rngs=nnx.Rngs(seed), **options)
 
 
 # ---------------------------------------------------------------- construction
@@ -265,24 +267,58 @@ def test_cudnn_attention_kernel_falls_back_where_cudnn_cannot_run(monkeypatch):
     np.testing.assert_array_equal(out, np.asarray(written(x)))
 
 
+def test_auto_attention_kernel_is_the_default_and_silently_xla_where_cudnn_cannot_run(
+        monkeypatch):
+    """'auto' (the default) computes with the written-out kernel on this CPU, bit for bit, without
+    a warning; where cuDNN can run it calls the fused op."""
+    monkeypatch.setattr(vit, "_warned_cudnn", set())
+    x = images(2, 32)
+    written, default = tiny(attention_kernel="xla"), tiny()
+    assert all(block.attn.attention_kernel == "auto" for block in default.blocks)
+    written.eval()
+    default.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(np.asarray(default(x)), np.asarray(written(x)))
+    calls = []
+    monkeypatch.setattr(vit, "cudnn_attention_usable", lambda dtype, warn=True: True)
+    monkeypatch.setattr(vit, "cudnn_attention",
+                        lambda query, key, value, scale: calls.append(scale) or query)
+    default(x)
+    assert len(calls) == 12
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 0.05)])
-def test_cudnn_attention_kernel_calls_the_fused_op_with_the_same_function(monkeypatch, dtype,
-                                                                         tolerance):
+@pytest.mark.parametrize("size, multiple, padded", [
+    (32, 2, 6),     # 1 + 2x2 = 5 tokens: padded to 6, true lengths passed
+    (48, 2, 10),    # 1 + 3x3 = 10 tokens: even, called as it is
+    (32, 8, 8),     # another multiple
+])
+def test_cudnn_attention_kernel_calls_the_fused_op_with_the_same_function(
+        monkeypatch, dtype, tolerance, size, multiple, padded):
     """Where cuDNN can run, the model calls jax.nn.dot_product_attention(implementation='cudnn')
-    on (batch, tokens, heads, head width) q, k, v with scale 1/sqrt(head width); here its XLA
-    implementation stands in for cuDNN, and the logits and gradients must be the written-out
-    kernel's."""
+    on (batch, tokens, heads, head width) q, k, v with scale 1/sqrt(head width), the tokens
+    padded to a multiple of CUDNN_TOKEN_MULTIPLE with the true lengths given; here its XLA
+    implementation (which honours the lengths the same way) stands in for cuDNN, and the logits
+    and gradients must be the written-out kernel's."""
     calls = []
     real = jax.nn.dot_product_attention
 
-    def fused(query, key, value, *, scale, implementation):
-        calls.append((query.shape, implementation, scale))
-        return real(query, key, value, scale=scale, implementation="xla")
+    def fused(query, key, value, *, scale, implementation, query_seq_lengths=None,
+              key_value_seq_lengths=None):
+        calls.append((query.shape, implementation, scale, query_seq_lengths,
+                      key_value_seq_lengths))
+        if query.shape[1] % multiple:
+            raise NotImplementedError(f"Unsupported sequence length Q {query.shape[1]}")
+        return real(query, key, value, scale=scale, query_seq_lengths=query_seq_lengths,
+                    key_value_seq_lengths=key_value_seq_lengths, implementation="xla")
 
-    monkeypatch.setattr(vit, "cudnn_attention_usable", lambda dtype: True)
+    monkeypatch.setattr(vit, "cudnn_attention_usable", lambda dtype, warn=True: True)
+    monkeypatch.setattr(vit, "CUDNN_TOKEN_MULTIPLE", multiple)
     monkeypatch.setattr(jax.nn, "dot_product_attention", fused)
-    x = jnp.asarray(images(2, 32))
-    written, with_fused = tiny(dtype=dtype), tiny(dtype=dtype, attention_kernel="cudnn")
+    x = jnp.asarray(images(2, size))
+    options = {"dtype": dtype, "image_size": size}
+    written, with_fused = tiny(**options), tiny(attention_kernel="cudnn", **options)
     written.eval()
     with_fused.eval()
 
@@ -294,8 +330,47 @@ def test_cudnn_attention_kernel_calls_the_fused_op_with_the_same_function(monkey
 
     value, grads = loss_and_grads(with_fused)
     assert len(calls) >= 12 and {c[1] for c in calls} == {"cudnn"}   # every block, fwd (+ bwd)
-    assert calls[0][0] == (2, 5, 3, 64) and calls[0][2] == pytest.approx(1 / 8)
+    shape, _, scale, query_lengths, key_lengths = calls[0]
+    assert shape == (2, padded, 3, 64) and scale == pytest.approx(1 / 8)
+    tokens = 1 + (size // 16) ** 2
+    if padded == tokens:
+        assert query_lengths is None and key_lengths is None
+    else:
+        np.testing.assert_array_equal(np.asarray(query_lengths), [tokens, tokens])
+        np.testing.assert_array_equal(np.asarray(key_lengths), [tokens, tokens])
     ref_value, ref_grads = loss_and_grads(written)
     assert value == pytest.approx(ref_value, rel=tolerance)
     scale = np.abs(ref_grads).max()
     assert np.abs(grads - ref_grads).max() <= tolerance * scale
+
+
+def _nvidia_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" and "nvidia" in d.device_kind.lower()
+                   for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _nvidia_gpu(), reason="needs an NVIDIA GPU (benchmarks/gpu.sh runs it)")
+def test_cudnn_attention_on_the_gpu_matches_the_written_out_kernel():
+    """On an NVIDIA GPU, in bfloat16: cuDNN's fused attention (197 tokens, padded) gives the
+    written-out kernel's logits and gradients of a ViT-S/16 at 224 px within bfloat16 rounding."""
+    x = jnp.asarray(images(4, 224))
+    options = {"num_classes": 3, "dtype": "bfloat16", "depth": 2}
+    written = models.create("vit_small_patch16", rngs=nnx.Rngs(0), **options)
+    fused = models.create("vit_small_patch16", rngs=nnx.Rngs(0), attention_kernel="cudnn",
+                          **options)
+
+    def loss_and_grads(model):
+        def loss(model):
+            return jnp.sum(model(x) ** 2)
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        return float(value), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a fallback to 'xla' would make the test vacuous
+        value, grads = loss_and_grads(fused)
+    ref_value, ref_grads = loss_and_grads(written)
+    assert value == pytest.approx(ref_value, rel=0.05)
+    assert np.abs(grads - ref_grads).max() <= 0.05 * np.abs(ref_grads).max()

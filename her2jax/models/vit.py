@@ -10,13 +10,15 @@ Parameter names follow timm's `VisionTransformer`, so `from_timm` converts its w
 one. When the input grid differs from the grid the model was built for, the position
 embeddings are resampled the way timm does (antialiased bicubic, class-token entry kept).
 
-`attention_kernel` picks how softmax(q k^T / sqrt(d)) v is computed, not what: 'xla' (default)
-writes it out (scores and softmax in float32); 'cudnn' calls
+`attention_kernel` picks how softmax(q k^T / sqrt(d)) v is computed, not what: 'auto' (default)
+is 'cudnn' where cuDNN can run (an NVIDIA GPU, bfloat16 or float16 compute) and 'xla' elsewhere,
+silently; 'xla' writes it out (scores and softmax in float32); 'cudnn' calls
 `jax.nn.dot_product_attention(implementation='cudnn')`, the fused kernel on NVIDIA GPUs (the
-counterpart of the `scaled_dot_product_attention` timm uses in PyTorch), in bfloat16 or float16
-compute only. Where cuDNN cannot run (another backend, float32 compute: evaluating on a CPU a
-run trained on a GPU, say) the model warns once and uses 'xla', so the choice never changes
-which checkpoints or machines a model works with.
+counterpart of the `scaled_dot_product_attention` timm uses in PyTorch; 1.37x the training
+throughput of 'xla' for ViT-B/16 on an H200, benchmarks/RESULTS.md). Where an explicit 'cudnn'
+cannot run (another backend, float32 compute: evaluating on a CPU a run trained on a GPU, say)
+the model warns once and uses 'xla', so the choice never changes which checkpoints or machines
+a model works with.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ LAYER_NORM_EPS = 1e-6
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}   # name: (width, heads)
 POOLS = ("token", "avg")
 OPTIONS = ("image_size", "pool", "dropout", "drop_path", "dtype", "depth", "attention_kernel")
-ATTENTION_KERNELS = ("xla", "cudnn")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn")
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 WEIGHT_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
@@ -91,7 +93,7 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
-                 attention_kernel: str = "xla"):
+                 attention_kernel: str = "auto"):
         self.heads = heads
         self.attention_kernel = attention_kernel
         self.qkv = _linear(width, 3 * width, dtype, rngs)
@@ -101,10 +103,9 @@ class Attention(nnx.Module):
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads)
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.attention_kernel == "cudnn" and cudnn_attention_usable(query.dtype):
-            mixed = jax.nn.dot_product_attention(query, key, value,
-                                                 scale=1.0 / math.sqrt(width // self.heads),
-                                                 implementation="cudnn")
+        if self.attention_kernel != "xla" and cudnn_attention_usable(
+                query.dtype, warn=self.attention_kernel == "cudnn"):
+            mixed = cudnn_attention(query, key, value, 1.0 / math.sqrt(width // self.heads))
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                                 preferred_element_type=jnp.float32)
@@ -113,11 +114,40 @@ class Attention(nnx.Module):
         return self.proj(mixed.reshape(batch, tokens, width))
 
 
+# Token counts are padded to a multiple of this for cuDNN: its training kernels are refused for
+# odd lengths by jax 0.11 (a ViT has 1 + grid tokens: 197 at 224 px with 16-pixel patches).
+CUDNN_TOKEN_MULTIPLE = 2
+
+
+def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                    scale: float) -> jax.Array:
+    """softmax(q k^T scale) v by cuDNN's fused kernel on (batch, tokens, heads, head width).
+
+    Where the token count is not a multiple of CUDNN_TOKEN_MULTIPLE, q, k and v get zero tokens
+    appended and cuDNN is told each sequence's true length, so the padding keys get no weight;
+    the padding queries' rows are dropped: the same function as without padding.
+    """
+    batch, tokens = query.shape[:2]
+    padded = -(-tokens // CUDNN_TOKEN_MULTIPLE) * CUDNN_TOKEN_MULTIPLE
+    if padded == tokens:
+        return jax.nn.dot_product_attention(query, key, value, scale=scale,
+                                            implementation="cudnn")
+    widths = ((0, 0), (0, padded - tokens), (0, 0), (0, 0))
+    query, key, value = (jnp.pad(x, widths) for x in (query, key, value))
+    lengths = jnp.full((batch,), tokens, jnp.int32)
+    mixed = jax.nn.dot_product_attention(query, key, value, scale=scale,
+                                         query_seq_lengths=lengths,
+                                         key_value_seq_lengths=lengths,
+                                         implementation="cudnn")
+    return mixed[:, :tokens]
+
+
 _warned_cudnn: set[str] = set()
 
 
-def cudnn_attention_usable(dtype: Any) -> bool:
-    """Whether attention_kernel='cudnn' can run here; warns once (per reason) when not."""
+def cudnn_attention_usable(dtype: Any, warn: bool = True) -> bool:
+    """Whether cuDNN's fused attention can run here; with `warn`, warns once (per reason) when
+    not."""
     device = jax.devices()[0]
     if device.platform != "gpu" or "nvidia" not in device.device_kind.lower():
         reason = f"JAX's device is {device.platform} ({device.device_kind}), not an NVIDIA GPU"
@@ -125,7 +155,7 @@ def cudnn_attention_usable(dtype: Any) -> bool:
         reason = f"compute dtype {jnp.dtype(dtype).name} (cuDNN attention needs bfloat16/float16)"
     else:
         return True
-    if reason not in _warned_cudnn:
+    if warn and reason not in _warned_cudnn:
         _warned_cudnn.add(reason)
         warnings.warn(f"attention_kernel='cudnn': {reason}; using 'xla' (same function)",
                       stacklevel=3)
@@ -147,7 +177,7 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x += DropPath(attn(norm1 x)); x += DropPath(mlp(norm2 x))."""
 
     def __init__(self, width: int, heads: int, drop_path: float, *, dtype: jnp.dtype,
-                 rngs: nnx.Rngs, attention_kernel: str = "xla"):
+                 rngs: nnx.Rngs, attention_kernel: str = "auto"):
         self.norm1 = _layer_norm(width, dtype, rngs)
         self.attn = Attention(width, heads, dtype=dtype, rngs=rngs,
                               attention_kernel=attention_kernel)
@@ -188,7 +218,7 @@ class VisionTransformer(nnx.Module):
     def __init__(self, *, num_classes: int, width: int, heads: int, patch_size: int,
                  depth: int = DEPTH, image_size: int | Sequence[int] = 224,
                  pool: str = "token", dropout: float = 0.0, drop_path: float = 0.0,
-                 dtype: Any = jnp.float32, attention_kernel: str = "xla", rngs: nnx.Rngs):
+                 dtype: Any = jnp.float32, attention_kernel: str = "auto", rngs: nnx.Rngs):
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if attention_kernel not in ATTENTION_KERNELS:

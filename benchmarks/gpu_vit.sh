@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# ViT-B/16 on a GPU machine: what makes her2jax's training step faster, then the best variant
+# against PyTorch eager and torch.compile. Writes to $OUT (or benchmarks/gpu_out): gpu_vit.log,
+# vit_variants.json (benchmarks/jax_variants.py) and compare_vit_base16_best_bf16.json. About
+# 5 minutes; every step has its own time limit.
+#   1. the cuDNN attention parity test on the GPU (tests/test_vit.py, not JAX on the CPU);
+#   2. her2jax alone under each variant (attention kernel, token padding, XLA GEMM flags);
+#   3. the fastest variant in benchmarks/torch_compare.py with --compile.
+set -uo pipefail
+out=${OUT:-benchmarks/gpu_out}
+mkdir -p "$out"
+log="$out/gpu_vit.log"
+: > "$log"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# SHAPE, COMPILE and MODEL only to check the script on a CPU (SHAPE="--dry_run --device cpu ...")
+model=${MODEL:-vit_base16}
+shape=${SHAPE:-"--device gpu --dtype bfloat16 --image_size 224 --batch 64 --steps 10 --warmup 3 --repeats 3"}
+compile=${COMPILE---compile}
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_vit.py -k "on_the_gpu" -rs 2>&1 \
+    | tail -n 5 | tee -a "$log"
+notriton="--xla_gpu_enable_triton_gemm=false"
+# shellcheck disable=SC2086 (the shape splits on spaces)
+python3 benchmarks/jax_variants.py --model "$model" --timeout 60 \
+    --json "$out/vit_variants.json" \
+    --variant "xla=--vit_attention xla" \
+    --variant "cudnn=--vit_attention cudnn" \
+    --variant "cudnn, no Triton GEMM=--vit_attention cudnn|$notriton" \
+    --variant "xla, no Triton GEMM=--vit_attention xla|$notriton" \
+    --variant "cudnn, tokens to 208=--vit_attention cudnn --cudnn_token_multiple 16" \
+    --variant "cudnn, cuBLASLt=--vit_attention cudnn|--xla_gpu_enable_cublaslt=true" \
+    -- $shape 2>&1 | tee -a "$log"
+best=$(python3 - "$out/vit_variants.json" <<'PY'
+import json, shlex, sys
+done = [v for v in json.load(open(sys.argv[1]))["variants"] if "result" in v]
+best = max(done, key=lambda v: v["result"]["images_per_s"]) if done else None
+print("" if best is None else shlex.join([best["xla_flags"], *best["arguments"]]))
+PY
+)
+echo "fastest: ${best:-none}" | tee -a "$log"
+flags=$(python3 -c "import shlex,sys; print(shlex.split(sys.argv[1])[0] if sys.argv[1] else '')" "$best")
+arguments=$(python3 -c "import shlex,sys; print(shlex.join(shlex.split(sys.argv[1])[1:]))" "$best")
+# shellcheck disable=SC2086
+XLA_FLAGS="$flags" timeout 120 python3 benchmarks/torch_compare.py --models "$model" $shape \
+    $compile $arguments --json "$out/compare_${model}_best_bf16.json" 2>&1 \
+    | grep -v "^WARNING" | tee -a "$log"
