@@ -12,23 +12,29 @@ mkdir -p "$out"
 log="$out/gpu_vit.log"
 : > "$log"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# SHAPE, COMPILE and MODEL only to check the script on a CPU (SHAPE="--dry_run --device cpu ...")
+# SHAPE, COMPILE, MODEL and FIRST_VARIANTS only to check the script on a CPU
+# (SHAPE="--dry_run --device cpu ...")
 model=${MODEL:-vit_base16}
 shape=${SHAPE:-"--device gpu --dtype bfloat16 --image_size 224 --batch 64 --steps 10 --warmup 3 --repeats 3"}
 compile=${COMPILE---compile}
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_vit.py -k "on_the_gpu" -rs 2>&1 \
     | tail -n 5 | tee -a "$log"
 notriton="--xla_gpu_enable_triton_gemm=false"
+variants=(
+    "xla=--vit_attention xla"
+    "cudnn=--vit_attention cudnn"
+    "cudnn, no Triton GEMM=--vit_attention cudnn|$notriton"
+    "xla, no Triton GEMM=--vit_attention xla|$notriton"
+    "cudnn, tokens to 208=--vit_attention cudnn --cudnn_token_multiple 16"
+    "cudnn, cuBLASLt=--vit_attention cudnn|--xla_gpu_enable_cublaslt=true"
+)
+arguments=()
+for variant in "${variants[@]:0:${FIRST_VARIANTS:-${#variants[@]}}}"; do   # tests: the first 2
+    arguments+=(--variant "$variant")
+done
 # shellcheck disable=SC2086 (the shape splits on spaces)
 python3 benchmarks/jax_variants.py --model "$model" --timeout 60 \
-    --json "$out/vit_variants.json" \
-    --variant "xla=--vit_attention xla" \
-    --variant "cudnn=--vit_attention cudnn" \
-    --variant "cudnn, no Triton GEMM=--vit_attention cudnn|$notriton" \
-    --variant "xla, no Triton GEMM=--vit_attention xla|$notriton" \
-    --variant "cudnn, tokens to 208=--vit_attention cudnn --cudnn_token_multiple 16" \
-    --variant "cudnn, cuBLASLt=--vit_attention cudnn|--xla_gpu_enable_cublaslt=true" \
-    -- $shape 2>&1 | tee -a "$log"
+    --json "$out/vit_variants.json" "${arguments[@]}" -- $shape 2>&1 | tee -a "$log"
 best=$(python3 - "$out/vit_variants.json" <<'PY'
 import json, shlex, sys
 done = [v for v in json.load(open(sys.argv[1]))["variants"] if "result" in v]

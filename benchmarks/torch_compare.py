@@ -4,7 +4,7 @@
         [--image_size 224] [--batch 8] [--steps 5] [--warmup 2] [--repeats 3]
         [--dtype float32|bfloat16] [--device cpu|gpu] [--compile [--compile_backend inductor]]
         [--vit_attention auto|xla|cudnn] [--cudnn_token_multiple N] [--her2jax_only] [--no_flops]
-        [--json OUT] [--dry_run]
+        [--her2jax_augment] [--json OUT] [--dry_run]
 
 Models (see benchmarks/torch_models.py for the PyTorch side):
   resnet18_dual, resnet50_dual  her2jax resnet18/50(attention='dual', placement='last',
@@ -29,6 +29,9 @@ model with attention written out; --cudnn_token_multiple sets the multiple its
 token count is padded to (vit.CUDNN_TOKEN_MULTIPLE). --her2jax_only skips the PyTorch timings
 (the PyTorch model still provides the weights) and --no_flops the CPU FLOP count: quick runs of
 her2jax variants (benchmarks/jax_variants.py). XLA_FLAGS, when set, is recorded.
+--her2jax_augment adds the default augmentation to her2jax's step, on the device
+(`input.augment_on='device'`, one seed pair per image): what moving it off the host costs the
+step (PyTorch is not augmented: use it with --her2jax_only).
 
 Measured per model and framework, the same batch in the same process:
   images/s     median (and min-max) of --repeats windows of --steps steps, after --warmup
@@ -115,6 +118,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="pad the tokens to a multiple of this for cuDNN attention")
     parser.add_argument("--her2jax_only", action="store_true", help="skip the PyTorch timings")
     parser.add_argument("--no_flops", action="store_true", help="skip the CPU FLOP count")
+    parser.add_argument("--her2jax_augment", action="store_true",
+                        help="her2jax's step augments each image on the device")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--dry_run", action="store_true", help="tiny shapes, for tests")
     args = parser.parse_args(argv)
@@ -131,6 +136,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.models = names
     if args.cudnn_token_multiple is not None and args.cudnn_token_multiple < 1:
         parser.error("--cudnn_token_multiple must be positive")
+    if args.her2jax_augment and not args.her2jax_only:
+        parser.error("--her2jax_augment augments her2jax alone: add --her2jax_only")
     if args.her2jax_only and args.compile:
         parser.error("--her2jax_only times no PyTorch: leave out --compile")
     if min(args.steps, args.repeats, args.batch) < 1 or args.warmup < 0:
@@ -371,9 +378,16 @@ def jax_run(spec: dict, args, arrays: dict, images, labels) -> dict[str, Any]:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params, rest = jax.device_put((params, rest), replicated)
     opt_state = jax.device_put(optimizer.init(params), replicated)
-    batch = jax.device_put({"image": jnp.asarray(images), "label": jnp.asarray(labels)},
-                           steps.batch_sharding(mesh))
-    step = steps.make_train_step(graph, optimizer, mesh, dtype=dtype)
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    augment = None
+    if args.her2jax_augment:
+        from her2jax.augmentation import DEFAULT_AUGMENT, Augment
+
+        augment = Augment.from_mapping(DEFAULT_AUGMENT)
+        batch["augment_seed"] = jnp.stack([jnp.full((args.batch,), 7, jnp.uint32),
+                                           jnp.arange(args.batch, dtype=jnp.uint32)], 1)
+    batch = jax.device_put(batch, steps.batch_sharding(mesh))
+    step = steps.make_train_step(graph, optimizer, mesh, dtype=dtype, augment=augment)
     start = time.perf_counter()
     lowered = step.lower(params, rest, opt_state, batch)
     lower_s = time.perf_counter() - start

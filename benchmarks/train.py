@@ -3,7 +3,7 @@ pipeline ever limits training.
 
     python benchmarks/train.py --data_dir DATASET [--config configs/resnet.py:resnet18]
                                [--batch 32] [--steps 30] [--repeats 3]
-                               [--input_only] [--no_augment]
+                               [--input_only] [--no_augment] [--augment_on host|device]
 
 Three measurements per repeat, each after a warm-up (compilation excluded):
   input      a fresh train_iterator with the config's augmentation alone (host tf.data),
@@ -13,7 +13,8 @@ Three measurements per repeat, each after a warm-up (compilation excluded):
 Prints medians (images/s) and the end-to-end rate as a fraction of each of the other two.
 --input_only measures the input alone (no model is built: e.g. under `taskset` to see how the
 host pipeline scales with cores); --no_augment reads without the augmentation (decoding and
-batching alone).
+batching alone); --augment_on device moves the augmentation from the input into the step (the
+config's input.augment_on).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from her2jax import input_pipeline, steps, train  # noqa: E402
+from her2jax.augmentation import AUGMENT_ON, Augment  # noqa: E402
 from her2jax.optim import create_optimizer  # noqa: E402
 
 
@@ -62,16 +64,20 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--input_only", action="store_true", help="measure the input alone")
     parser.add_argument("--no_augment", action="store_true", help="input without augmentation")
+    parser.add_argument("--augment_on", default=None, choices=AUGMENT_ON,
+                        help="where the augmentation runs (default: the config's)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     config.data_dir, config.batch_size = args.data_dir, args.batch
+    if args.augment_on:
+        config.input.augment_on = args.augment_on
     size = input_pipeline.preparation_metadata(args.data_dir)["preparation"]["image_size"]
     augment = None if args.no_augment else config.input.augment.to_dict()
 
     def new_iterator():
         return input_pipeline.train_iterator(
             args.data_dir, global_batch_size=args.batch, seed=0, augment=augment,
-            balance=config.input.balance)
+            balance=config.input.balance, augment_on=config.input.augment_on)
 
     def input_rate() -> float:
         fresh = new_iterator()
@@ -79,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         return rate(lambda: next(fresh)["image"], 5 * args.steps, args.batch)
 
     title = (f"{size}x{size} images, batch {args.batch}, augmentation "
-             f"{'off' if augment is None else 'on'}, {os.cpu_count()} CPU cores "
+             f"{'off' if augment is None else 'on the ' + config.input.augment_on}, "
+             f"{os.cpu_count()} CPU cores "
              f"({len(os.sched_getaffinity(0))} usable)")
     if args.input_only:
         results = {"input": [input_rate() for _ in range(args.repeats)]}
@@ -89,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     graph, _, params, rest = steps.split_model(train.build_model(config, size))
     optimizer = create_optimizer(params, learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
     opt_state = optimizer.init(params)
-    step = steps.make_train_step(graph, optimizer, mesh, dtype=jnp.dtype(config.dtype))
+    on_device = augment is not None and config.input.augment_on == "device"
+    step = steps.make_train_step(graph, optimizer, mesh, dtype=jnp.dtype(config.dtype),
+                                 augment=Augment.from_mapping(augment) if on_device else None)
 
     iterator = new_iterator()
     batch = input_pipeline.to_global(next(iterator), mesh)

@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.input.augment.flip = 0.5             # probability of a horizontal flip
     config.input.augment.rotate_degrees = 10.0  # rotation drawn from U(-d, d)
     config.input.augment.intensity_jitter = 0.1  # contrast and brightness, one pair per image
+    # where the augmentation runs: host (tf.data, on the CPU) | device (in the jitted train step,
+    # on the accelerator: the host only decodes; for fast accelerators, see README)
+    config.input.augment_on = "host"
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 200

@@ -7,6 +7,7 @@ Training stream of one process (`train_iterator`):
     (seed, e), [balanced: rejection of examples, see `her2jax.input.sampling`], shuffled with a
     seed drawn from (seed, e); epochs follow one another without end;
     -> example t of the stream is decoded and augmented with the stateless seed (seed, t)
+       (augment_on="device": decoded only, the seed pair sent along for the train step)
     -> batches of global_batch_size // process_count -> prefetch.
 Everything random derives from (seed, process index, epoch, t), so `start_step=k` rebuilds the
 stream from the epoch holding element k * local_batch and skips the records before it in that
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from her2jax.augmentation import check_augment_on
 from her2jax.input import records, sampling
 from her2jax.input.augment import DEFAULT_AUGMENT, Augment, apply
 from her2jax.input.records import class_counts, open_dataset, preparation_metadata
@@ -42,7 +44,7 @@ MAX_FILES_READ_AT_ONCE = 16
 def train_iterator(data_dir: str, *, split: str = "train", global_batch_size: int, seed: int,
                    augment: Mapping[str, Any] | None, balance: str = "none",
                    process_index: int | None = None, process_count: int | None = None,
-                   start_step: int = 0, shuffle_buffer: int = 4096
+                   start_step: int = 0, shuffle_buffer: int = 4096, augment_on: str = "host"
                    ) -> Iterator[dict[str, np.ndarray]]:
     """Endless shuffled training batches of this process: {"image": uint8 (b, H, W, 3),
     "label": int32 (b,)} with b = global_batch_size // process_count.
@@ -54,10 +56,14 @@ def train_iterator(data_dir: str, *, split: str = "train", global_batch_size: in
         `jax.distributed.initialize`).
     start_step: the first batch is the one an uninterrupted iterator yields at this step.
     shuffle_buffer: records (still encoded) in the shuffle buffer of each epoch.
+    augment_on: "host" augments here; "device" leaves the images as read and adds
+        "augment_seed": uint32 (b, 2), each example's seed pair, for the train step to augment
+        with (`her2jax.augmentation.augment_batch`, `steps.make_train_step(augment=...)`).
     """
     process_index, process_count = _processes(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, process_count)
     options = Augment.from_mapping(augment)
+    check_augment_on(augment_on)
     sampling.check_balance(balance)
     builder = open_dataset(data_dir)
     pieces = records.split_share(builder, split, process_index, process_count)
@@ -83,6 +89,10 @@ def train_iterator(data_dir: str, *, split: str = "train", global_batch_size: in
                 ) -> dict[str, tf.Tensor]:
         parsed = records.parse(features, position_and_record[1])
         seed_pair = tf.stack([tf.constant(seeds[sampling.AUGMENT], tf.int64), index])
+        if augment_on == "device":   # the seed as two uint32 (the index modulo 2^32)
+            return {"image": parsed["image"], "label": parsed["label"],
+                    "augment_seed": tf.cast(tf.bitwise.bitwise_and(seed_pair, 0xFFFFFFFF),
+                                            tf.uint32)}
         return {"image": apply(options, parsed["image"], seed_pair), "label": parsed["label"]}
 
     dataset = (tf.data.Dataset.counter(epoch).flat_map(epoch_records)

@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from her2jax.augmentation import Augment, augment_batch
 from her2jax.losses import cross_entropy
 
 # ImageNet statistics: the pretrained networks expect them, and the 8-bit RGB fusion exists so
@@ -37,15 +38,26 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.Stat
 
 def make_train_step(train_graph: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     mesh: Mesh, *, dtype: jnp.dtype = jnp.float32, label_smoothing: float = 0.0,
-                    class_weights: jax.Array | None = None) -> Callable:
+                    class_weights: jax.Array | None = None,
+                    augment: Augment | None = None) -> Callable:
     """(params, rest, opt_state, batch) -> (params, rest, opt_state, metrics), jitted with the
-    batch sharded over 'data' and everything else replicated; params, rest, opt_state donated."""
+    batch sharded over 'data' and everything else replicated; params, rest, opt_state donated.
+
+    augment: augmentation done here, on the device, before the normalisation: each image with
+    its batch["augment_seed"] pair (`input_pipeline.train_iterator(augment_on="device")`)."""
+    on_device = augment is not None and augment.active
 
     def step(params, rest, opt_state, batch):
         model = nnx.merge(train_graph, params, rest)
+        images = batch["image"]
+        if on_device:
+            if "augment_seed" not in batch:
+                raise ValueError("augmentation on the device needs batches with 'augment_seed' "
+                                 "(input_pipeline.train_iterator(augment_on='device'))")
+            images = augment_batch(images, batch["augment_seed"], augment)
 
         def loss_fn(model):
-            logits = model(normalize_images(batch["image"], dtype))
+            logits = model(normalize_images(images, dtype))
             loss = cross_entropy(logits, batch["label"], label_smoothing=label_smoothing,
                                  class_weights=class_weights)
             return loss, logits

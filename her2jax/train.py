@@ -25,6 +25,7 @@ from etils import epath
 from flax import nnx
 
 from her2jax import distributed, input_pipeline, metrics, models, steps, weights
+from her2jax.augmentation import AUGMENT_ON, Augment
 from her2jax.input.sampling import BALANCE_MODES
 from her2jax.losses import class_weights_from_counts
 from her2jax.optim import create_optimizer, learning_rate_schedule
@@ -40,6 +41,9 @@ DTYPES = ("float32", "bfloat16")
 RELAUNCH_KEYS = frozenset({
     "total_steps", "warmup_steps", "log_every_steps", "eval.every_steps", "eval.batch_size",
     "checkpoint.every_steps", "checkpoint.keep", "data_dir", "model.kwargs.attention_kernel"})
+# Keys added after runs may have started, with the value that does what those runs did: absent
+# from a run's config.json and at this value, a key is no difference.
+ADDED_KEYS = {"input.augment_on": "host"}
 
 
 class StopRequested(Exception):
@@ -62,7 +66,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuses values that would otherwise fail only after training steps and checkpoints."""
     flat = _flat(config.to_dict())
     choices = {"model.name": models.names(), "dtype": DTYPES,
-               "eval.aggregation": metrics.AGGREGATIONS, "input.balance": BALANCE_MODES}
+               "eval.aggregation": metrics.AGGREGATIONS, "input.balance": BALANCE_MODES,
+               "input.augment_on": AUGMENT_ON}
     for key, valid in choices.items():
         if flat[key] not in valid:
             raise ValueError(f"config.{key} {flat[key]!r} is not one of: {', '.join(valid)}")
@@ -97,6 +102,9 @@ def check_relaunch(workdir: epath.Path, config: ml_collections.ConfigDict
         return {}
     old = _flat(json.loads(path.read_text()))
     new = _flat(json.loads(config.to_json()))   # tuples as JSON lists, as recorded
+    for key, value in ADDED_KEYS.items():
+        if key not in old and new.get(key) == value:
+            old[key] = value
     changed = {k: [old.get(k, _ABSENT), new.get(k, _ABSENT)] for k in sorted(set(old) | set(new))
                if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
     refused = [k for k in changed if k not in RELAUNCH_KEYS]
@@ -216,9 +224,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ------------------------------------------------------------------ steps
     dtype = jnp.dtype(config.dtype)
-    train_step = steps.make_train_step(train_graph, optimizer, mesh, dtype=dtype,
-                                       label_smoothing=config.loss.label_smoothing,
-                                       class_weights=class_weights)
+    on_device = config.input.augment_on == "device"
+    train_step = steps.make_train_step(
+        train_graph, optimizer, mesh, dtype=dtype, label_smoothing=config.loss.label_smoothing,
+        class_weights=class_weights,
+        augment=Augment.from_mapping(config.input.augment.to_dict()) if on_device else None)
     eval_step = steps.make_eval_step(eval_graph, mesh, dtype=dtype)
 
     # ------------------------------------------------------------------ checkpoints
@@ -269,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.data_dir, split=config.train_split, global_batch_size=config.batch_size,
         seed=config.seed, augment=config.input.augment.to_dict(), balance=config.input.balance,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step)
+        start_step=start_step, augment_on=config.input.augment_on)
     report: dict[str, Any] = {}
     pending: list[dict[str, jax.Array]] = []
     try:

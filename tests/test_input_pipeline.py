@@ -232,6 +232,30 @@ def test_all_augmentations_keep_uint8_images_of_the_same_shape(data):
     assert images.max() == 255  # strong jitter saturates instead of wrapping
 
 
+def test_device_augmentation_sends_the_images_as_read_with_their_seeds(data):
+    """augment_on='device': the same examples in the same order as host augmentation would
+    augment, unaugmented, each with its (augmentation seed, stream position) pair; a resumed
+    stream carries on with the same pairs."""
+    options = {"augment": input_pipeline.DEFAULT_AUGMENT, "balance": "class"}
+    device = take(train(data, augment_on="device", **options), 6)
+    plain = take(train(data, augment={}, balance="class"), 6)
+    assert device[0].keys() == {"image", "label", "augment_seed"}
+    for batch, expected in zip(device, plain):
+        np.testing.assert_array_equal(batch["image"], expected["image"])
+        np.testing.assert_array_equal(batch["label"], expected["label"])
+    seeds = np.concatenate([b["augment_seed"] for b in device])
+    assert seeds.dtype == np.uint32 and seeds.shape == (24, 2)
+    augment_seed = sampling.derived_seed(0, 0, sampling.AUGMENT)
+    np.testing.assert_array_equal(seeds[:, 0], augment_seed)
+    np.testing.assert_array_equal(seeds[:, 1], np.arange(24))
+    resumed = take(train(data, augment_on="device", start_step=3, **options), 3)
+    for batch, expected in zip(resumed, device[3:]):
+        np.testing.assert_array_equal(batch["augment_seed"], expected["augment_seed"])
+        np.testing.assert_array_equal(batch["image"], expected["image"])
+    with pytest.raises(ValueError, match="augment_on 'gpu'"):
+        train(data, augment_on="gpu")
+
+
 def test_unknown_or_out_of_range_options_are_refused():
     with pytest.raises(ValueError, match="unknown augmentation"):
         augment.Augment.from_mapping({"flip_vertical": 0.5})

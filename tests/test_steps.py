@@ -98,3 +98,32 @@ def test_two_devices_give_the_loss_of_one():
                             capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok")
+
+
+def test_train_step_augments_on_the_device_exactly_as_augment_batch():
+    """make_train_step(augment=...) trains on augment_batch(images, seeds) of the batch: its
+    first loss is the plain step's on the images augmented beforehand, and differs from the
+    plain step's on the images as they came; without seeds it refuses, naming the fix."""
+    import pytest
+
+    from her2jax.augmentation import DEFAULT_AUGMENT, Augment, augment_batch
+
+    augment = Augment.from_mapping(DEFAULT_AUGMENT)
+    batch = fixed_batch()
+    seeds = jnp.stack([jnp.full((8,), 5, jnp.uint32), jnp.arange(8, dtype=jnp.uint32)], 1)
+
+    def first_loss(step_augment, step_batch):
+        model = models.create("resnet18", num_classes=2, dropout=0.0, rngs=nnx.Rngs(0))
+        train_graph, _, params, rest = split_model(model)
+        optimizer = create_optimizer(params, learning_rate=1e-3, warmup_steps=0, total_steps=9)
+        step = make_train_step(train_graph, optimizer, data_mesh(), augment=step_augment)
+        return float(step(params, rest, optimizer.init(params), step_batch)[3]["loss"])
+
+    on_device = first_loss(augment, batch | {"augment_seed": seeds})
+    beforehand = first_loss(None, batch | {"image": augment_batch(batch["image"], seeds, augment)})
+    as_they_came = first_loss(None, batch)
+    # a few pixels may round the other way inside the compiled step: a loss within 1e-3
+    assert on_device == pytest.approx(beforehand, rel=1e-3)
+    assert abs(on_device - as_they_came) > 10 * abs(on_device - beforehand)
+    with pytest.raises(ValueError, match="augment_on='device'"):
+        first_loss(augment, batch)

@@ -195,3 +195,18 @@ def test_flops_of_a_cudnn_attention_vit_are_counted_on_the_written_out_model(mon
     written = torch_compare.jax_setup(spec, args, arrays, dtype)[0]
     assert torch_compare.counting_graph(spec, args, arrays, dtype, written) is written
     assert flops == torch_compare.step_flops(written, params, rest, optimizer, batch, dtype) > 0
+
+
+def test_her2jax_alone_with_augmentation_on_the_device(tmp_path):
+    """--her2jax_only times her2jax alone; --her2jax_augment adds the on-device augmentation to
+    its step (another first loss: the images changed) and needs --her2jax_only."""
+    common = ["--dry_run", "--device", "cpu", "--models", "resnet18_dual", "--her2jax_only",
+              "--no_flops"]
+    plain = torch_compare.main(common)["results"][0]
+    augmented = torch_compare.main(common + ["--her2jax_augment"])["results"][0]
+    for result in (plain, augmented):
+        assert "torch_eager" not in result and result["her2jax"]["images_per_s"] > 0
+        assert result["her2jax"]["flops_per_step"] is None
+    assert augmented["her2jax"]["first_loss"] != plain["her2jax"]["first_loss"]
+    with pytest.raises(SystemExit):
+        torch_compare.parse(["--dry_run", "--her2jax_augment"])

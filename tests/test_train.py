@@ -225,11 +225,73 @@ def test_relaunch_may_extend_the_run_and_records_the_change(dataset, finished_ru
         train.train_and_evaluate(config, workdir)
 
 
+def test_runs_from_before_augment_on_relaunch_and_switching_it_is_refused(dataset, finished_run,
+                                                                        tmp_path):
+    """A config.json written before input.augment_on existed relaunches with the default
+    ('host', what those runs did) as no change; moving the augmentation to the device is another
+    experiment (other random draws): refused."""
+    _, data_dir = dataset
+    workdir, _, _ = run_copy(finished_run, tmp_path)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as handle:
+        recorded = json.load(handle)
+    del recorded["input"]["augment_on"]
+    with open(path, "w") as handle:
+        json.dump(recorded, handle)
+    config = three_steps(tiny_config(data_dir))
+    config.input.augment_on = "device"
+    with pytest.raises(ValueError, match=r'input.augment_on \(absent\) -> "device"'):
+        train.train_and_evaluate(config, workdir)
+    config.input.augment_on, config.total_steps = "host", 4
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "launches.jsonl")) as handle:
+        assert json.loads(handle.readlines()[-1])["changed"] == {"total_steps": [3, 4]}
+
+
+def test_device_augmentation_trains_and_resumes_like_an_uninterrupted_run(dataset, tmp_path,
+                                                                          monkeypatch):
+    """input.augment_on='device': the step gets the augmentation, and a run stopped at step 4 and
+    resumed ends with the uninterrupted run's weights."""
+    _, data_dir = dataset
+
+    def config():
+        tiny = tiny_config(data_dir)
+        tiny.input.augment_on = "device"
+        return tiny
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.train_and_evaluate(config(), straight)
+    make_train_step = steps.make_train_step
+
+    def stopped_after_step_4(*args, **kwargs):
+        assert kwargs["augment"] is not None and kwargs["augment"].active
+        step = make_train_step(*args, **kwargs)
+        calls = {"n": 0}
+
+        def wrapped(*inputs):
+            calls["n"] += 1
+            outputs = step(*inputs)
+            if calls["n"] == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return outputs
+
+        return wrapped
+
+    monkeypatch.setattr(steps, "make_train_step", stopped_after_step_4)
+    with pytest.raises(train.StopRequested):
+        train.train_and_evaluate(config(), resumed)
+    monkeypatch.setattr(steps, "make_train_step", make_train_step)
+    train.train_and_evaluate(config(), resumed)
+    for a, b in zip(final_params(straight, 6), final_params(resumed, 6), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("key, value, valid", [
     ("eval.aggregation", "mediam", "median, mean, max"),
     ("dtype", "bf16", "float32, bfloat16"),
     ("model.name", "resnet19", "resnet18"),
     ("input.balance", "classes", "none, class, patient"),
+    ("input.augment_on", "gpu", "host, device"),
     ("eval_split", "valid", "splits: .*validation"),
     ("model.kwargs.attention", "duel", "choose from .*dual"),
     ("eval.every_steps", 0, "at least 1"),

@@ -35,7 +35,8 @@ def test_input_alone_and_side_by_side(cohort, tmp_path, capsys):
     out = capsys.readouterr().out
     assert list(augmented) == list(plain) == ["input"]
     assert all(len(v) == 2 and min(v) > 0 for v in (augmented["input"], plain["input"]))
-    assert "augmentation on" in out and "augmentation off" in out and "usable)" in out
-    both = bench.main(common)
-    assert list(both) == ["input", "step", "end-to-end"] and min(map(min, both.values())) > 0
-    assert "end-to-end / input = " in capsys.readouterr().out
+    assert "augmentation on the host" in out and "augmentation off" in out and "usable)" in out
+    moved = bench.main(common + ["--augment_on", "device"])
+    assert list(moved) == ["input", "step", "end-to-end"] and min(map(min, moved.values())) > 0
+    out = capsys.readouterr().out
+    assert "augmentation on the device" in out and "end-to-end / input = " in out

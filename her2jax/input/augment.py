@@ -1,12 +1,14 @@
-"""Training augmentation of one uint8 (H, W, 3) image, on the host in tf.data.
+"""Training augmentation of one uint8 (H, W, 3) image, on the host in tf.data (the default,
+`input.augment_on='host'`; `her2jax.augmentation` has the options and the on-device form).
 
 Every random draw is stateless, from a seed pair given per example, so an example's augmentation
 depends only on (training seed, its position in the stream). The steps, in order (x is the image
 as float32 in [0, 255], each step optional):
 
-1. random resized crop: area fraction s ~ U(scale), aspect ratio r = w / h ~ log-U(ratio); a box
-   of that area and ratio at a uniform position (up to 10 attempts, else the whole image), resized
-   back to H x W bilinearly;
+1. random resized crop: tf.image.stateless_sample_distorted_bounding_box with area_range `scale`
+   and aspect_ratio_range `ratio`: aspect ratio r = w / h ~ U(ratio), box height uniform over
+   the integers between the heights that give the area bounds at that ratio, at a uniform
+   position (up to 10 attempts, else the whole image); resized back to H x W bilinearly;
 2. rotation: angle a ~ U(-rotate_degrees, rotate_degrees) about the image centre
    c = ((W - 1) / 2, (H - 1) / 2): output pixel p samples the input at R(a) (p - c) + c,
    bilinearly, zeros outside;
@@ -18,71 +20,13 @@ then y is rounded and clipped to uint8 [0, 255].
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import tensorflow as tf
 
-DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
-DEFAULT_AUGMENT = {"random_resized_crop": {"scale": (0.7, 1.0), "ratio": DEFAULT_CROP_RATIO},
-                   "flip": 0.5, "rotate_degrees": 10.0, "intensity_jitter": 0.1}
-CROP_ATTEMPTS = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class Augment:
-    """Which steps run and how strongly; the default runs none (evaluation)."""
-    crop_scale: tuple[float, float] | None = None
-    crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO
-    flip: float = 0.0
-    rotate_degrees: float = 0.0
-    intensity_jitter: float = 0.0
-
-    @classmethod
-    def from_mapping(cls, options: Mapping[str, Any] | None) -> Augment:
-        """From {"random_resized_crop": {"scale": (lo, hi), "ratio": (lo, hi)} or None, "flip": p,
-        "rotate_degrees": d, "intensity_jitter": j}; missing keys are off."""
-        options = dict(options or {})
-        unknown = set(options) - set(DEFAULT_AUGMENT)
-        if unknown:
-            raise ValueError(f"unknown augmentation option(s) {sorted(unknown)}; "
-                             f"known: {sorted(DEFAULT_AUGMENT)}")
-        crop = options.get("random_resized_crop")
-        crop = dict(crop) if crop else {}
-        if set(crop) - {"scale", "ratio"}:
-            raise ValueError(f"random_resized_crop takes scale and ratio, got {sorted(crop)}")
-        augment = cls(
-            crop_scale=_pair(crop["scale"]) if crop else None,
-            crop_ratio=_pair(crop.get("ratio", DEFAULT_CROP_RATIO)),
-            flip=float(options.get("flip") or 0.0),
-            rotate_degrees=float(options.get("rotate_degrees") or 0.0),
-            intensity_jitter=float(options.get("intensity_jitter") or 0.0))
-        augment.check()
-        return augment
-
-    def check(self) -> None:
-        """Raises ValueError on an option outside its range."""
-        if self.crop_scale and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop scale {self.crop_scale}: need 0 < low <= high <= 1")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"crop ratio {self.crop_ratio}: need 0 < low <= high")
-        if not 0 <= self.flip <= 1:
-            raise ValueError(f"flip {self.flip} is a probability")
-        if not 0 <= self.rotate_degrees <= 180:
-            raise ValueError(f"rotate_degrees {self.rotate_degrees}: need 0..180")
-        if not 0 <= self.intensity_jitter < 1:
-            raise ValueError(f"intensity_jitter {self.intensity_jitter}: need 0 <= j < 1")
-
-    @property
-    def active(self) -> bool:
-        return bool(self.crop_scale or self.flip or self.rotate_degrees or self.intensity_jitter)
-
-
-def _pair(values: Any) -> tuple[float, float]:
-    low, high = (float(v) for v in values)
-    return low, high
+# The options live beside the on-device form (no TensorFlow there); re-exported here.
+from her2jax.augmentation import (  # noqa: F401
+    CROP_ATTEMPTS, DEFAULT_AUGMENT, DEFAULT_CROP_RATIO, Augment)
 
 
 def apply(augment: Augment, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

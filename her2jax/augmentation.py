@@ -1,0 +1,246 @@
+"""Training augmentation: its options, and the on-device form (JAX, inside the train step).
+
+The same steps run either on the host in tf.data (`her2jax.input.augment`, the default,
+`input.augment_on='host'`) or on the accelerator inside the jitted train step (this module,
+`input.augment_on='device'`: the host then only decodes and batches, about 3x the images per
+second per CPU core, benchmarks/RESULTS.md). In order, on x = the uint8 image as float32:
+
+1. random resized crop: a box of area fraction within `scale` and aspect ratio w / h ~ U(ratio)
+   (TensorFlow's sample_distorted_bounding_box rule, see `crop_box`) at a uniform position (the
+   first of 10 attempts that fits, else the whole image), resized back to H x W bilinearly
+   (half-pixel centres, the box's edge pixels repeated);
+2. rotation by a ~ U(-rotate_degrees, rotate_degrees) about c = ((W - 1) / 2, (H - 1) / 2):
+   output pixel p samples the input at R(a) (p - c) + c bilinearly, zeros outside;
+3. horizontal flip with probability `flip`;
+4. intensity: contrast k ~ U(1 - j, 1 + j), brightness b ~ U(-j, j) * 255, one pair per image:
+   y = clip((x - mean(x)) k + mean(x) + b, 0, 255);
+
+then rounded (half to even) and clipped to uint8. Given the same draws, the two forms compute the
+same image up to float rounding (tests/test_augmentation.py checks it against TensorFlow's ops);
+the draws themselves come from different generators (TensorFlow's stateless ops there, JAX's
+threefry here, both keyed by the example's (seed, position) pair), so host and device runs see
+differently augmented, equally distributed, images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
+DEFAULT_AUGMENT = {"random_resized_crop": {"scale": (0.7, 1.0), "ratio": DEFAULT_CROP_RATIO},
+                   "flip": 0.5, "rotate_degrees": 10.0, "intensity_jitter": 0.1}
+CROP_ATTEMPTS = 10
+AUGMENT_ON = ("host", "device")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Which steps run and how strongly; the default runs none (evaluation)."""
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO
+    flip: float = 0.0
+    rotate_degrees: float = 0.0
+    intensity_jitter: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> Augment:
+        """From {"random_resized_crop": {"scale": (lo, hi), "ratio": (lo, hi)} or None, "flip": p,
+        "rotate_degrees": d, "intensity_jitter": j}; missing keys are off."""
+        options = dict(options or {})
+        unknown = set(options) - set(DEFAULT_AUGMENT)
+        if unknown:
+            raise ValueError(f"unknown augmentation option(s) {sorted(unknown)}; "
+                             f"known: {sorted(DEFAULT_AUGMENT)}")
+        crop = options.get("random_resized_crop")
+        crop = dict(crop) if crop else {}
+        if set(crop) - {"scale", "ratio"}:
+            raise ValueError(f"random_resized_crop takes scale and ratio, got {sorted(crop)}")
+        augment = cls(
+            crop_scale=_pair(crop["scale"]) if crop else None,
+            crop_ratio=_pair(crop.get("ratio", DEFAULT_CROP_RATIO)),
+            flip=float(options.get("flip") or 0.0),
+            rotate_degrees=float(options.get("rotate_degrees") or 0.0),
+            intensity_jitter=float(options.get("intensity_jitter") or 0.0))
+        augment.check()
+        return augment
+
+    def check(self) -> None:
+        """Raises ValueError on an option outside its range."""
+        if self.crop_scale and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop scale {self.crop_scale}: need 0 < low <= high <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop ratio {self.crop_ratio}: need 0 < low <= high")
+        if not 0 <= self.flip <= 1:
+            raise ValueError(f"flip {self.flip} is a probability")
+        if not 0 <= self.rotate_degrees <= 180:
+            raise ValueError(f"rotate_degrees {self.rotate_degrees}: need 0..180")
+        if not 0 <= self.intensity_jitter < 1:
+            raise ValueError(f"intensity_jitter {self.intensity_jitter}: need 0 <= j < 1")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.crop_scale or self.flip or self.rotate_degrees or self.intensity_jitter)
+
+
+def _pair(values: Any) -> tuple[float, float]:
+    low, high = (float(v) for v in values)
+    return low, high
+
+
+def check_augment_on(value: str) -> None:
+    """Raises ValueError unless `value` is one of AUGMENT_ON."""
+    if value not in AUGMENT_ON:
+        raise ValueError(f"input.augment_on {value!r}: one of {AUGMENT_ON}")
+
+
+# ---------------------------------------------------------------- on the device
+
+
+def augment_batch(images: jax.Array, seeds: jax.Array, augment: Augment) -> jax.Array:
+    """uint8 (N, H, W, C) images, each augmented with its uint32 (2,) seed pair; uint8 again.
+
+    Traceable (runs inside the jitted train step) and per example, so a batch sharded over
+    devices is augmented where it lies."""
+    if not augment.active:
+        return images
+
+    def one(image: jax.Array, seed: jax.Array) -> jax.Array:
+        draws = draw(jax.random.wrap_key_data(seed.astype(jnp.uint32), impl="threefry2x32"),
+                     augment, image.shape[0], image.shape[1])
+        return apply_draws(image, draws, augment)
+
+    return jax.vmap(one)(images, seeds)
+
+
+def draw(key: jax.Array, augment: Augment, height: int, width: int) -> dict[str, jax.Array]:
+    """The random parameters of one image: crop box (top, left, box height, box width; the whole
+    image without a crop), rotation angle (radians), flip, contrast and brightness."""
+    crop_key, rotate_key, flip_key, intensity_key = jax.random.split(key, 4)
+    if augment.crop_scale:
+        box = crop_box(crop_key, height, width, augment.crop_scale, augment.crop_ratio)
+    else:
+        box = jnp.asarray([0, 0, height, width], jnp.int32)
+    limit = math.radians(augment.rotate_degrees)
+    angle = jax.random.uniform(rotate_key, (), jnp.float32, -limit, limit)
+    flip = jax.random.uniform(flip_key, ()) < augment.flip
+    jitter = augment.intensity_jitter
+    contrast, brightness = jax.random.uniform(intensity_key, (2,), jnp.float32, -jitter, jitter)
+    return {"box": box, "angle": angle, "flip": flip, "contrast": 1.0 + contrast,
+            "brightness": 255.0 * brightness}
+
+
+def crop_box(key: jax.Array, height: int, width: int, scale: tuple[float, float],
+             ratio: tuple[float, float]) -> jax.Array:
+    """int32 [top, left, box height, box width], by the rule of TensorFlow's
+    sample_distorted_bounding_box (the host form's): aspect ratio a = w / h ~ U(ratio); box
+    height uniform over the integers between the heights that give the area bounds scale x H x W
+    at that ratio (capped where the width would not fit); w = round(h a), one unit of rounding
+    repaired; the first of CROP_ATTEMPTS draws whose area is within the bounds, else the whole
+    image. The offset is uniform over every position that fits (TensorFlow's stops one pixel
+    short of the last)."""
+    aspect_key, height_key, top_key, left_key = jax.random.split(key, 4)
+    min_area, max_area = scale[0] * height * width, scale[1] * height * width
+    aspect = jax.random.uniform(aspect_key, (CROP_ATTEMPTS,), jnp.float32, *ratio)
+    low = jnp.round(jnp.sqrt(min_area / aspect))
+    high = jnp.round(jnp.sqrt(max_area / aspect))
+    too_wide = jnp.round(high * aspect) > width
+    high = jnp.where(too_wide, jnp.floor((width + 0.5 - 1e-7) / aspect), high)
+    high = jnp.where(jnp.round(high * aspect) > width, high - 1, high)
+    high = jnp.minimum(high, height)
+    low = jnp.minimum(low, high)
+    box_height = jnp.floor(low + jax.random.uniform(height_key, (CROP_ATTEMPTS,))
+                           * (high - low + 1))
+    box_height = jnp.minimum(box_height, high)   # uniform(...) < 1, but float rounding
+    box_width = jnp.round(box_height * aspect)
+    small = box_width * box_height < min_area
+    box_height = jnp.where(small, box_height + 1, box_height)
+    box_width = jnp.where(small, jnp.round(box_height * aspect), box_width)
+    large = box_width * box_height > max_area
+    box_height = jnp.where(large, box_height - 1, box_height)
+    box_width = jnp.where(large, jnp.round(box_height * aspect), box_width)
+    area = box_width * box_height
+    fits = ((area >= min_area) & (area <= max_area) & (box_width >= 1) & (box_height >= 1)
+            & (box_width <= width) & (box_height <= height))
+    first = jnp.argmax(fits)
+    box_height = jnp.where(fits[first], box_height[first], height).astype(jnp.int32)
+    box_width = jnp.where(fits[first], box_width[first], width).astype(jnp.int32)
+    top = jax.random.randint(top_key, (), 0, height - box_height + 1)
+    left = jax.random.randint(left_key, (), 0, width - box_width + 1)
+    return jnp.stack([top, left, box_height, box_width]).astype(jnp.int32)
+
+
+def apply_draws(image: jax.Array, draws: Mapping[str, jax.Array], augment: Augment) -> jax.Array:
+    """One uint8 (H, W, C) image through the steps `augment` turns on, with the given draws."""
+    x = image.astype(jnp.float32)
+    if augment.crop_scale:
+        x = resized_crop(x, draws["box"])
+    if augment.rotate_degrees:
+        x = rotate(x, draws["angle"])
+    if augment.flip:
+        x = jnp.where(draws["flip"], x[:, ::-1], x)
+    if augment.intensity_jitter:
+        x = adjust_intensity(x, draws["contrast"], draws["brightness"])
+    return to_uint8(x)
+
+
+def _bilinear(x: jax.Array, rows: jax.Array, columns: jax.Array) -> jax.Array:
+    """x (H, W, C) sampled at float (H', W') coordinates, bilinearly; neighbours outside x read
+    0."""
+    height, width = x.shape[:2]
+    row0, column0 = jnp.floor(rows), jnp.floor(columns)
+    row_weight, column_weight = (rows - row0)[..., None], (columns - column0)[..., None]
+    row0, column0 = row0.astype(jnp.int32), column0.astype(jnp.int32)
+
+    def read(r: jax.Array, c: jax.Array) -> jax.Array:
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        value = x[jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1)]
+        return jnp.where(inside[..., None], value, 0.0)
+
+    top = ((1 - column_weight) * read(row0, column0)
+           + column_weight * read(row0, column0 + 1))
+    bottom = ((1 - column_weight) * read(row0 + 1, column0)
+              + column_weight * read(row0 + 1, column0 + 1))
+    return (1 - row_weight) * top + row_weight * bottom
+
+
+def resized_crop(x: jax.Array, box: jax.Array) -> jax.Array:
+    """The box [top, left, height, width] of x (H, W, C) resized to H x W bilinearly, as
+    TensorFlow's resize (half-pixel centres; coordinates clamped to the box)."""
+    height, width = x.shape[:2]
+    top, left, box_height, box_width = (box[i].astype(jnp.float32) for i in range(4))
+    rows = (jnp.arange(height, dtype=jnp.float32) + 0.5) * (box_height / height) - 0.5
+    columns = (jnp.arange(width, dtype=jnp.float32) + 0.5) * (box_width / width) - 0.5
+    rows = top + jnp.clip(rows, 0.0, box_height - 1)
+    columns = left + jnp.clip(columns, 0.0, box_width - 1)
+    grid_rows, grid_columns = jnp.meshgrid(rows, columns, indexing="ij")
+    return _bilinear(x, grid_rows, grid_columns)
+
+
+def rotate(x: jax.Array, angle: jax.Array | float) -> jax.Array:
+    """x (H, W, C) rotated by `angle` radians about its centre; bilinear, zeros outside (as
+    TensorFlow's ImageProjectiveTransformV3 with constant fill)."""
+    height, width = x.shape[:2]
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    rows, columns = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                                 jnp.arange(width, dtype=jnp.float32), indexing="ij")
+    source_columns = cos * (columns - cx) - sin * (rows - cy) + cx
+    source_rows = sin * (columns - cx) + cos * (rows - cy) + cy
+    return _bilinear(x, source_rows, source_columns)
+
+
+def adjust_intensity(x: jax.Array, contrast: jax.Array | float,
+                     brightness: jax.Array | float) -> jax.Array:
+    """(x - mean(x)) * contrast + mean(x) + brightness, clipped to [0, 255]."""
+    mean = jnp.mean(x)
+    return jnp.clip((x - mean) * contrast + mean + brightness, 0.0, 255.0)
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """Rounded (half to even) and clipped to [0, 255] before the cast, so nothing wraps."""
+    return jnp.clip(jnp.round(x), 0.0, 255.0).astype(jnp.uint8)
