@@ -81,14 +81,23 @@ def test_run_writes_logs_checkpoints_and_reports(dataset, tmp_path, monkeypatch)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("augment_on", ["host", "device"])
+def test_interrupted_then_resumed_equals_uninterrupted(dataset, tmp_path, monkeypatch, augment_on):
+    """Also with the augmentation in the step (input.augment_on='device': the step gets it)."""
     _, data_dir = dataset
+
+    def config():
+        tiny = tiny_config(data_dir)
+        tiny.input.augment_on = augment_on
+        return tiny
+
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(tiny_config(data_dir), straight)
+    train.train_and_evaluate(config(), straight)
 
     make_train_step = steps.make_train_step
 
     def preempted_after_step_4(*args, **kwargs):
+        assert (kwargs["augment"] is not None) == (augment_on == "device")
         step = make_train_step(*args, **kwargs)
         calls = {"n": 0}
 
@@ -103,11 +112,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(dataset, tmp_path, monkey
 
     monkeypatch.setattr(steps, "make_train_step", preempted_after_step_4)
     with pytest.raises(train.StopRequested, match="SIGTERM: checkpoint written at step 4") as stop:
-        train.train_and_evaluate(tiny_config(data_dir), resumed)
+        train.train_and_evaluate(config(), resumed)
     assert stop.value.exit_code == 143
     assert "4" in os.listdir(os.path.join(resumed, "checkpoints"))   # SIGTERM's checkpoint
     monkeypatch.setattr(steps, "make_train_step", make_train_step)
-    train.train_and_evaluate(tiny_config(data_dir), resumed)
+    train.train_and_evaluate(config(), resumed)
     for a, b in zip(final_params(straight, 6), final_params(resumed, 6), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -246,44 +255,6 @@ def test_runs_from_before_augment_on_relaunch_and_switching_it_is_refused(datase
     train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "launches.jsonl")) as handle:
         assert json.loads(handle.readlines()[-1])["changed"] == {"total_steps": [3, 4]}
-
-
-def test_device_augmentation_trains_and_resumes_like_an_uninterrupted_run(dataset, tmp_path,
-                                                                          monkeypatch):
-    """input.augment_on='device': the step gets the augmentation, and a run stopped at step 4 and
-    resumed ends with the uninterrupted run's weights."""
-    _, data_dir = dataset
-
-    def config():
-        tiny = tiny_config(data_dir)
-        tiny.input.augment_on = "device"
-        return tiny
-
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(config(), straight)
-    make_train_step = steps.make_train_step
-
-    def stopped_after_step_4(*args, **kwargs):
-        assert kwargs["augment"] is not None and kwargs["augment"].active
-        step = make_train_step(*args, **kwargs)
-        calls = {"n": 0}
-
-        def wrapped(*inputs):
-            calls["n"] += 1
-            outputs = step(*inputs)
-            if calls["n"] == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return outputs
-
-        return wrapped
-
-    monkeypatch.setattr(steps, "make_train_step", stopped_after_step_4)
-    with pytest.raises(train.StopRequested):
-        train.train_and_evaluate(config(), resumed)
-    monkeypatch.setattr(steps, "make_train_step", make_train_step)
-    train.train_and_evaluate(config(), resumed)
-    for a, b in zip(final_params(straight, 6), final_params(resumed, 6), strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("key, value, valid", [
