@@ -54,6 +54,7 @@ TWO_DEVICES = textwrap.dedent("""
     from flax import nnx
     from her2jax import models
     from her2jax.optim import create_optimizer
+    from her2jax.augmentation import DEFAULT_AUGMENT, Augment
     from her2jax.steps import data_mesh, make_train_step, split_model
 
     def fixed_batch(n=8, size=32):
@@ -61,15 +62,17 @@ TWO_DEVICES = textwrap.dedent("""
         labels = np.arange(n) % 2
         images = rng.integers(0, 120, (n, size, size, 3)).astype(np.uint8)
         images[labels == 1, :, :, 1] += 100
-        return {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32)}
+        seeds = np.stack([np.full(n, 3), np.arange(n)], 1).astype(np.uint32)
+        return {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32),
+                "augment_seed": jnp.asarray(seeds)}
 
-    def run(devices):
+    def run(devices, augment=None):
         model = models.create("resnet18", num_classes=2, dropout=0.0, rngs=nnx.Rngs(0))
         graph, _, params, rest = split_model(model)
         optimizer = create_optimizer(params, learning_rate=1e-3, warmup_steps=0,
                                      total_steps=100)
         opt_state = optimizer.init(params)
-        step = make_train_step(graph, optimizer, data_mesh(devices))
+        step = make_train_step(graph, optimizer, data_mesh(devices), augment=augment)
         losses, norms = [], []
         for _ in range(2):
             params, rest, opt_state, metrics = step(params, rest, opt_state, fixed_batch())
@@ -86,11 +89,19 @@ TWO_DEVICES = textwrap.dedent("""
     np.testing.assert_allclose(two_losses[0], one_losses[0], rtol=1e-4)
     np.testing.assert_allclose(two_norms[0], one_norms[0], rtol=1e-4)
     np.testing.assert_allclose(two_losses[1], one_losses[1], rtol=1e-3)
-    print("ok", one_losses)
+    # augmentation in the step, each device augmenting its half of the batch: the same images
+    # (per-example seeds), so the same losses; not those of the unaugmented step
+    augment = Augment.from_mapping(DEFAULT_AUGMENT)
+    one_augmented, _ = run(jax.devices()[:1], augment)
+    two_augmented, _ = run(jax.devices(), augment)
+    np.testing.assert_allclose(two_augmented[0], one_augmented[0], rtol=1e-3)
+    assert abs(one_augmented[0] - one_losses[0]) > 1e-3
+    print("ok", one_losses, one_augmented)
 """)
 
 
 def test_two_devices_give_the_loss_of_one():
+    """Also with the augmentation in the step."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu", PYTHONPATH=root)
