@@ -35,17 +35,17 @@ done
 # shellcheck disable=SC2086 (the shape splits on spaces)
 python3 benchmarks/jax_variants.py --model "$model" --timeout 60 \
     --json "$out/vit_variants.json" "${arguments[@]}" -- $shape 2>&1 | tee -a "$log"
-best=$(python3 - "$out/vit_variants.json" <<'PY'
-import json, shlex, sys
+# the fastest variant: its XLA flags on the first line, its arguments on the second
+{ read -r flags; read -r best_arguments; } < <(python3 - "$out/vit_variants.json" <<'PY'
+import json, sys
 done = [v for v in json.load(open(sys.argv[1]))["variants"] if "result" in v]
 best = max(done, key=lambda v: v["result"]["images_per_s"]) if done else None
-print("" if best is None else shlex.join([best["xla_flags"], *best["arguments"]]))
+print(best["xla_flags"] if best else "")
+print(" ".join(best["arguments"]) if best else "")
 PY
 )
-echo "fastest: ${best:-none}" | tee -a "$log"
-flags=$(python3 -c "import shlex,sys; print(shlex.split(sys.argv[1])[0] if sys.argv[1] else '')" "$best")
-arguments=$(python3 -c "import shlex,sys; print(shlex.join(shlex.split(sys.argv[1])[1:]))" "$best")
+echo "fastest: XLA_FLAGS='$flags' $best_arguments" | tee -a "$log"
 # shellcheck disable=SC2086
 XLA_FLAGS="$flags" timeout 120 python3 benchmarks/torch_compare.py --models "$model" $shape \
-    $compile $arguments --json "$out/compare_${model}_best_bf16.json" 2>&1 \
+    $compile $best_arguments --json "$out/compare_${model}_best_bf16.json" 2>&1 \
     | grep -v "^WARNING" | tee -a "$log"
