@@ -250,6 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.launch(start_step, changes)
     if pretrained:
         log.message(f"pretrained {config.init.pretrained}: {pretrained.summary()}")
+    if jax.process_count() > 1:
+        log.message(f"data parallel over {jax.device_count()} devices in "
+                    f"{jax.process_count()} processes")
     if start_step:
         # restored onto this run's mesh, whatever number of devices wrote it
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

@@ -131,7 +131,9 @@ def resolve_workdir(entry: dict[str, Any], sweep_dir: str | epath.Path) -> epath
     directory) when it exists, else SWEEP_DIR/runs/NAME (a sweep folder moved or copied, or
     collected from another directory)."""
     given = entry.get("workdir")
-    if given:
+    # a bucket's runs collected from a local copy of the bucket: not probed remotely
+    remote = "://" in str(given) and "://" not in str(sweep_dir)
+    if given and not remote:
         path = epath.Path(given)
         if path.exists():
             return path

@@ -39,6 +39,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -369,65 +370,117 @@ def _start(plan: Plan, run: Run, entry: dict[str, Any], slot: int, devices: Sequ
 def slurm_scripts(plan: Plan, *, repo: str, partition: str | None = None,
                   time_limit: str = "24:00:00", gpus_per_task: int = 0, cpus_per_task: int = 8,
                   nodes: int = 1, max_parallel: int | None = None,
-                  setup: str = "source .venv/bin/activate") -> dict[str, str]:
-    """{'prepare.sbatch': ..., 'runs.sbatch': ...} (prepare only when data is needed)."""
+                  setup: str = "source .venv/bin/activate",
+                  tasks: Sequence[int] | None = None,
+                  prepare: Sequence[str] | None = None) -> dict[str, str]:
+    """{'prepare.sbatch': ..., 'runs.sbatch': ...} (prepare only when data is needed).
+
+    Each command is a bash array (`TRAIN=(python -m ... --workdir '/a b/...')`, run as
+    `"${TRAIN[@]}"`): every argument reaches the program as the launcher wrote it, whatever
+    characters the paths hold. Training runs as a job step (`srun`), so `scancel --signal=TERM`
+    reaches it: it writes its checkpoint and a resubmission resumes it. `tasks`: the array
+    indices to run (default all; a relaunch leaves out the finished runs); `prepare`: the data
+    variants to prepare (default all; a relaunch leaves out those prepared already)."""
     logs = f"{plan.sweep_dir}/slurm"
     header = ["#!/bin/bash"]
 
     def directives(name: str, extra: Sequence[str]) -> list[str]:
-        lines = [f"#SBATCH --job-name={name}", f"#SBATCH --time={time_limit}",
-                 f"#SBATCH --cpus-per-task={cpus_per_task}"]
+        lines = [_directive("job-name", name), _directive("time", time_limit),
+                 _directive("cpus-per-task", cpus_per_task)]
         if partition:
-            lines.append(f"#SBATCH --partition={partition}")
+            lines.append(_directive("partition", partition))
         return lines + list(extra)
 
-    body_start = ["set -euo pipefail", f"cd {shlex.quote(repo)}", setup]
+    venv_check = (f'[ -f .venv/bin/activate ] || {{ echo "no .venv in $PWD: run make setup '
+                  f'there first" >&2; exit 1; }}') if setup.startswith("source .venv/") else None
+    body_start = ["set -euo pipefail", f"cd {shlex.quote(repo)}",
+                  *([venv_check, setup] if setup else [])]
     scripts = {}
-    prepare = plan.prepare_commands()
-    if prepare:
+    commands = {variant: command for variant, command in plan.prepare_commands().items()
+                if prepare is None or variant in prepare}
+    if commands:
         lines = header + directives(f"her2jax-{plan.sweep.name}-prepare",
-                                    [f"#SBATCH --output={logs}/prepare_%j.out"]) + body_start
-        for variant, command in prepare.items():
+                                    [_directive("output", f"{logs}/prepare_%j.out")]) + body_start
+        for variant, command in commands.items():
             lines.append(f"# data variant {variant} -> {plan.datasets[variant]}")
             lines.append(shlex.join(command))
         scripts["prepare.sbatch"] = "\n".join(lines) + "\n"
-    count = len(plan.runs)
-    array = f"0-{count - 1}" + (f"%{max_parallel}" if max_parallel else "")
-    extra = [f"#SBATCH --array={array}", f"#SBATCH --output={logs}/%x_%A_%a.out"]
+    indices = list(range(len(plan.runs))) if tasks is None else sorted(tasks)
+    array = array_spec(indices) + (f"%{max_parallel}" if max_parallel else "")
+    extra = [_directive("array", array), _directive("output", f"{logs}/%x_%A_%a.out")]
     if nodes > 1:
-        extra += [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
+        extra += [_directive("nodes", nodes), _directive("ntasks-per-node", 1)]
     if gpus_per_task:
-        extra.append(f"#SBATCH --gpus-per-task={gpus_per_task}")
+        extra.append(_directive("gpus-per-task", gpus_per_task))
     lines = header + directives(f"her2jax-{plan.sweep.name}", extra) + body_start
     lines.append('case "$SLURM_ARRAY_TASK_ID" in')
     for index, run in enumerate(plan.runs):
-        commands = plan.commands(run)
+        steps = plan.commands(run)
         lines.append(f"  {index}) RUN={shlex.quote(run.name)}; "
                      f"WORKDIR={shlex.quote(plan.workdir(run))}")
-        lines.append(f"     TRAIN={shlex.quote(shlex.join(commands['train']))}")
-        lines.append(f"     EVALUATE={shlex.quote(shlex.join(commands['evaluate']))} ;;")
+        lines.append(f"     TRAIN=({shlex.join(steps['train'])})")
+        lines.append(f"     EVALUATE=({shlex.join(steps['evaluate'])}) ;;")
     lines.append('  *) echo "no run for task $SLURM_ARRAY_TASK_ID"; exit 1 ;;')
     lines.append("esac")
     lines.append('if [ -f "$WORKDIR/eval/test/metrics.json" ]; then '
                  'echo "$RUN finished, skipped"; exit 0; fi')
-    # srun starts one process per node; her2jax.main reads SLURM's environment for
-    # jax.distributed; an interrupted run resumes from its checkpoint on resubmission
-    lines.append("srun $TRAIN" if nodes > 1 else "$TRAIN")
-    lines.append("$EVALUATE")
+    # a job step: one process per node (her2jax.main reads SLURM's environment for
+    # jax.distributed), and the step is what `scancel --signal` and time limits signal
+    lines.append('srun "${TRAIN[@]}"')
+    lines.append('"${EVALUATE[@]}"')
     scripts["runs.sbatch"] = "\n".join(lines) + "\n"
     return scripts
+
+
+def _directive(option: str, value: Any) -> str:
+    """`#SBATCH --option=value`; a value with spaces or quotes in double quotes (sbatch reads
+    them so), one that cannot be written so is refused."""
+    text = str(value)
+    if any(c in text for c in '"\\\n'):
+        raise ValueError(f"--{option} {text!r}: SLURM directives cannot hold a double quote, a "
+                         f"backslash or a line break; choose another folder or name")
+    if text != shlex.quote(text):
+        text = f'"{text}"'
+    return f"#SBATCH --{option}={text}"
+
+
+def array_spec(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (sbatch --array)."""
+    if not indices:
+        raise ValueError("an array job needs at least one task")
+    parts, first, last = [], indices[0], indices[0]
+    for index in list(indices[1:]) + [None]:
+        if index is not None and index == last + 1:
+            last = index
+            continue
+        parts.append(str(first) if first == last else f"{first}-{last}")
+        if index is not None:
+            first = last = index
+    return ",".join(parts)
+
+
+def slurm_todo(plan: Plan) -> tuple[list[int], list[str]]:
+    """(array indices of the runs not finished, data variants those runs need that are not
+    prepared yet): what a (re)submission has left to do."""
+    tasks = [i for i, run in enumerate(plan.runs) if not is_finished(plan.workdir(run))]
+    needed = sorted({plan.runs[i].data for i in tasks if plan.runs[i].data})
+    prepare = [v for v in needed
+               if not (epath.Path(plan.datasets[v]) / "metadata.json").exists()]
+    return tasks, prepare
 
 
 def submit_slurm(plan: Plan, scripts: dict[str, str], *, dry_run: bool,
                  out=None) -> list[str]:
     out = out or sys.stdout
     folder = epath.Path(plan.sweep_dir) / "slurm"
+    runs_script = shlex.quote(str(folder / "runs.sbatch"))
     commands = []
     if "prepare.sbatch" in scripts:
-        commands.append(f"PREPARE=$(sbatch --parsable {folder}/prepare.sbatch)")
-        commands.append(f"sbatch --dependency=afterok:$PREPARE {folder}/runs.sbatch")
+        commands.append(f"PREPARE=$(sbatch --parsable "
+                        f"{shlex.quote(str(folder / 'prepare.sbatch'))})")
+        commands.append(f"sbatch --dependency=afterok:$PREPARE {runs_script}")
     else:
-        commands.append(f"sbatch {folder}/runs.sbatch")
+        commands.append(f"sbatch {runs_script}")
     if dry_run:
         for name, text in scripts.items():
             print(f"# ---- {folder / name}", file=out)
@@ -438,7 +491,7 @@ def submit_slurm(plan: Plan, scripts: dict[str, str], *, dry_run: bool,
         return commands
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in scripts.items():
-        (folder / name).write_text(text)
+        _write_atomically(folder / name, text)
     write_manifest(plan.sweep_dir, plan.manifest(read_manifest(plan.sweep_dir)))
     dependency: list[str] = []
     if "prepare.sbatch" in scripts:
@@ -446,8 +499,16 @@ def submit_slurm(plan: Plan, scripts: dict[str, str], *, dry_run: bool,
         dependency = [f"--dependency=afterok:{job}"]
         print(f"submitted preparation: job {job}", file=out)
     job = _sbatch([*dependency, "--parsable", str(folder / "runs.sbatch")])
-    print(f"submitted {len(plan.runs)} runs: array job {job}", file=out)
+    array = next(line for line in scripts["runs.sbatch"].splitlines()
+                 if line.startswith("#SBATCH --array=")).partition("=")[2]
+    print(f"submitted runs: array job {job} (tasks {array}); logs in {folder}", file=out)
     return commands
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+    temporary = path.parent / f".{path.name}.tmp"
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def _sbatch(arguments: list[str]) -> str:
@@ -464,61 +525,121 @@ def _sbatch(arguments: list[str]) -> str:
 
 # ---------------------------------------------------------------- Cloud TPU backend
 
-def tpu_commands(plan: Plan, *, name: str, zone: str, accelerator: str, version: str,
-                 queued: bool = False, reuse: bool = False, repo_archive: str = "her2jax.tar.gz"
-                 ) -> list[str]:
-    """gcloud commands that run the whole sweep on one TPU VM (all workers of a pod slice)."""
+def tpu_steps(plan: Plan, *, name: str, zone: str, accelerator: str, version: str,
+              queued: bool = False, reuse: bool = False, delete: bool = False,
+              repo: str = ".", archive: str | None = None) -> list[tuple[str | None, str]]:
+    """The gcloud commands that run the whole sweep on one TPU VM (all workers of a pod slice),
+    each with its label ('train RUN', 'evaluate RUN', or None for the others). Each is one shell
+    command line: the launcher runs it with `bash -c`, and a `--command=` it holds is quoted
+    once more for the worker's shell."""
     tpu = "gcloud compute tpus"
     where = f"--zone={zone}"
-    commands = []
+    archive = archive or os.path.join(tempfile.gettempdir(), f"her2jax-{name}.tar.gz")
+    steps: list[tuple[str | None, str]] = []
     if not reuse:
         if queued:
-            commands.append(f"{tpu} queued-resources create {name}-qr --node-id={name} {where} "
-                            f"--accelerator-type={accelerator} --runtime-version={version} "
-                            f"--spot")
-            commands.append(f"{tpu} queued-resources describe {name}-qr {where}  "
-                            f"# wait for state ACTIVE")
+            steps.append((None, f"{tpu} queued-resources create {name}-qr --node-id={name} "
+                                f"{where} --accelerator-type={accelerator} "
+                                f"--runtime-version={version} --spot"))
+            steps.append((None, f"{tpu} queued-resources describe {name}-qr {where}  "
+                                f"# wait for state ACTIVE"))
         else:
-            commands.append(f"{tpu} tpu-vm create {name} {where} "
-                            f"--accelerator-type={accelerator} --version={version}")
-    commands.append(f"git archive --format=tar.gz --prefix=her2jax/ -o {repo_archive} HEAD")
-    commands.append(f"{tpu} tpu-vm scp {repo_archive} {name}:~/ {where} --worker=all")
+            steps.append((None, f"{tpu} tpu-vm create {name} {where} "
+                                f"--accelerator-type={accelerator} --version={version}"))
+    steps.append((None, f"git -C {shlex.quote(repo)} archive --format=tar.gz --prefix=her2jax/ "
+                        f"-o {shlex.quote(archive)} HEAD"))
+    steps.append((None, f"{tpu} tpu-vm scp {shlex.quote(archive)} {name}:~/{TPU_ARCHIVE} "
+                        f"{where} --worker=all"))
 
     def ssh(command: str, worker: str = "all") -> str:
         return f"{tpu} tpu-vm ssh {name} {where} --worker={worker} --command={shlex.quote(command)}"
 
     # the TPU VM images ship Python 3.10; her2jax needs 3.11 and jax's TPU runtime (libtpu)
-    commands.append(ssh(f"{TPU_PYTHON} && tar xzf {repo_archive} && cd her2jax && "
-                        f"make setup PYTHON=python3.11 JAX_EXTRA=tpu"))
+    steps.append((None, ssh(f"{TPU_PYTHON} && tar xzf {TPU_ARCHIVE} && cd her2jax && "
+                            f"make setup PYTHON=python3.11 JAX_EXTRA=tpu")))
     if plan.datasets:
         # preparation reads and writes local files: the cohort is copied to worker 0, prepared
         # there, and the prepared data copied into the bucket, where every worker reads it
         folder, manifest = _split_manifest(plan.source)
         if folder.startswith("gs://"):
-            commands.append(ssh(f"mkdir -p {TPU_SOURCE} && gcloud storage rsync -r "
-                                f"{shlex.quote(folder)} {TPU_SOURCE}", worker="0"))
+            steps.append((None, ssh(f"mkdir -p {TPU_SOURCE} && gcloud storage rsync -r "
+                                    f"{shlex.quote(folder)} {TPU_SOURCE}", worker="0")))
         else:
-            commands.append(f"{tpu} tpu-vm scp --recurse {shlex.quote(folder)} "
-                            f"{name}:{TPU_SOURCE} {where} --worker=0")
+            steps.append((None, f"{tpu} tpu-vm scp --recurse {shlex.quote(folder)} "
+                                f"{name}:{TPU_SOURCE} {where} --worker=0"))
         local = TPU_SOURCE + (f"/{manifest}" if manifest else "")
         for variant in plan.datasets:
             command = prepare_command(f"../{local}", f"../{TPU_DATA}", plan.sweep.data[variant],
                                       plan.python)
-            commands.append(ssh(f"cd her2jax && {shlex.join(command)}", worker="0"))
-        commands.append(ssh(f"gcloud storage rsync -r {TPU_DATA} {shlex.quote(plan.data_root)}",
-                            worker="0"))
+            steps.append((None, ssh(f"cd her2jax && {shlex.join(command)}", worker="0")))
+        steps.append((None, ssh(f"gcloud storage rsync -r {TPU_DATA} "
+                                f"{shlex.quote(plan.data_root)}", worker="0")))
     for run in plan.runs:
         run_commands = plan.commands(run)
-        commands.append(ssh(f"cd her2jax && {shlex.join(run_commands['train'])}"))
-        commands.append(ssh(f"cd her2jax && {shlex.join(run_commands['evaluate'])} "
-                            f"--multihost=on"))
-    return commands
+        steps.append((f"train {run.name}",
+                      ssh(f"cd her2jax && {shlex.join(run_commands['train'])}")))
+        steps.append((f"evaluate {run.name}", ssh(f"cd her2jax && {shlex.join(run_commands['evaluate'])} "
+                                    f"--multihost=on")))
+    if delete:
+        steps.append((None, f"{tpu} tpu-vm delete {name} {where} --quiet"))
+    return steps
+
+
+def tpu_commands(plan: Plan, **options: Any) -> list[str]:
+    """The command lines of `tpu_steps` (what a dry run prints)."""
+    return [command for _, command in tpu_steps(plan, **options)]
+
+
+def run_tpu(plan: Plan, steps: Sequence[tuple[str | None, str]], repo: str) -> None:
+    """Runs the steps here, one after the other, and keeps the sweep's manifest in the bucket
+    up to date (`gcloud storage cp`: the launching machine needs gcloud, nothing else)."""
+    dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+    if dirty.strip():
+        print(f"warning: {repo} has uncommitted changes; the workers get the last commit "
+              f"(git archive HEAD)", file=sys.stderr)
+    manifest = plan.manifest()
+    entries = {entry["name"]: entry for entry in manifest["runs"]}
+    upload_manifest(plan.sweep_dir, manifest)
+    for label, command in steps:
+        kind, _, name = (label or "").partition(" ")
+        print(f"$ {command}", file=sys.stderr, flush=True)
+        if "# wait" in command:
+            _wait_until_active(command.split("#")[0].strip())
+            continue
+        if kind == "train":
+            entries[name].update(status=RUNNING, started=_now())
+            upload_manifest(plan.sweep_dir, manifest)
+        try:
+            subprocess.run(["bash", "-c", command], check=True)
+        except subprocess.CalledProcessError as error:
+            if name:
+                entries[name].update(returncode=error.returncode, finished=_now(),
+                                     status=STOPPED if error.returncode in STOP_CODES
+                                     else FAILED)
+                upload_manifest(plan.sweep_dir, manifest)
+            raise
+        if kind == "evaluate":
+            entries[name].update(status=FINISHED, finished=_now(), returncode=0)
+            upload_manifest(plan.sweep_dir, manifest)
+
+
+def upload_manifest(sweep_dir: str, manifest: dict[str, Any]) -> None:
+    """manifest.json into a gs:// sweep folder through `gcloud storage cp`."""
+    manifest["updated"] = _now()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "manifest.json")
+        with open(path, "w") as handle:
+            json.dump(manifest, handle, indent=2, default=str)
+        subprocess.run(["gcloud", "storage", "cp", path, f"{sweep_dir}/manifest.json"],
+                       check=True, stdout=subprocess.DEVNULL)
 
 
 TPU_PYTHON = ("sudo add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -y -qq "
               "python3.11 python3.11-venv")
 TPU_SOURCE = "her2jax_source"   # in the home folder of worker 0, beside the code (her2jax/)
 TPU_DATA = "her2jax_data"
+TPU_ARCHIVE = "her2jax.tar.gz"   # the code, in the home folder of every worker
 
 
 def _split_manifest(source: str) -> tuple[str, str | None]:
@@ -534,7 +655,7 @@ def _wait_until_active(describe: str, poll_seconds: int = 30, limit_seconds: int
     """Polls a queued resource until its state is ACTIVE (spot capacity can take hours)."""
     waited = 0
     while True:
-        state = subprocess.run(describe + " --format=value(state.state)", shell=True,
+        state = subprocess.run(["bash", "-c", f"{describe} '--format=value(state.state)'"],
                                check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
         if state == "ACTIVE":
             return
@@ -559,8 +680,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="config override for every run (repeatable)")
     parser.add_argument("--dry_run", action="store_true", help="print, run nothing")
     parser.add_argument("--retry_failed", action="store_true")
-    parser.add_argument("--python", default=sys.executable if sys.executable else "python",
-                        help="interpreter in the commands (local backend: this one)")
+    parser.add_argument("--python", help="interpreter in the commands (default: local, this "
+                        "one; slurm, `python` of the repository's .venv, activated; tpu, "
+                        ".venv/bin/python)")
     local = parser.add_argument_group("local")
     local.add_argument("--parallel", type=int, default=1, help="runs at a time")
     local.add_argument("--devices", default="", help="GPU ids, one run per id at a time")
@@ -572,7 +694,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     slurm.add_argument("--cpus_per_task", type=int, default=8)
     slurm.add_argument("--nodes", type=int, default=1, help="nodes per run (multi-host)")
     slurm.add_argument("--max_parallel", type=int, help="array tasks at a time")
-    slurm.add_argument("--repo", default=os.getcwd(), help="repository path on the cluster")
+    slurm.add_argument("--repo", default=os.getcwd(),
+                       help="the repository (slurm: its path on the cluster; tpu: the checkout "
+                       "whose last commit the workers get)")
     tpu = parser.add_argument_group("tpu")
     tpu.add_argument("--tpu_name", default="her2jax")
     tpu.add_argument("--zone", default="us-central2-b")
@@ -580,6 +704,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tpu.add_argument("--version", default="tpu-ubuntu2204-base")
     tpu.add_argument("--queued", action="store_true", help="spot capacity via queued resources")
     tpu.add_argument("--reuse", action="store_true", help="the TPU VM exists already")
+    tpu.add_argument("--delete", action="store_true",
+                     help="delete the TPU VM once the last run is evaluated")
     return parser.parse_args(argv)
 
 
@@ -595,10 +721,17 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if args.backend == "tpu" and not sweep_dir.startswith("gs://"):
         raise ValueError("the tpu backend keeps data and runs in a bucket: --sweep_dir "
                          "gs://BUCKET/sweeps/NAME")
-    python = args.python if args.backend == "local" else (
-        ".venv/bin/python" if args.backend == "tpu" else "python")
+    source = args.source
+    if args.backend == "slurm":
+        # the jobs start in the repository (--repo), not here: every path they get is absolute
+        sweep_dir = os.path.abspath(sweep_dir)
+        if source and "://" not in source:
+            source = os.path.abspath(source)
+    default_python = {"local": sys.executable or "python", "slurm": "python",
+                      "tpu": ".venv/bin/python"}[args.backend]
+    python = args.python or default_python
     extra = ["--multihost=on"] if args.backend == "tpu" else []
-    return Plan(sweep, sweep_dir, source=args.source, only=args.only, settings=settings,
+    return Plan(sweep, sweep_dir, source=source, only=args.only, settings=settings,
                 python=python, extra_train=extra)
 
 
@@ -623,25 +756,32 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
                 return 1
         elif args.backend == "slurm":
-            scripts = slurm_scripts(plan, repo=args.repo, partition=args.partition,
-                                    time_limit=args.time, gpus_per_task=args.gpus_per_task,
+            tasks, prepare = slurm_todo(plan)
+            if not tasks:
+                print(f"all {len(plan.runs)} runs are finished: nothing to submit "
+                      f"(python -m launch.collect {shlex.quote(plan.sweep_dir)})")
+                return 0
+            finished = len(plan.runs) - len(tasks)
+            if finished:
+                print(f"{finished} of {len(plan.runs)} runs finished already: submitting the "
+                      f"other {len(tasks)}", file=sys.stderr)
+            scripts = slurm_scripts(plan, repo=os.path.abspath(args.repo),
+                                    partition=args.partition, time_limit=args.time,
+                                    gpus_per_task=args.gpus_per_task,
                                     cpus_per_task=args.cpus_per_task, nodes=args.nodes,
-                                    max_parallel=args.max_parallel)
+                                    max_parallel=args.max_parallel, tasks=tasks, prepare=prepare,
+                                    # an interpreter given by path needs no activated venv
+                                    setup="" if args.python else "source .venv/bin/activate")
             submit_slurm(plan, scripts, dry_run=args.dry_run)
         else:
-            commands = tpu_commands(plan, name=args.tpu_name, zone=args.zone,
-                                    accelerator=args.accelerator, version=args.version,
-                                    queued=args.queued, reuse=args.reuse)
+            steps = tpu_steps(plan, name=args.tpu_name, zone=args.zone,
+                              accelerator=args.accelerator, version=args.version,
+                              queued=args.queued, reuse=args.reuse, delete=args.delete,
+                              repo=os.path.abspath(args.repo))
             if args.dry_run:
-                print("\n".join(commands))
+                print("\n".join(command for _, command in steps))
             else:
-                write_manifest(plan.sweep_dir, plan.manifest(read_manifest(plan.sweep_dir)))
-                for command in commands:
-                    print(f"$ {command}", file=sys.stderr, flush=True)
-                    if "# wait" in command:
-                        _wait_until_active(command.split("#")[0])
-                        continue
-                    subprocess.run(command, shell=True, check=True)
+                run_tpu(plan, steps, os.path.abspath(args.repo))
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
