@@ -10,18 +10,25 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 # (`make setup JAX_EXTRA=tpu` on a Cloud TPU VM, `JAX_EXTRA=cuda12` on NVIDIA GPUs)
 JAX_EXTRA ?=
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+# the runtime: what `make demo`, the launchers and every SLURM job or TPU worker use
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements.txt
 	$(if $(JAX_EXTRA),$(PY) -m pip install --quiet \
 		"jax[$(JAX_EXTRA)]==$$($(PY) -c 'import jax; print(jax.__version__)')")
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+# the test extras on top: pytest, scikit-learn and the PyTorch reference models (torch,
+# torchvision, timm, transformers), which nothing outside tests/ and benchmarks/ imports
+$(VENV)/.installed-test: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
 setup: $(VENV)/.installed
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 demo: setup
@@ -32,7 +39,7 @@ demo: setup
 # pipeline against the train step on a small synthetic dataset at 224 px
 BENCH_ARGS ?= --models resnet18_dual,vit_small16,resnet50_dual,vit_base16 --image_size 224 --batch 8 --steps 5 \
 	--warmup 2 --repeats 3 --dtype float32 --device cpu
-bench: setup
+bench: $(VENV)/.installed-test
 	$(PY) benchmarks/torch_compare.py $(BENCH_ARGS) --json bench_out/compare.json
 	$(PY) benchmarks/report_compare.py bench_out/compare.json --plot bench_out/compare.png \
 		> bench_out/compare.md && echo "chart: bench_out/compare.png"

@@ -35,8 +35,12 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
             return {k: np.asarray(v, np.float32) for k, v in load_file(local).items()}
-        import torch
-
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"{path}: reading a PyTorch .pth/.pt/.bin file needs torch, which "
+                             f"`make setup` leaves out: pip install torch (CPU is enough), or "
+                             f"convert a .safetensors file") from None
         try:
             loaded = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle refusing code, truncated file, not a torch file

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import textwrap
 import time
 
@@ -144,6 +145,7 @@ def test_slurm_dry_run_line_by_line(sweep_file, capsys):
         #SBATCH --output=/scratch/sw/slurm/prepare_%j.out
         set -euo pipefail
         cd /home/u/her2jax
+        [ -f .venv/bin/activate ] || {{ echo "no .venv in $PWD: run make setup there first" >&2; exit 1; }}
         source .venv/bin/activate
         # data variant q98 -> {data}
         python -m data_prep.prepare --source /data/cohort --data_dir /scratch/sw/data --quiet --image_size 16 --normalization per_channel_clip_q98
@@ -161,19 +163,20 @@ def test_slurm_dry_run_line_by_line(sweep_file, capsys):
         #SBATCH --gpus-per-task=1
         set -euo pipefail
         cd /home/u/her2jax
+        [ -f .venv/bin/activate ] || {{ echo "no .venv in $PWD: run make setup there first" >&2; exit 1; }}
         source .venv/bin/activate
         case "$SLURM_ARRAY_TASK_ID" in
           0) RUN={run0}; WORKDIR=/scratch/sw/runs/{run0}
-             TRAIN='{train(run0, "none")}'
-             EVALUATE='python -m her2jax.evaluate --workdir /scratch/sw/runs/{run0} --split test --quiet' ;;
+             TRAIN=({train(run0, "none")})
+             EVALUATE=(python -m her2jax.evaluate --workdir /scratch/sw/runs/{run0} --split test --quiet) ;;
           1) RUN={run1}; WORKDIR=/scratch/sw/runs/{run1}
-             TRAIN='{train(run1, "dual")}'
-             EVALUATE='python -m her2jax.evaluate --workdir /scratch/sw/runs/{run1} --split test --quiet' ;;
+             TRAIN=({train(run1, "dual")})
+             EVALUATE=(python -m her2jax.evaluate --workdir /scratch/sw/runs/{run1} --split test --quiet) ;;
           *) echo "no run for task $SLURM_ARRAY_TASK_ID"; exit 1 ;;
         esac
         if [ -f "$WORKDIR/eval/test/metrics.json" ]; then echo "$RUN finished, skipped"; exit 0; fi
-        srun $TRAIN
-        $EVALUATE
+        srun "${{TRAIN[@]}}"
+        "${{EVALUATE[@]}}"
 
         # ---- submit with
         PREPARE=$(sbatch --parsable /scratch/sw/slurm/prepare.sbatch)
@@ -187,7 +190,8 @@ def test_tpu_dry_run_line_by_line(sweep_file, capsys):
     assert sweep.main(["--sweep", sweep_file, "--backend", "tpu", "--dry_run", "--source",
                        "gs://b/cohort", "--sweep_dir", "gs://b/sw", "--queued", "--only",
                        "*dual*", "--tpu_name", "h2", "--zone", "europe-west4-a",
-                       "--accelerator", "v5litepod-16"]) == 0
+                       "--accelerator", "v5litepod-16", "--repo", "/home/u/her2jax"]) == 0
+    archive = os.path.join(tempfile.gettempdir(), "her2jax-h2.tar.gz")
     run = "resnet18-data=q98-attention=dual-s0"
     ssh = "gcloud compute tpus tpu-vm ssh h2 --zone=europe-west4-a"
     expected = [
@@ -195,8 +199,9 @@ def test_tpu_dry_run_line_by_line(sweep_file, capsys):
         "--accelerator-type=v5litepod-16 --runtime-version=tpu-ubuntu2204-base --spot",
         "gcloud compute tpus queued-resources describe h2-qr --zone=europe-west4-a  "
         "# wait for state ACTIVE",
-        "git archive --format=tar.gz --prefix=her2jax/ -o her2jax.tar.gz HEAD",
-        "gcloud compute tpus tpu-vm scp her2jax.tar.gz h2:~/ --zone=europe-west4-a --worker=all",
+        f"git -C /home/u/her2jax archive --format=tar.gz --prefix=her2jax/ -o {archive} HEAD",
+        f"gcloud compute tpus tpu-vm scp {archive} h2:~/her2jax.tar.gz --zone=europe-west4-a "
+        f"--worker=all",
         f"{ssh} --worker=all --command='sudo add-apt-repository -y ppa:deadsnakes/ppa && "
         f"sudo apt-get install -y -qq python3.11 python3.11-venv && tar xzf her2jax.tar.gz && "
         f"cd her2jax && make setup PYTHON=python3.11 JAX_EXTRA=tpu'",
@@ -344,9 +349,9 @@ def test_stopping_the_launcher_stops_every_run_it_started(sweep_file, tmp_path, 
 def local_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("local_sweep")
     (root / "tiny.py").write_text(TINY_SWEEP)
-    cohort = str(root / "cohort")
+    cohort = str(root / "a cohort")        # paths that need quoting in every command line
     write_cohort(cohort, patients=18, splits=SPLITS)
-    sweep_dir = str(root / "sw")
+    sweep_dir = str(root / "sweep dir's")
     tiny = ["batch_size=4", "total_steps=3", "warmup_steps=1", "eval.every_steps=3",
             "eval.batch_size=4", "checkpoint.every_steps=3", "log_every_steps=1"]
     args = ["--sweep", str(root / "tiny.py"), "--sweep_dir", sweep_dir, "--source", cohort,

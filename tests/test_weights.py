@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -57,6 +58,18 @@ def test_triple_head_reports_the_unused_single_head(resnet_files):
     report = weights.load_pretrained(model, converted)
     assert report.unused == ["fc/bias", "fc/kernel"]
     assert any(key.startswith("heads/") for key in report.missing)
+
+
+def test_a_pth_file_without_torch_installed_is_one_clear_line(resnet_files, monkeypatch,
+                                                              capsys):
+    """`make setup` installs no torch: converting a .pth file then says what to install."""
+    _, source, _ = resnet_files
+    monkeypatch.setitem(sys.modules, "torch", None)          # `import torch` raises ImportError
+    assert convert.main(["--source", "torchvision", "--arch", "resnet18", source,
+                         source + ".out"]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "needs torch, which `make setup` leaves out: pip install torch (CPU is enough), or "
+        "convert a .safetensors file")
 
 
 def test_wrapped_checkpoint_and_safetensors_read_alike(resnet_files, tmp_path):
