@@ -7,20 +7,24 @@ whose test evaluation exists is finished and skipped; a run stopped by SIGTERM o
 code 143 or 130, its checkpoint written) is `stopped` and resumed by the next launch; a failed run
 is reported and retried with `--retry_failed` (training resumes from its latest checkpoint by
 itself). Ctrl-C or SIGTERM to the local launcher passes SIGTERM on to every run it started (each
-writes its checkpoint and is marked `stopped`). SWEEP_DIR/manifest.json records every run's commands, config, status and timings;
-`python -m launch.collect SWEEP_DIR` turns the finished runs into the leaderboard.
+writes its checkpoint and is marked `stopped`). SWEEP_DIR/manifest.json records every run's
+commands, config, status and timings; `python -m launch.collect SWEEP_DIR` turns the finished
+runs into the leaderboard.
 
 Backends:
     local   runs here, one after the other, or `--parallel N` at a time, each with its own
             devices (`--devices 0,1,2,3`: CUDA_VISIBLE_DEVICES round-robin) or, on CPU, its
             own share of threads
-    slurm   writes SWEEP_DIR/slurm/prepare.sbatch and an array script, one task per run
-            (multi-node runs, `--nodes K`, start one process per node through srun and get the
-            jax.distributed environment from SLURM), and submits them (the array after the
-            preparation); `--dry_run` prints them
+    slurm   writes SWEEP_DIR/slurm/prepare.sbatch and an array script, one task per run not
+            finished yet (its commands as bash arrays; training as a job step, srun, so that
+            `scancel --signal=TERM` makes it write its checkpoint; multi-node runs, `--nodes K`,
+            start one process per node and get the jax.distributed environment from SLURM), and
+            submits them (the array after the preparation, left out when the data is there);
+            `--dry_run` prints them
     tpu     the gcloud commands for a Cloud TPU VM: create (or `--queued` spot capacity through
-            queued resources), copy the code, install, prepare, and run each run on every
-            worker (`--worker=all`, `--multihost=on`); data and run folders in the bucket of
+            queued resources), copy the last commit of `--repo`, install, prepare, and run each
+            run on every worker (`--worker=all`, `--multihost=on`), `--delete` the VM at the end;
+            data, run folders and the manifest (`gcloud storage cp`) in the bucket of
             `--sweep_dir gs://BUCKET/...`; the cohort (`--source`, gs:// or local) is copied to
             worker 0, prepared there and the data copied into the bucket; `--dry_run` prints them
 `--set key=value` overrides a config key in every run (e.g. `--set total_steps=100`); a key
@@ -578,8 +582,9 @@ def tpu_steps(plan: Plan, *, name: str, zone: str, accelerator: str, version: st
         run_commands = plan.commands(run)
         steps.append((f"train {run.name}",
                       ssh(f"cd her2jax && {shlex.join(run_commands['train'])}")))
-        steps.append((f"evaluate {run.name}", ssh(f"cd her2jax && {shlex.join(run_commands['evaluate'])} "
-                                    f"--multihost=on")))
+        steps.append((f"evaluate {run.name}",
+                      ssh(f"cd her2jax && {shlex.join(run_commands['evaluate'])} "
+                          f"--multihost=on")))
     if delete:
         steps.append((None, f"{tpu} tpu-vm delete {name} {where} --quiet"))
     return steps

@@ -325,8 +325,17 @@ def test_checkpoint_restores_onto_two_devices(dataset, tmp_path, monkeypatch):
     assert last["step"] == 6 and np.isfinite(last["loss"])
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler during the test, also in a process that started with SIGINT
+    ignored (a background job of a non-interactive shell)."""
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, original)
+
+
 def test_ctrl_c_writes_a_checkpoint_and_a_second_one_stops_at_once(dataset, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, python_ctrl_c):
     _, data_dir = dataset
     make_train_step = steps.make_train_step
 
