@@ -86,6 +86,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         self.notes: list[str] = []
         self.counts: collections.Counter = collections.Counter()
         self.written: set[str] = set()
+        self.case_notes: dict[str, list[str]] = {}   # per patient, from the write pass
         self.qc_samples: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
         self._pool: concurrent.futures.Executor | None = None
         self._spill_dir: str | None = None   # the fit pass's output for the write pass
@@ -123,12 +124,18 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
             self._reject(problem)
         self.notes.extend(listing.notes)
         if not listing.cases:
-            raise ValueError(f"no patient to prepare in {source}")
+            left_out = "; ".join(f"{n} {reason}" for reason, n in listing.excluded_counts().items())
+            raise ValueError(f"no patient to prepare in {source}"
+                             + (f" (excluded: {left_out})" if left_out else ""))
         by_split = splits.assign(listing.cases, self.params)
         fitted = self._fit_normalization(by_split.get("train", []))
         self.info.metadata.update({
             "preparation": self.params.to_dict(),
-            "source": {"path": source, "kind": listing.kind},
+            "source": {"path": source, "kind": listing.kind, "release": listing.release,
+                       "layout": listing.layout},
+            "cohorts": sorted({c.cohort for c in listing.cases}),
+            "excluded": listing.excluded,
+            "excluded_counts": listing.excluded_counts(),
             "code_version": data_prep.code_version(),
             "normalization_fit": fitted,
             "split_rule": splits.describe(listing.cases, self.params),
@@ -137,6 +144,9 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
             "files": {c.patient_id: [os.path.basename(p) for p in c.phases] +
                       [os.path.basename(c.mask) if c.mask else None] for c in listing.cases},
         })
+        if listing.phase_rules:
+            self.info.metadata["phase_rules"] = {c.patient_id: listing.phase_rules[c.patient_id]
+                                                 for c in listing.cases}
         return {name: self._generate_examples(name, cases, fitted)
                 for name, cases in by_split.items() if cases}
 
@@ -183,6 +193,8 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
                                         self._spill_dir):
             self.counts[(split, LABEL_NAMES[case.label], case.cohort, "patients")] += 1
             self.written.add(case.patient_id)
+            if prepared.notes:
+                self.case_notes[case.patient_id] = prepared.notes
             for item in prepared.slices:
                 self.counts[(split, LABEL_NAMES[case.label], case.cohort, "slices")] += 1
                 example = {"image": item.image, "mask": item.mask, "label": case.label,
@@ -230,6 +242,13 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["patients"] = {
             name: [pid for pid in pids if pid in self.written]
             for name, pids in self.info.metadata["patients"].items()}
+        self.info.metadata["case_notes"] = dict(sorted(self.case_notes.items()))
+        if self.case_notes:
+            pids = sorted(self.case_notes)
+            self.notes.append(f"{len(pids)} patients have notes of their own (case_notes in "
+                              f"metadata.json; e.g. a tumour range in the metadata that disagrees "
+                              f"with the mask, which wins): {', '.join(pids[:10])}"
+                              f"{', ...' if len(pids) > 10 else ''}")
         self.info.metadata["notes"] = self.notes
         self.info.metadata["counts"] = [list(key) + [n] for key, n in sorted(self.counts.items())]
         report.write(os.fspath(self.data_dir), self.info.metadata, self.qc_samples)

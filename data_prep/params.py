@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any
 
 SPLITS = ("train", "validation", "test", "external")
@@ -30,6 +31,8 @@ class PrepParams:
     external: cohort name if the whole source is an external validation set (split `external`).
     fit_from: a prepared dataset whose fitted normalisation (e.g. Nyul landmarks) is reused instead
         of fitting on this source's training split; needed for an external set.
+    cohorts: the cohorts to keep (BreastDCEDL's `dataset` column: spy1, spy2, duke; a manifest's
+        `cohort` column), or None for all; part of the config name.
     """
 
     normalization: str = "per_channel_clip_q98"
@@ -44,6 +47,7 @@ class PrepParams:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     external: str | None = None
     fit_from: str | None = None
+    cohorts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -60,14 +64,27 @@ class PrepParams:
                              f"got {self.split_fractions}")
         if self.phases is not None and (len(self.phases) != 3 or min(self.phases) < 0):
             raise ValueError(f"phases must be three non-negative indices, got {self.phases}")
+        if self.cohorts is not None:
+            if not self.cohorts or any(not re.fullmatch(r"[A-Za-z0-9_]+", c) for c in self.cohorts):
+                raise ValueError(f"cohorts must be names of letters, digits and _, got "
+                                 f"{self.cohorts}")
+            if list(self.cohorts) != sorted(set(self.cohorts)):
+                raise ValueError(f"cohorts must be sorted and distinct, got {self.cohorts}")
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        record = json.loads(json.dumps(dataclasses.asdict(self)))
+        if record["cohorts"] is None:   # as recorded before cohorts could be chosen: same names
+            del record["cohorts"]
+        return record
 
     def config_name(self) -> str:
-        """`<normalization>[_n4]`, plus a short hash when any other setting is not the default."""
+        """`<normalization>[_n4][_<cohort>-<cohort>...]`, plus a short hash when any other setting
+        is not the default."""
         name = self.normalization + ("_n4" if self.n4 else "")
-        reference = dataclasses.replace(PrepParams(), normalization=self.normalization, n4=self.n4)
+        if self.cohorts:
+            name += "_" + "-".join(self.cohorts)
+        reference = dataclasses.replace(PrepParams(), normalization=self.normalization, n4=self.n4,
+                                        cohorts=self.cohorts)
         if self != reference:
             digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
             name += "_" + digest[:8]

@@ -34,6 +34,7 @@ class Loaded:
     mask: np.ndarray                     # uint8 (z, y, x); zeros when only a box is known
     tumour_box: tuple[int, ...]          # (z0, z1, y0, y1, x0, x1), inclusive
     spacing: tuple[float, float, float]
+    notes: list[str] = dataclasses.field(default_factory=list)   # for the report
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ class PreparedSlice:
 class PreparedCase:
     case: Case
     slices: list[PreparedSlice]
+    notes: list[str] = dataclasses.field(default_factory=list)   # for the report
 
 
 def load_case(case: Case, params: PrepParams) -> Loaded:
@@ -64,7 +66,15 @@ def load_case(case: Case, params: PrepParams) -> Loaded:
     mask, box = _tumour_region(case, shape, volumes[0])
     if params.n4:
         phases = n4.correct_phases(phases, spacing, params.n4_shrink, params.n4_iterations)
-    return Loaded(phases, mask, box, spacing)
+    return Loaded(phases, mask, box, spacing, range_notes(case, box))
+
+
+def range_notes(case: Case, box: tuple[int, ...]) -> list[str]:
+    """A note when the metadata's tumour range disagrees with the mask's (the mask wins)."""
+    if case.tumour_range is None or case.mask is None or tuple(box[:2]) == case.tumour_range:
+        return []
+    return [f"tumour slices {box[0]}..{box[1]} in the mask, {case.tumour_range[0]}.."
+            f"{case.tumour_range[1]} in the metadata: the mask's are used"]
 
 
 def _check_spacing(case: Case, path: str, volume: Volume, reference: Volume | None,
@@ -124,7 +134,8 @@ def summarize_case(case: Case, params: PrepParams, spill_dir: str | None = None)
         path = spill_path(spill_dir, case.patient_id)
         with open(path + ".partial", "wb") as handle:
             np.savez(handle, summary=np.asarray(summary), chosen=np.asarray(chosen),
-                     voxels=voxels, inside=inside, masks=masks)
+                     voxels=voxels, inside=inside, masks=masks,
+                     notes=np.asarray(loaded.notes, dtype=str))
         os.replace(path + ".partial", path)
     return summary
 
@@ -155,7 +166,7 @@ def prepare_case(case: Case, params: PrepParams, fitted: Mapping[str, Any] | Non
     chosen, (top, left, side) = _window(loaded, params)
     images = [slices.cut(slices.fuse(eight_bit, z), top, left, side) for z in chosen]
     masks = [slices.cut(loaded.mask[z], top, left, side) for z in chosen]
-    return _finish(case, params, chosen, images, masks)
+    return _finish(case, params, chosen, images, masks, loaded.notes)
 
 
 def _prepare_spilled(case: Case, params: PrepParams, fitted: Mapping[str, Any] | None,
@@ -168,13 +179,14 @@ def _prepare_spilled(case: Case, params: PrepParams, fitted: Mapping[str, Any] |
         images = [np.ascontiguousarray(np.moveaxis(eight_bit[:, i], 0, -1))
                   for i in range(len(chosen))]
         masks = list(spilled["masks"])
-    return _finish(case, params, chosen, images, masks)
+        notes = [str(note) for note in spilled["notes"]]
+    return _finish(case, params, chosen, images, masks, notes)
 
 
 def _finish(case: Case, params: PrepParams, chosen: list[int], images: list[np.ndarray],
-            masks: list[np.ndarray]) -> PreparedCase:
+            masks: list[np.ndarray], notes: list[str]) -> PreparedCase:
     """Resizes each (side, side, 3) image and (side, side) mask crop to the output size."""
     return PreparedCase(case, [
         PreparedSlice(z, slices.resize(image, params.image_size),
                       slices.resize(mask[..., None], params.image_size, nearest=True))
-        for z, image, mask in zip(chosen, images, masks)])
+        for z, image, mask in zip(chosen, images, masks)], notes)

@@ -41,6 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="margin on each side of the tumour box, fraction of its longer side")
     parser.add_argument("--phases", type=_integers, default=None,
                         help="pre,early,late time-point indices overriding the metadata")
+    parser.add_argument("--cohorts", type=_names, default=None,
+                        help="cohorts to keep, comma separated (BreastDCEDL: spy1, spy2, duke; "
+                             "a manifest: its `cohort` values); default: every cohort, except "
+                             "for BreastDCEDL MinCrop: spy1,spy2 (the study's). Part of the "
+                             "dataset's config name")
     parser.add_argument("--split_seed", type=int, default=defaults.split_seed)
     parser.add_argument("--external", default=None, metavar="COHORT",
                         help="the whole source is an external validation set with this name")
@@ -95,6 +100,13 @@ def apply_like(args: argparse.Namespace, defaults: PrepParams) -> None:
         args.fit_from = config["data_dir"]
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(sorted({part.strip() for part in text.split(",") if part.strip()}))
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated cohort names, got {text!r}")
+    return names
+
+
 def _integers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
@@ -108,6 +120,14 @@ def build(args: argparse.Namespace):
 
     # checked before TFDS starts, which would otherwise write into --data_dir first
     manual_dir, manifest = locate(args.source)
+    if args.cohorts and manifest is None and \
+            not os.path.isfile(os.path.join(manual_dir, "manifest.csv")):
+        from data_prep.sources import breastdcedl
+
+        unknown = sorted(set(args.cohorts) - set(breastdcedl.COHORTS))
+        if unknown:
+            raise ValueError(f"--cohorts {','.join(args.cohorts)}: {', '.join(unknown)} is not a "
+                             f"BreastDCEDL cohort ({', '.join(breastdcedl.COHORTS)})")
     if "://" in args.data_dir:
         raise ValueError(f"--data_dir {args.data_dir}: preparation writes local files (TFRecords, "
                          f"report, QC montage); prepare into a local folder, then copy it (e.g. "
@@ -129,7 +149,7 @@ def build(args: argparse.Namespace):
         n4_iterations=tuple(args.n4_iterations), image_size=args.image_size,
         slices_per_patient=args.slices_per_patient, crop_margin=args.crop_margin,
         phases=tuple(args.phases) if args.phases else None, split_seed=args.split_seed,
-        external=args.external, fit_from=args.fit_from)
+        external=args.external, fit_from=args.fit_from, cohorts=args.cohorts)
     builder = Her2Dce(config=config_for(params), data_dir=args.data_dir, workers=args.workers,
                       skip_bad=args.skip_bad, progress=not args.quiet, manifest=manifest)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
@@ -197,9 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, BadCaseError):
             print("(use --skip_bad to record such cases and go on)", file=sys.stderr)
         return 1
-    skipped = builder.info.metadata.get("skipped", [])
+    metadata = builder.info.metadata
+    skipped = metadata.get("skipped", [])
     splits = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())
-    print(f"slices per split: {splits}; skipped patients: {len(skipped)}", file=sys.stderr)
+    excluded = metadata.get("excluded_counts") or {}
+    source = metadata.get("source") or {}
+    read = "BreastDCEDL MinCrop" if source.get("release") == "mincrop" else source.get("kind")
+    print(f"read {read} ({', '.join(metadata.get('cohorts') or [])}); slices per split: "
+          f"{splits}; skipped patients: {len(skipped)}; excluded rows: "
+          f"{sum(excluded.values())}"
+          + (f" ({'; '.join(f'{n} {reason}' for reason, n in excluded.items())})"
+             if excluded else ""), file=sys.stderr)
     print(os.fspath(builder.data_dir))
     return 0
 

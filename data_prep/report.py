@@ -52,15 +52,26 @@ def count_table(counts: list[list]) -> str:
 
 def markdown(metadata: Mapping[str, Any]) -> str:
     skipped = metadata.get("skipped", [])
+    source = metadata["source"]
+    kind = source["kind"] + (", MinCrop version" if source.get("release") == "mincrop" else
+                             ", full version" if source.get("release") == "full" else "")
+    excluded = metadata.get("excluded_counts") or {}
     parts = [
         "# her2_dce preparation report", "",
-        f"Source: `{metadata['source']['path']}` ({metadata['source']['kind']}); "
-        f"code version {metadata['code_version']}.", "",
+        f"Source: `{source['path']}` ({kind}); code version {metadata['code_version']}.", "",
+        f"Cohorts: {', '.join(metadata.get('cohorts') or []) or '-'}.", "",
         f"Split rule: {metadata['split_rule']}.", "",
         "## Counts", "", count_table(metadata.get("counts", [])), "",
-        f"## Skipped cases ({len(skipped)})", "",
+        f"## Excluded rows ({sum(excluded.values())})", "",
+        "Left out by rule, not errors (the patients are listed in metadata.json, `excluded`).", "",
     ]
+    parts += ([f"- {reason}: {n}" for reason, n in excluded.items()] or ["none"])
+    parts += ["", f"## Skipped cases ({len(skipped)})", ""]
     parts += [f"- `{s['patient_id']}`: `{s['file']}`: {s['reason']}" for s in skipped] or ["none"]
+    case_notes = metadata.get("case_notes") or {}
+    if case_notes:
+        parts += ["", f"## Patient notes ({len(case_notes)})", ""]
+        parts += [f"- `{pid}`: {'; '.join(notes)}" for pid, notes in case_notes.items()]
     parts += ["", "## Notes", ""] + [f"- {n}" for n in metadata.get("notes") or ["none"]]
     parts += ["", "## Parameters", "", "```json",
               json.dumps(metadata["preparation"], indent=2), "```", "",

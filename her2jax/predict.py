@@ -2,7 +2,12 @@
 --late F --mask F [--out DIR] [--explain]`.
 
 Each phase is a NIfTI file, an NRRD/MetaImage file or a DICOM series folder; the tumour is a mask
-volume (`--mask`) or a box (`--box z0,z1,y0,y1,x0,x1`, voxel indices, inclusive). The study goes
+volume (`--mask`) or a box (`--box z0,z1,y0,y1,x0,x1`, voxel indices, inclusive). NIfTI files are
+read the way the run's training data was read (its dataset's record): BreastDCEDL files, stored
+(z, y, x) with an identity affine, for a run trained on BreastDCEDL; files with their own header
+geometry otherwise. `--layout` says it explicitly; a file whose orientation nothing decides (an
+identity affine, and no record of the run's data) is refused, as is a BreastDCEDL file about to be
+read with its placeholder header (the slices would come from the wrong axis). The study goes
 through exactly the preparation code the training data went through (`data_prep.pipeline`, with
 the run's recorded parameters and the normalisation fitted on its training split), then the
 model. Prints JSON and writes `prediction.json` (and with `--explain`, overlays) to --out:
@@ -34,6 +39,75 @@ def preparation_params(preparation: dict[str, Any]):
               if k in PrepParams.__dataclass_fields__}
     fields.update(external=None, fit_from=None)
     return PrepParams(**fields)
+
+
+LAYOUTS = {"breastdcedl": "arrays stored (z, y, x) with an identity affine, as BreastDCEDL "
+                          "writes them",
+           "standard": "each file's own header geometry"}
+
+
+def identity_affine(path: str) -> bool:
+    """A NIfTI file whose affine is the identity (1 mm voxels, no orientation), as BreastDCEDL's."""
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        return False
+    try:
+        import nibabel as nib
+
+        affine = nib.load(path).affine
+    except Exception:  # the reader reports unreadable files, with the patient and the file
+        return False
+    return bool(np.allclose(affine, np.eye(4)))
+
+
+def breastdcedl_patient(path: str) -> str | None:
+    """The patient id of a file named the BreastDCEDL way (`<pid>_spy2_vis1_dce_aqc_0.nii.gz`,
+    `<pid>_spy1_vis1_acq2.nii.gz`, `<pid>_duke_aqc_1.nii.gz`), else None."""
+    from data_prep.sources.breastdcedl import PHASE_FILE
+
+    match = PHASE_FILE.match(epath.Path(path).name)
+    return match["pid"] if match else None
+
+
+def run_layout(restored: Any) -> str | None:
+    """How the run's training data was read ("breastdcedl" or "standard"), from its dataset's
+    record; None when that record cannot be read (a moved or deleted dataset)."""
+    from her2jax import input_pipeline
+
+    try:
+        source = input_pipeline.preparation_metadata(restored.config.data_dir).get("source") or {}
+    except (OSError, ValueError):
+        return None
+    layout = source.get("layout") or ("breastdcedl" if source.get("kind") == "breastdcedl"
+                                      else "standard" if source.get("kind") else None)
+    return layout if layout in LAYOUTS else None
+
+
+def choose_layout(restored: Any, pre: str, layout: str | None) -> tuple[str, str]:
+    """(layout, where it came from: "flag", "run" or "file") for reading the study's files.
+
+    Refuses, in one line, a file whose orientation nothing decides, and a BreastDCEDL file that
+    would be read with its placeholder header."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
+    chosen, origin = (layout, "flag") if layout else (run_layout(restored), "run")
+    placeholder = identity_affine(pre)
+    if chosen is None:
+        if placeholder:
+            raise ValueError(
+                f"{pre}: orientation is ambiguous: an identity affine (no orientation, 1 mm "
+                f"voxels) and no record of how run {restored.workdir}'s training data was read "
+                f"({restored.config.data_dir}/metadata.json unreadable): pass --layout "
+                f"breastdcedl ({LAYOUTS['breastdcedl']}) or --layout standard "
+                f"({LAYOUTS['standard']})")
+        chosen, origin = "standard", "file"
+    if chosen == "standard" and placeholder and breastdcedl_patient(pre):
+        why = ("--layout standard" if origin == "flag" else
+               "the run was trained on files with their own geometry")
+        raise ValueError(
+            f"{pre}: a BreastDCEDL file (its name and identity affine) would be read with its "
+            f"placeholder header ({why}), i.e. slices along the wrong axis: pass --layout "
+            f"breastdcedl")
+    return chosen, origin
 
 
 def prepare_study(restored: Any, *, pre: str, early: str, late: str, mask: str | None = None,
@@ -80,7 +154,7 @@ def slice_probabilities(model: Any, images: np.ndarray, dtype: str = "float32") 
 
 
 def predict(workdir: str, *, pre: str, early: str, late: str, mask: str | None = None,
-            box: tuple[int, ...] | None = None, layout: str = "standard",
+            box: tuple[int, ...] | None = None, layout: str | None = None,
             spacing: tuple[float, float, float] | None = None, patient_id: str = "patient",
             checkpoint: str = "best", out: str | None = None, explain: bool = False,
             progress: bool = False) -> dict[str, Any]:
@@ -88,6 +162,7 @@ def predict(workdir: str, *, pre: str, early: str, late: str, mask: str | None =
     from her2jax import evaluate, train
 
     restored = train.restore(workdir, checkpoint)
+    layout, layout_from = choose_layout(restored, pre, layout)
     try:
         prepared = prepare_study(restored, pre=pre, early=early, late=late, mask=mask, box=box,
                                  layout=layout, spacing=spacing, patient_id=patient_id)
@@ -112,7 +187,8 @@ def predict(workdir: str, *, pre: str, early: str, late: str, mask: str | None =
                    for s, p in zip(prepared.slices, probabilities)],
         "run": str(workdir), "checkpoint": restored.checkpoint, "step": restored.step,
         "inputs": {"pre": pre, "early": early, "late": late, "mask": mask,
-                   "box": list(box) if box else None, "layout": layout},
+                   "box": list(box) if box else None, "layout": layout,
+                   "layout_from": layout_from},
     }
     if out:
         folder = epath.Path(out)
@@ -152,9 +228,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--late", required=True, help="late post-contrast phase")
     parser.add_argument("--mask", help="tumour mask volume (non-zero = tumour)")
     parser.add_argument("--box", type=_numbers(int, 6), help="tumour box z0,z1,y0,y1,x0,x1")
-    parser.add_argument("--layout", choices=("standard", "breastdcedl"), default="standard",
-                        help="breastdcedl: NIfTI arrays stored (z, y, x) with an identity "
-                             "affine, as in the BreastDCEDL release")
+    parser.add_argument("--layout", choices=tuple(LAYOUTS), default=None,
+                        help="how to read NIfTI files: breastdcedl (arrays stored (z, y, x) with "
+                             "an identity affine, as in the BreastDCEDL release) or standard (the "
+                             "file's own header geometry); default: as the run's training data "
+                             "was read")
     parser.add_argument("--spacing", type=_numbers(float, 3),
                         help="z,y,x spacing in mm when the headers lack it (used by N4)")
     parser.add_argument("--patient_id", help="name in messages and prediction.json (default: "
@@ -174,18 +252,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def layout_warning(path: str, layout: str) -> str | None:
-    """A warning when a NIfTI file to be read with its own geometry looks like a BreastDCEDL
-    file: an identity affine (1 mm voxels, no orientation), which that release writes with the
-    array stored (z, y, x)."""
-    if layout != "standard" or not path.lower().endswith((".nii", ".nii.gz")):
-        return None
-    try:
-        import nibabel as nib
-
-        affine = nib.load(path).affine
-    except Exception:  # the reader reports unreadable files, with the patient and the file
-        return None
-    if not np.allclose(affine, np.eye(4)):
+    """A warning when a NIfTI file to be read with its own geometry has an identity affine (1 mm
+    voxels, no orientation), as BreastDCEDL's files have (stored (z, y, x))."""
+    if layout != "standard" or not identity_affine(path):
         return None
     return (f"warning: {path} has an identity affine (1 mm voxels, no orientation), as the "
             f"BreastDCEDL files have; if it is one of them, its array is stored (z, y, x): add "
@@ -193,7 +262,11 @@ def layout_warning(path: str, layout: str) -> str | None:
 
 
 def file_stem(path: str) -> str:
-    """`.../T-006_pre.nii.gz` -> `T-006_pre`."""
+    """The default patient id: `.../T-006_pre.nii.gz` -> `T-006_pre`; a BreastDCEDL file's
+    patient (`ISPY2-123_spy2_vis1_dce_aqc_0.nii.gz` -> `ISPY2-123`)."""
+    patient = breastdcedl_patient(path)
+    if patient:
+        return patient
     name = epath.Path(path).name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
@@ -203,9 +276,6 @@ def file_stem(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    warning = layout_warning(args.pre, args.layout)
-    if warning:
-        print(warning, file=sys.stderr)
     args.patient_id = args.patient_id or file_stem(args.pre)
     try:
         result = predict(args.workdir, pre=args.pre, early=args.early, late=args.late,
@@ -215,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    warning = layout_warning(args.pre, result["inputs"]["layout"])
+    if warning:
+        print(warning, file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import os
+import shutil
+import types
 
 import nibabel as nib
 import numpy as np
@@ -147,14 +149,21 @@ def test_external_cohort_prepared_like_the_run(setup, capsys):
     assert "patient AUC" in printed
 
 
-def test_predict_gives_the_probability_evaluate_gives(setup, tmp_path):
+def test_predict_gives_the_probability_evaluate_gives(setup, tmp_path, capsys):
+    """No --layout: the run was trained on BreastDCEDL-layout data, so its files are read (z, y, x)
+    and the patient is named without the phase suffix."""
     cohort, patient = setup["cohort"], "T-006"
     files = [os.path.join(cohort, "dce", f"{patient}_spy2_vis1_dce_aqc_{t}.nii.gz")
              for t in (0, 1, 3)]
     mask = os.path.join(cohort, "mask", f"{patient}_spy2_vis1_mask.nii.gz")
-    result = predict.predict(setup["run_a"], pre=files[0], early=files[1], late=files[2],
-                             mask=mask, layout="breastdcedl", patient_id=patient,
-                             out=str(tmp_path / "out"))
+    assert predict.main(["--workdir", setup["run_a"], "--pre", files[0], "--early", files[1],
+                         "--late", files[2], "--mask", mask, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""                      # no warning: the run's record decided
+    result = json.loads(printed.out)
+    assert result["patient_id"] == patient
+    assert result["inputs"]["layout"] == "breastdcedl"
+    assert result["inputs"]["layout_from"] == "run"
     rows = read_csv(os.path.join(setup["run_a"], "eval", "test", "predictions.csv"))
     expected = next(float(r["probability"]) for r in rows if r["patient_id"] == patient)
     assert result["probability"] == pytest.approx(expected, abs=1e-5)
@@ -163,6 +172,7 @@ def test_predict_gives_the_probability_evaluate_gives(setup, tmp_path):
             if s["patient_id"] == patient}
     assert {s["slice_index"]: pytest.approx(s["probability"], abs=1e-5)
             for s in result["slices"]} == mine
+    assert set(mine) <= set(range(3, 7))          # the tumour's slices on the z axis
     threshold = setup["result"]["threshold"]["value"]
     assert result["threshold"] == threshold
     assert result["decision"] == ("HER2-positive" if expected >= threshold else "HER2-negative")
@@ -170,17 +180,56 @@ def test_predict_gives_the_probability_evaluate_gives(setup, tmp_path):
         result["probability"]
 
 
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+def test_predict_reads_the_layout_from_the_run_and_refuses_what_nothing_decides(setup, tmp_path,
+                                                                                 capsys):
+    cohort = setup["cohort"]
+    files = [os.path.join(cohort, "dce", f"T-006_spy2_vis1_dce_aqc_{t}.nii.gz") for t in (0, 1, 3)]
+    mask = os.path.join(cohort, "mask", "T-006_spy2_vis1_mask.nii.gz")
+    study = ["--pre", files[0], "--early", files[1], "--late", files[2], "--mask", mask]
+    # a BreastDCEDL file read with its placeholder header would give slices of the wrong axis
+    assert predict.main(["--workdir", setup["run_a"], *study, "--layout", "standard"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert files[0] in line and "wrong axis" in line and "--layout breastdcedl" in line
+    # a copy of the run whose dataset cannot be read: no record decides an identity affine
+    orphan = tmp_path / "orphan_run"
+    shutil.copytree(setup["run_a"], orphan)
+    config = json.loads((orphan / "config.json").read_text())
+    config["data_dir"] = str(tmp_path / "moved_away")
+    (orphan / "config.json").write_text(json.dumps(config))
+    assert predict.main(["--workdir", str(orphan), *study]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "orientation is ambiguous" in line and files[0] in line
+    assert "--layout breastdcedl" in line and "--layout standard" in line
+    # with no record, a file with a real orientation is read with its own geometry
+    oriented = str(tmp_path / "oriented.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([0.7, 0.7, 2.5, 1])),
+             oriented)
+    restored = types.SimpleNamespace(workdir=str(orphan),
+                                     config=types.SimpleNamespace(data_dir=config["data_dir"]))
+    assert predict.choose_layout(restored, oriented, None) == ("standard", "file")
+    assert predict.choose_layout(restored, files[0], "breastdcedl") == ("breastdcedl", "flag")
+
+
 def test_predict_reports_bad_input_by_file(setup, tmp_path, capsys):
     cohort = setup["cohort"]
     pre = os.path.join(cohort, "dce", "T-006_spy2_vis1_dce_aqc_0.nii.gz")
     code = predict.main(["--workdir", setup["run_a"], "--pre", pre, "--early", pre,
                          "--late", str(tmp_path / "missing.nii.gz"), "--box", "1,2,3,4,5,6"])
-    err = capsys.readouterr().err
-    assert code == 1 and "missing.nii.gz" in err
-    # the patient is named after the --pre file; the BreastDCEDL-style header is pointed out
-    assert "patient T-006_spy2_vis1_dce_aqc_0:" in err
-    assert err.splitlines()[0] == predict.layout_warning(pre, "standard")
-    assert "--layout breastdcedl" in err.splitlines()[0]
+    line = one_error_line(capsys.readouterr().err)
+    # the patient is named after the --pre file's BreastDCEDL patient
+    assert code == 1 and "missing.nii.gz" in line and line.startswith("error: patient T-006:")
+    assert predict.file_stem("x/ISPY1_1001_spy1_vis1_acq2.nii.gz") == "ISPY1_1001"
+    assert predict.file_stem("x/Breast_MRI_014_duke_aqc_1.nii.gz") == "Breast_MRI_014"
+    assert predict.file_stem("x/T-006_pre.nii.gz") == "T-006_pre"
+    # files read with their own geometry that look like BreastDCEDL's are pointed out
+    assert "--layout breastdcedl" in predict.layout_warning(pre, "standard")
     assert predict.layout_warning(pre, "breastdcedl") is None
     oriented = str(tmp_path / "oriented.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([0.7, 0.7, 2.5, 1])),

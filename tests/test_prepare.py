@@ -180,8 +180,12 @@ def test_image_is_the_fused_normalised_phases(main_run):
 def test_metadata_records_the_preparation(main_run):
     metadata = main_run.builder.info.metadata
     assert metadata["preparation"] == MAIN_PARAMS.to_dict()
-    assert set(metadata["preparation"]) == {f.name for f in dataclasses.fields(PrepParams)}
-    assert metadata["source"] == {"path": os.path.abspath(main_run.folder), "kind": "breastdcedl"}
+    # every field, except cohorts when none was chosen (as datasets recorded it before)
+    assert set(metadata["preparation"]) == {f.name for f in dataclasses.fields(PrepParams)} - {
+        "cohorts"}
+    assert metadata["source"] == {"path": os.path.abspath(main_run.folder), "kind": "breastdcedl",
+                                  "release": "full", "layout": "breastdcedl"}
+    assert metadata["excluded"] == [] and metadata["excluded_counts"] == {}
     assert metadata["code_version"] == data_prep.code_version()
     assert metadata["code_version"].startswith(data_prep.__version__)
     for row in main_run.rows:

@@ -195,9 +195,9 @@ def test_whole_real_csv_parses(tmp_path, real_source):
 
 def test_later_release_label_dataset_and_split(cohort):
     folder, rows = cohort
-    # make HER2pos disagree with HER2: the later release's label column is HER2
+    # the later release's label column is HER2: HER2pos may be blank (both agree when given)
     for row in rows:
-        row["HER2pos"] = 1 - int(row["HER2"])
+        row["HER2pos"] = ""
     write_csv(os.path.join(folder, "metadata.csv"), rows, list(rows[0]))
     listing = list_cases(folder, PrepParams())
     assert listing.problems == [] and listing.notes == []

@@ -141,7 +141,7 @@ def test_prepare_from_the_manifest_csv_or_its_folder(manifest_source, tmp_path):
     assert examples(from_file) == examples(from_folder)
     assert len({e[1] for e in examples(from_file)}) == 4
     assert tfds.builder_from_directory(from_file).info.metadata["source"] == {
-        "path": other_name, "kind": "manifest"}
+        "path": other_name, "kind": "manifest", "release": None, "layout": "standard"}
 
     # an external set prepared like a run trained on `from_folder` (the two files --like reads)
     run = tmp_path / "run"

@@ -24,6 +24,8 @@ class Case:
     stored_zyx: the NIfTI arrays were written (z, y, x) with an identity affine (BreastDCEDL).
     spacing: real (z, y, x) spacing in mm when the files' headers do not carry it, else None.
     split: train, validation, test or external; None lets the seeded split rule decide.
+    tumour_range: the metadata's own first and last tumour slice (z0, z1), when a mask is given
+        too: the mask wins, a disagreement is recorded in the report.
     """
 
     patient_id: str
@@ -35,16 +37,35 @@ class Case:
     stored_zyx: bool = False
     spacing: tuple[float, float, float] | None = None
     split: str | None = None
+    tumour_range: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
 class Listing:
-    """What a source holds: good cases, per-patient problems, and notes for the report."""
+    """What a source holds: good cases, per-patient problems, and notes for the report.
+
+    excluded: rows left out by rule, not errors ({patient_id, reason}): a patient without a HER2
+        status, a cohort not selected. Counted by reason in the report.
+    release: which release of a known dataset the source is (e.g. "mincrop"), or None.
+    layout: how its NIfTI arrays are stored: "breastdcedl" ((z, y, x), identity affine) or
+        "standard" (each file's own header geometry).
+    phase_rules: patient id -> how its pre/early/late files were chosen, where a rule chose.
+    """
 
     kind: str
     cases: list[Case]
     problems: list[BadCaseError] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    excluded: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    release: str | None = None
+    layout: str = "standard"
+    phase_rules: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def exclude(self, patient_id: str, reason: str) -> None:
+        self.excluded.append({"patient_id": patient_id, "reason": reason})
+
+    def excluded_counts(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(e["reason"] for e in self.excluded).items()))
 
 
 def parse_label(patient_id: str, path: str, raw: str | None) -> int:
@@ -113,7 +134,21 @@ def list_cases(source: str, params: PrepParams) -> Listing:
         listing = manifest.list_cases(os.path.join(source, "manifest.csv"), params)
     else:
         listing = breastdcedl.list_cases(source, params)
+    if params.cohorts:
+        # (the BreastDCEDL reader leaves other cohorts out before checking their files)
+        kept = [c for c in listing.cases if c.cohort in params.cohorts]
+        for case in listing.cases:
+            if case.cohort not in params.cohorts:
+                listing.exclude(case.patient_id, cohort_reason(case.cohort, params.cohorts))
+        listing.cases = kept
+        empty = [name for name in params.cohorts if not any(c.cohort == name for c in kept)]
+        if empty:
+            listing.notes.append(f"no patient of the selected cohort(s) {', '.join(empty)}")
     if params.external:
         listing.cases = [dataclasses.replace(c, split="external", cohort=params.external)
                          for c in listing.cases]
     return listing
+
+
+def cohort_reason(cohort: str, selected: tuple[str, ...]) -> str:
+    return f"cohort {cohort} not selected (--cohorts {','.join(selected)})"

@@ -1,26 +1,42 @@
-"""The BreastDCEDL layout: a metadata CSV and one NIfTI per DCE time point and patient.
+"""The BreastDCEDL layout: a metadata CSV and NIfTI files of DCE time points and masks.
 
 File names (found anywhere below the source folder):
   I-SPY2: `<pid>_spy2_vis1_dce_aqc_<t>.nii.gz`, mask `<pid>_spy2_vis1_mask.nii.gz`
   I-SPY1: `<pid>_spy1_vis1_acq<t>.nii.gz`,      mask `<pid>_spy1_vis1_mask.nii.gz`
   Duke:   `<pid>_duke_aqc_<t>.nii.gz`,          no mask: the box columns of the CSV.
 
-Two metadata releases are accepted: the first (25 columns, label `HER2pos`, no box columns, no
-`dataset` column, floats such as `2.0`, an empty `test` for some patients) and the later one
-(29 columns, label `HER2`). Real spacing is only in the CSV (`slice_thick`, `xy_spacing`); the
-NIfTI arrays are (z, y, x) with an identity affine. Patients with an empty `test` value go to the
+Two versions of the dataset are read:
+- the full version: every time point of each patient; the CSV's `pre`, `post_early`,
+  `post_late` name the files to use. Its metadata came as a first release (25 columns, label
+  `HER2pos`, no box columns, no `dataset` column, floats such as `2.0`, an empty `test` for some
+  patients) and a later one (29 columns, label `HER2`).
+- MinCrop (`BreastDCEDL_metadata_min_crop.csv` at the top, `*_min_crop/` folders below, Duke in
+  `crop_min_dce/`), the version the study trained on: three volumes per patient (pre, early,
+  late), cropped around the tumour. The CSV keeps the original acquisition indices, and the files
+  may carry them or 0, 1, 2: a patient's three files are taken as pre, early, late in the order of
+  their trailing index, and the report says for how many patients those indices were the CSV's.
+  `mask_start`..`mask_end` are in cropped coordinates; `n_z` is not the depth (it is read from
+  the volume).
+
+Rows without a HER2 status (blank `HER2` and `HER2pos`, as some I-SPY1 rows are) are excluded and
+counted, not errors; rows whose `HER2` and `HER2pos` disagree are errors. `--cohorts` keeps some of
+the `dataset` values (spy1, spy2, duke); MinCrop keeps spy1 and spy2 unless told otherwise (the
+study's HER2 cohort). Real spacing is only in the CSV (`slice_thick`, `xy_spacing`); the NIfTI
+arrays are (z, y, x) with an identity affine. Patients with an empty `test` value go to the
 training split (validation and test stay exactly the official ones); the report counts them.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import glob
 import os
+import re
 
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
-from data_prep.sources import Case, Listing, parse_label, reject_duplicates
+from data_prep.sources import Case, Listing, cohort_reason, parse_label, reject_duplicates
 
 NAMING = {
     "spy2": ("{pid}_spy2_vis1_dce_aqc_{t}.nii.gz", "{pid}_spy2_vis1_mask.nii.gz"),
@@ -29,6 +45,13 @@ NAMING = {
 }
 REQUIRED_COLUMNS = {"pid", "n_times", "pre", "post_early", "post_late"}
 OFFICIAL_SPLIT = {0: "train", 1: "test", 2: "validation"}
+COHORTS = tuple(sorted(NAMING))
+MINCROP_COHORTS = ("spy1", "spy2")     # the study's: I-SPY1 + I-SPY2 with a HER2 status
+NO_HER2 = "no HER2 status (HER2 and HER2pos blank)"
+# a phase file's name: patient id, the cohort's infix, the time point
+PHASE_FILE = re.compile(r"^(?P<pid>.+?)_(?P<infix>spy2_vis1_dce_aqc_|spy1_vis1_acq|duke_aqc_)"
+                        r"(?P<t>\d+)\.nii(?:\.gz)?$")
+INFIX = {"spy2_vis1_dce_aqc_": "spy2", "spy1_vis1_acq": "spy1", "duke_aqc_": "duke"}
 
 
 def find_metadata(source: str) -> list[str]:
@@ -42,6 +65,19 @@ def find_metadata(source: str) -> list[str]:
     return found
 
 
+def release(source: str, csv_paths: list[str] | None = None) -> str:
+    """"mincrop" when the folder is the MinCrop version (its CSV's name, or a `*_min_crop` or
+    `crop_min_dce` folder at the top), else "full"."""
+    csv_paths = find_metadata(source) if csv_paths is None else csv_paths
+    if any("min_crop" in os.path.basename(path).lower() for path in csv_paths):
+        return "mincrop"
+    folders = [name.lower() for name in os.listdir(source)
+               if os.path.isdir(os.path.join(source, name))]
+    if any(name.endswith("_min_crop") or name == "crop_min_dce" for name in folders):
+        return "mincrop"
+    return "full"
+
+
 def index_nifti(source: str) -> dict[str, str]:
     """Maps each NIfTI basename below `source` to its path."""
     index = {}
@@ -52,6 +88,16 @@ def index_nifti(source: str) -> dict[str, str]:
     return index
 
 
+def index_phases(files: dict[str, str]) -> dict[tuple[str, str], dict[int, str]]:
+    """(patient id, cohort) -> {time point: path} of the phase files among `files`."""
+    phases: dict[tuple[str, str], dict[int, str]] = collections.defaultdict(dict)
+    for name, path in files.items():
+        match = PHASE_FILE.match(name)
+        if match:
+            phases[(match["pid"], INFIX[match["infix"]])][int(match["t"])] = path
+    return phases
+
+
 def list_cases(source: str, params: PrepParams) -> Listing:
     csv_paths = find_metadata(source)
     if not csv_paths:
@@ -59,16 +105,25 @@ def list_cases(source: str, params: PrepParams) -> Listing:
             f"no BreastDCEDL metadata CSV (columns {sorted(REQUIRED_COLUMNS)}) in {source}, and no "
             f"manifest.csv: see README, 'Sources'")
     files = index_nifti(source)
-    listing = Listing(kind="breastdcedl", cases=[])
+    found = index_phases(files)
+    kind = release(source, csv_paths)
+    listing = Listing(kind="breastdcedl", cases=[], release=kind, layout="breastdcedl")
+    cohorts = params.cohorts or (MINCROP_COHORTS if kind == "mincrop" else None)
+    if cohorts and not set(cohorts) <= set(COHORTS):
+        raise ValueError(f"--cohorts {','.join(cohorts)}: BreastDCEDL's cohorts are "
+                         f"{', '.join(COHORTS)}")
     unassigned = 0
     for csv_path in csv_paths:
         with open(csv_path, newline="") as handle:
             for row in csv.DictReader(handle):
                 row = {key.strip(): (value or "").strip() for key, value in row.items() if key}
                 try:
-                    case = _case_from_row(row, csv_path, files, params)
+                    case = _case_from_row(row, csv_path, files, found, params, kind, cohorts,
+                                          listing)
                 except BadCaseError as error:
                     listing.problems.append(error)
+                    continue
+                if case is None:
                     continue
                 if case.split is None and "test" in row:
                     case = dataclasses.replace(case, split="train")
@@ -84,35 +139,66 @@ def list_cases(source: str, params: PrepParams) -> Listing:
     if unassigned:
         listing.notes.append(f"{unassigned} patients have no official split in the metadata "
                              f"(`test` empty) and were put in the training split")
+    if kind == "mincrop":
+        listing.notes.append(f"read as BreastDCEDL MinCrop; cohorts kept: {', '.join(cohorts)}"
+                             + ("" if params.cohorts else " (the default for MinCrop, the "
+                                                          "study's: --cohorts to change)"))
+        rules = collections.Counter(listing.phase_rules[c.patient_id] for c in listing.cases)
+        if rules:
+            listing.notes.append(
+                "phase files: " + "; ".join(f"{n} patients {PHASE_RULES[rule]}"
+                                             for rule, n in sorted(rules.items())))
     return listing
 
 
+PHASE_RULES = {
+    "csv": "named by the CSV's acquisition indices (pre, post_early, post_late)",
+    "order": "with three files whose indices are not the CSV's: taken as pre, early, late in the "
+             "order of their trailing index",
+    "given": "chosen by --phases",
+}
+
+
 def _case_from_row(row: dict[str, str], csv_path: str, files: dict[str, str],
-                   params: PrepParams) -> Case:
+                   found: dict[tuple[str, str], dict[int, str]], params: PrepParams, kind: str,
+                   cohorts: tuple[str, ...] | None, listing: Listing) -> Case | None:
+    """The row's case; None when the row is excluded by rule (recorded in `listing`)."""
     pid = row.get("pid", "")
     if not pid:
         raise BadCaseError("<no pid>", csv_path, "row without a patient id")
-    label_column = "HER2" if "HER2" in row else "HER2pos"
-    label = parse_label(pid, csv_path, row.get(label_column))
-    naming = _naming_for(pid, row, files)
+    naming = _naming_for(pid, row, found)
+    if cohorts and naming not in cohorts:
+        listing.exclude(pid, cohort_reason(naming, cohorts))
+        return None
+    label = _label(pid, csv_path, row)
+    if label is None:
+        listing.exclude(pid, NO_HER2)
+        return None
+    phase_pattern, mask_pattern = NAMING[naming]
     n_times = _integer(pid, csv_path, row, "n_times")
     indices = params.phases or tuple(_integer(pid, csv_path, row, key)
                                      for key in ("pre", "post_early", "post_late"))
-    phase_pattern, mask_pattern = NAMING[naming]
-    phases = []
-    for key, t in zip(("pre", "early", "late"), indices):
-        name = phase_pattern.format(pid=pid, t=t)
-        if not 0 <= t < n_times:
-            raise BadCaseError(pid, name, f"phase index out of range ({key}={t}, n_times={n_times})")
-        if name not in files:
-            raise BadCaseError(pid, name, f"missing phase file ({key}, time point {t})")
-        phases.append(files[name])
-    mask, box = None, None
+    if kind == "mincrop":
+        phases, rule = _mincrop_phases(pid, row, indices, found.get((pid, naming), {}),
+                                       phase_pattern, given=params.phases is not None)
+        listing.phase_rules[pid] = rule
+    else:
+        phases = []
+        for key, t in zip(("pre", "early", "late"), indices):
+            name = phase_pattern.format(pid=pid, t=t)
+            if not 0 <= t < n_times:
+                raise BadCaseError(pid, name,
+                                   f"phase index out of range ({key}={t}, n_times={n_times})")
+            if name not in files:
+                raise BadCaseError(pid, name, f"missing phase file ({key}, time point {t})")
+            phases.append(files[name])
+    mask, box, tumour_range = None, None, None
     if mask_pattern:
         name = mask_pattern.format(pid=pid)
         if name not in files:
             raise BadCaseError(pid, name, "missing tumour mask file")
         mask = files[name]
+        tumour_range = _tumour_range(row)
     else:
         box = tuple(_integer(pid, csv_path, row, key)
                     for key in ("mask_start", "mask_end", "sraw", "eraw", "scol", "ecol"))
@@ -122,16 +208,59 @@ def _case_from_row(row: dict[str, str], csv_path: str, files: dict[str, str],
     return Case(
         patient_id=pid, label=label, cohort=row.get("dataset") or naming,
         phases=tuple(phases), mask=mask, box=box, stored_zyx=True,
-        spacing=_spacing(row), split=_official_split(pid, csv_path, row.get("test")))
+        spacing=_spacing(row), split=_official_split(pid, csv_path, row.get("test")),
+        tumour_range=tumour_range)
 
 
-def _naming_for(pid: str, row: dict[str, str], files: dict[str, str]) -> str:
+def _label(pid: str, csv_path: str, row: dict[str, str]) -> int | None:
+    """HER2 status from `HER2` and `HER2pos` (either may be blank; both blank: None); when both
+    are given they must agree."""
+    values = {}
+    for column in ("HER2", "HER2pos"):
+        raw = row.get(column, "")
+        if raw.lower() not in ("", "nan", "na", "none"):
+            values[column] = parse_label(pid, csv_path, raw)
+    if len(set(values.values())) > 1:
+        raise BadCaseError(pid, csv_path, f"HER2 {values['HER2']} and HER2pos "
+                                          f"{values['HER2pos']} disagree")
+    return next(iter(values.values()), None)
+
+
+def _mincrop_phases(pid: str, row: dict[str, str], indices: tuple[int, ...],
+                    files: dict[int, str], pattern: str, given: bool) -> tuple[list[str], str]:
+    """MinCrop ships three volumes per patient, named by the CSV's acquisition indices or by 0, 1,
+    2: (pre, early, late paths, the rule that chose them)."""
+    names = ", ".join(os.path.basename(files[t]) for t in sorted(files)) or "none"
+    what = (f"--phases {','.join(map(str, indices))}" if given else
+            "the CSV's pre, post_early, post_late " + ", ".join(map(str, indices)))
+    if not files:
+        raise BadCaseError(pid, pattern.format(pid=pid, t="*"),
+                           "missing phase file (no DCE file for this patient)")
+    if given or len(files) != 3:
+        if all(t in files for t in indices) and len(set(indices)) == 3:
+            return [files[t] for t in indices], "given" if given else "csv"
+        raise BadCaseError(pid, pattern.format(pid=pid, t="*"),
+                           f"cannot tell pre, early, late: {len(files)} files ({names}), not "
+                           f"three, and not {what}")
+    ordered = sorted(files)
+    return [files[t] for t in ordered], "csv" if tuple(ordered) == tuple(indices) else "order"
+
+
+def _tumour_range(row: dict[str, str]) -> tuple[int, int] | None:
+    try:
+        first, last = float(row["mask_start"]), float(row["mask_end"])
+    except (KeyError, ValueError):
+        return None
+    return int(first), int(last)
+
+
+def _naming_for(pid: str, row: dict[str, str],
+                found: dict[tuple[str, str], dict[int, str]]) -> str:
     """The naming convention of this patient's files: the `dataset` column, else what exists."""
     if row.get("dataset") in NAMING:
         return row["dataset"]
-    for naming, (phase_pattern, _) in NAMING.items():
-        prefix = phase_pattern.split("{t}")[0].format(pid=pid)
-        if any(name.startswith(prefix) for name in files):
+    for naming in NAMING:
+        if (pid, naming) in found:
             return naming
     raise BadCaseError(pid, f"{pid}_*.nii.gz", "missing phase file (no DCE file for this patient)")
 
