@@ -44,7 +44,8 @@ T = 1 + rows cols tokens:
                                               patch tokens, so the patch-token rows are averaged
     M -> (rows, cols) grid, bilinear to H x W, divided by its max
 
-The weights W_l are recomputed from each block's norm1 and attn.qkv (softmax(q k^T / sqrt(d))).
+The weights W_l are the ones each block's attention applies (softmax(q k^T / sqrt(d)), sown
+by `vit.Attention` when recording).
 
 Overlays and summaries: `overlay` blends a colour-mapped heat map over the slice and outlines
 the tumour mask; `save_overlay_png` writes a row of titled panels. For a heat map M >= 0 and a
@@ -69,9 +70,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from her2jax.models.attention import ChannelThenSpatial, SpatialAttention
-from her2jax.models.layers import max_pool
-from her2jax.models.resnet import BasicBlock, Bottleneck, ResNet, classify
+from her2jax.models.attention import SpatialAttention
+from her2jax.models.resnet import ResNet
 from her2jax.models.vit import VisionTransformer
 from her2jax.steps import normalize_images
 
@@ -85,14 +85,16 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 # ---------------------------------------------------------------- shared helpers
 
-def _inference_view(model: nnx.Module) -> nnx.Module:
-    """The model with BatchNorm on running statistics and dropout off, the caller's untouched."""
+def _inference_view(model: nnx.Module, record: bool = False) -> nnx.Module:
+    """The model with BatchNorm on running statistics and dropout off, the caller's untouched;
+    with `record`, its spatial gates and attention weights sow what they apply."""
+    options = {"record": True} if record else {}
     return nnx.view(model, deterministic=True, use_running_average=True,
-                    raise_if_not_found=False)
+                    raise_if_not_found=False, **options)
 
 
-def _split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(_inference_view(model))
+def _split(model: nnx.Module, record: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(_inference_view(model, record))
 
 
 def _images(images: Any) -> jax.Array:
@@ -120,50 +122,60 @@ def _normalise_by_max(maps: jax.Array) -> jax.Array:
     return jnp.where(peak > 0, maps / jnp.where(peak > 0, peak, 1.0), 0.0)
 
 
+def _recorded_forward(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(logits, {dotted module path + '.' + name: value}) of a model in its recording view."""
+    logits, captured = nnx.capture(lambda module, inputs: module(inputs),
+                                   nnx.Intermediate)(model, x)
+    values = {}
+    for path, variable in nnx.to_flat_state(captured):
+        recorded = variable.get_value()
+        values[".".join(map(str, path))] = recorded[-1] if isinstance(recorded, tuple) else recorded
+    return logits, values
+
+
+def recorded_forward(model: nnx.Module, images: np.ndarray
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The model's own forward on uint8 images, in inference mode, with what its modules record:
+    (logits, {'<module path>.gate': spatial gate (N, h, w), '<module path>.weights': attention
+    weights (N, heads, T, T)}), all at the modules' own resolution."""
+    graphdef, state = _split(model, record=True)
+    return _recorded_jit(graphdef, state, _images(images))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _recorded_jit(graphdef: nnx.GraphDef, state: nnx.State,
+                  images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    model = nnx.merge(graphdef, state)
+    return _recorded_forward(model, normalize_images(images, _compute_dtype(model)))
+
+
+def _compute_dtype(model: nnx.Module) -> jnp.dtype:
+    if isinstance(model, VisionTransformer):
+        return model.dtype
+    return model.conv1.dtype or jnp.float32
+
+
 # ---------------------------------------------------------------- Grad-CAM
-
-def _combine(model: ResNet, logits: Sequence[jax.Array]) -> jax.Array:
-    """The triple head's combination of per-head logits, as `ResNet.__call__`."""
-    stacked = jnp.stack(logits).astype(jnp.float32)
-    if model.head_combine == "mean":
-        return jnp.mean(stacked, axis=0)
-    return jnp.einsum("k,knc->nc", jax.nn.softmax(model.head_weights[...]), stacked)
-
-
-def _rest_of_network(model: ResNet, layer: int) -> Callable[[jax.Array], jax.Array]:
-    """The single-head ResNet from the output of `layer` (1..4, after its stage attention) to
-    the logits: the later layers with their stage attention, then the head."""
-    layers = (model.layer1, model.layer2, model.layer3, model.layer4)
-
-    def forward(a: jax.Array) -> jax.Array:
-        for index in range(layer, 4):
-            for block in layers[index]:
-                a = block(a)
-            a = model.stage_attention[index](a)
-        return classify(a, model.attention, model.dropout, model.fc)
-    return forward
-
 
 def _cam_target(model: ResNet, stages: list[jax.Array], head: int | None,
                 layer: int | None = None
                 ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """(feature map A, function A -> logits) for the chosen head or layer."""
+    """(feature map A, function A -> logits) for the chosen head or layer, the function being
+    the rest of the model's own forward (`ResNet.features(a, start=k)`, `ResNet.logits`)."""
     if model.head == "single":
         if head is not None:
             raise ValueError(f"head={head} asks for one of the triple head's heads, but the "
                              "model has a single head")
-        if layer is not None:
-            if layer not in (1, 2, 3, 4):
-                raise ValueError(f"layer must be 1, 2, 3 or 4, got {layer}")
-            return stages[layer - 1], _rest_of_network(model, layer)
-        return stages[-1], lambda a: classify(a, model.attention, model.dropout, model.fc)
+        if layer is not None and layer not in (1, 2, 3, 4):
+            raise ValueError(f"layer must be 1, 2, 3 or 4, got {layer}")
+        start = 4 if layer is None else layer
+        return stages[start - 1], lambda a: model.logits([a, *model.features(a, start=start)])
     if layer is not None:
         raise ValueError("layer= applies to single-head ResNets; a triple head's maps come "
                          "from each head's own stage (head=)")
     if head is None:
-        fixed = [jax.lax.stop_gradient(stage) for stage in stages[1:-1]]
-        return stages[-1], lambda a: _combine(
-            model, [h(s) for h, s in zip(model.heads, [*fixed, a])])
+        fixed = [jax.lax.stop_gradient(stage) for stage in stages[:-1]]
+        return stages[-1], lambda a: model.logits([*fixed, a])
     if not 0 <= head < len(model.heads):
         raise ValueError(f"head must be None or 0..{len(model.heads) - 1}, got {head}")
     return stages[1:][head], model.heads[head]
@@ -173,7 +185,7 @@ def _cam_target(model: ResNet, stages: list[jax.Array], head: int | None,
 def _grad_cam_jit(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array,
                   target_class: int, head: int | None, layer: int | None) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    stages = model.features(normalize_images(images, model.conv1.dtype or jnp.float32))
+    stages = model.features(normalize_images(images, _compute_dtype(model)))
     features, logits_of = _cam_target(model, stages, head, layer)
 
     def target(a: jax.Array) -> jax.Array:
@@ -223,75 +235,6 @@ def grad_cam(model: ResNet, images: np.ndarray, target_class: int = 1,
 
 # ---------------------------------------------------------------- spatial attention gates
 
-Gates = dict[str, jax.Array]
-
-
-def _spatial_gate(module: SpatialAttention, x: jax.Array) -> jax.Array:
-    """sigmoid(conv7x7([mean_c(x), max_c(x)])) as (N, h, w, 1): the factor the module applies."""
-    maps = jnp.stack([jnp.mean(x, axis=-1), jnp.max(x, axis=-1)], axis=-1)
-    return jax.nn.sigmoid(module.conv(maps))
-
-
-def _attend(module: nnx.Module, x: jax.Array, name: str, gates: Gates) -> jax.Array:
-    """module(x), recording the gate of every SpatialAttention it applies under its path."""
-    if isinstance(module, SpatialAttention):
-        gate = _spatial_gate(module, x)
-        gates[name] = gate[..., 0]
-        return x * gate.astype(x.dtype)
-    if isinstance(module, ChannelThenSpatial):
-        return _attend(module.spatial, module.channel(x), f"{name}.spatial", gates)
-    return module(x)
-
-
-def _block(block: nnx.Module, x: jax.Array, name: str, gates: Gates) -> jax.Array:
-    """One residual block, as BasicBlock / Bottleneck.__call__, with its attention recorded."""
-    relu = jax.nn.relu
-    if isinstance(block, BasicBlock):
-        out = relu(block.bn1(block.conv1(x)))
-        out = block.bn2(block.conv2(out))
-    elif isinstance(block, Bottleneck):
-        out = relu(block.bn1(block.conv1(x)))
-        out = relu(block.bn2(block.conv2(out)))
-        out = block.bn3(block.conv3(out))
-    else:
-        raise TypeError(f"unknown residual block {type(block).__name__}")
-    out = _attend(block.attention, out, f"{name}.attention", gates)
-    identity = x if block.downsample is None else block.downsample(x)
-    return relu(out + identity)
-
-
-def _resnet_with_gates(model: ResNet, x: jax.Array) -> tuple[jax.Array, Gates]:
-    """(logits, gates at feature resolution): `ResNet.__call__` with every spatial gate kept."""
-    gates: Gates = {}
-    x = jax.nn.relu(model.bn1(model.conv1(x)))
-    x = max_pool(x, 3, 2, 1)
-    stages = []
-    for index, attention in enumerate(model.stage_attention):
-        for number, block in enumerate(getattr(model, f"layer{index + 1}")):
-            x = _block(block, x, f"layer{index + 1}.{number}", gates)
-        x = _attend(attention, x, f"stage_attention.{index}", gates)
-        stages.append(x)
-    if model.head == "single":
-        pooled = jnp.mean(_attend(model.attention, stages[-1], "attention", gates), axis=(1, 2))
-        return model.fc(model.dropout(pooled)).astype(jnp.float32), gates
-    logits = []
-    for index, (head, stage) in enumerate(zip(model.heads, stages[1:])):
-        pooled = jnp.mean(_attend(head.attention, stage, f"heads.{index}.attention", gates),
-                          axis=(1, 2))
-        logits.append(head.fc(head.dropout(pooled)))
-    return _combine(model, logits), gates
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _resnet_gates_jit(graphdef: nnx.GraphDef, state: nnx.State,
-                      images: jax.Array) -> tuple[jax.Array, Gates]:
-    model = nnx.merge(graphdef, state)
-    logits, gates = _resnet_with_gates(
-        model, normalize_images(images, model.conv1.dtype or jnp.float32))
-    size = images.shape[1:3]
-    return logits, {name: upsample(gate, size) for name, gate in gates.items()}
-
-
 def spatial_attention_paths(model: nnx.Module) -> list[str]:
     """Dotted paths of the model's SpatialAttention modules ('heads.0.attention.spatial', ...)."""
     return sorted(".".join(map(str, path)) for path, module in nnx.iter_modules(model)
@@ -299,7 +242,8 @@ def spatial_attention_paths(model: nnx.Module) -> list[str]:
 
 
 def spatial_attention_maps(model: nnx.Module, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Every CBAM spatial gate of the model, upsampled to the image size.
+    """Every CBAM spatial gate of the model, as its forward applied it, upsampled to the image
+    size.
 
     Returns {dotted module path: float32 (N, H, W) in [0, 1]}, the gates as applied (not
     renormalised); {} for a model without SpatialAttention modules (attention 'none',
@@ -307,34 +251,14 @@ def spatial_attention_maps(model: nnx.Module, images: np.ndarray) -> dict[str, n
     """
     if not spatial_attention_paths(model):
         return {}
-    if not isinstance(model, ResNet):
-        raise TypeError(f"spatial gates are read from ResNets, got {type(model).__name__}")
-    graphdef, state = _split(model)
-    _, gates = _resnet_gates_jit(graphdef, state, _images(images))
-    return {name: np.asarray(gate) for name, gate in sorted(gates.items())}
+    images = _images(images)
+    _, recorded = recorded_forward(model, images)
+    suffix = ".gate"
+    return {name[:-len(suffix)]: np.asarray(upsample(gate, images.shape[1:3]))
+            for name, gate in sorted(recorded.items()) if name.endswith(suffix)}
 
 
 # ---------------------------------------------------------------- attention rollout
-
-def _vit_attention_weights(model: VisionTransformer,
-                           x: jax.Array) -> tuple[list[jax.Array], tuple[int, int]]:
-    """Each block's softmax attention (N, heads, T, T) in float32, and the patch grid."""
-    patches = model.patch_embed(x.astype(model.dtype))
-    batch, rows, cols, width = patches.shape
-    cls = jnp.broadcast_to(model.cls_token[...].astype(model.dtype), (batch, 1, width))
-    tokens = jnp.concatenate([cls, patches.reshape(batch, rows * cols, width)], axis=1)
-    tokens = tokens + model.position_embedding((rows, cols)).astype(model.dtype)
-    weights = []
-    for block in model.blocks:
-        attn = block.attn
-        qkv = attn.qkv(block.norm1(tokens)).reshape(batch, tokens.shape[1], 3, attn.heads,
-                                                    width // attn.heads)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", qkv[:, :, 0], qkv[:, :, 1],
-                            preferred_element_type=jnp.float32, precision=_HIGHEST)
-        weights.append(jax.nn.softmax(scores / math.sqrt(width // attn.heads), axis=-1))
-        tokens = block(tokens)
-    return weights, (rows, cols)
-
 
 def _discard_smallest(fused: jax.Array, ratio: float) -> jax.Array:
     """Zeroes the int(ratio T^2) smallest entries of each (T, T) map, except entry (0, 0)."""
@@ -366,13 +290,15 @@ def rollout(weights: Sequence[jax.Array], discard_ratio: float = 0.0,
 def _rollout_jit(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array,
                  discard_ratio: float, head_fusion: str) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    weights, (rows, cols) = _vit_attention_weights(model, normalize_images(images, model.dtype))
+    _, recorded = _recorded_forward(model, normalize_images(images, model.dtype))
+    weights = [recorded[f"blocks.{index}.attn.weights"] for index in range(len(model.blocks))]
     flow = rollout(weights, discard_ratio, head_fusion)
     if model.pool == "token":
         patch_map = flow[:, 0, 1:]
     else:
         patch_map = jnp.mean(flow[:, 1:, 1:], axis=1)
-    patch_map = patch_map.reshape(-1, rows, cols)
+    patch = model.patch_embed.patch_size
+    patch_map = patch_map.reshape(-1, images.shape[1] // patch, images.shape[2] // patch)
     return _normalise_by_max(upsample(patch_map, images.shape[1:3]))
 
 
@@ -390,7 +316,7 @@ def attention_rollout(model: VisionTransformer, images: np.ndarray, discard_rati
         raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
-    graphdef, state = _split(model)
+    graphdef, state = _split(model, record=True)
     return np.asarray(_rollout_jit(graphdef, state, _images(images), float(discard_ratio),
                                    head_fusion))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 from her2jax import explain_maps as em
 from her2jax import models, weights
 from her2jax.models import vit
-from her2jax.models.resnet import Bottleneck, from_torchvision
+from her2jax.models.resnet import from_torchvision
 from her2jax.steps import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from test_resnet import randomised
 
@@ -217,24 +218,49 @@ def test_every_spatial_gate_is_found_and_the_forward_is_unchanged(name, options)
         model.head_weights[...] = jnp.array([0.5, -1.0, 2.0])
     paths = em.spatial_attention_paths(model)
     assert len(paths) == {"stages": 4, "blocks": 8}.get(options.get("placement"), 3)
-    x = normalize_images(uint8_images(2, 32))
-    logits, gates = em._resnet_with_gates(model, x)
-    assert sorted(gates) == paths
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(x)), atol=1e-5)
-    assert all(0 <= float(g.min()) and float(g.max()) <= 1 for g in gates.values())
+    images = uint8_images(2, 32)
+    logits, recorded = em.recorded_forward(model, images)
+    assert sorted(recorded) == [f"{path}.gate" for path in paths]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(normalize_images(images))),
+                               atol=1e-5)
+    assert all(0 <= float(g.min()) and float(g.max()) <= 1 for g in recorded.values())
+    assert not nnx.state(model, nnx.Intermediate), "recording must leave the model as it was"
+    assert sorted(em.spatial_attention_maps(model, images)) == paths
 
 
-def test_bottleneck_blocks_are_walked_as_their_forward():
-    """ResNet-50/101 blocks, checked on one block (building a whole ResNet-50 is slow)."""
-    block = Bottleneck(64, 16, 2, attention="cbam", reduction=16, rngs=nnx.Rngs(0),
-                       dtype=jnp.float32)
-    block.eval()
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 64)), jnp.float32)
-    gates = {}
-    out = em._block(block, x, "layer2.0", gates)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(block(x)), atol=1e-5)
-    assert list(gates) == ["layer2.0.attention.spatial"]
-    assert gates["layer2.0.attention.spatial"].shape == (2, 4, 4)
+def test_explanations_run_the_models_own_forward(monkeypatch, converted_resnet18):
+    """No shadow copy of a block's forward: change BasicBlock.__call__ and Grad-CAM, the gates
+    and the recorded logits all change with it, and still agree with the changed model."""
+    from her2jax.models import resnet
+
+    _, model = converted_resnet18
+    gated = models.create("resnet18", num_classes=2, attention="cbam", placement="stages",
+                          rngs=nnx.Rngs(0))
+    gated.eval()
+    images = uint8_images(2)
+    before_cam = em.grad_cam(model, images, layer=3)
+    before_gates = em.spatial_attention_maps(gated, images)
+    original = resnet.BasicBlock.__call__
+
+    def without_shortcut(self, x):
+        out = original(self, x)
+        identity = x if self.downsample is None else self.downsample(x)
+        return jax.nn.relu(out - 0.5 * identity)
+
+    # compiled explanations are cached by shape: drop them on the way in and on the way out
+    jax.clear_caches()
+    monkeypatch.setattr(resnet.BasicBlock, "__call__", without_shortcut)
+    try:
+        after_cam = em.grad_cam(model, images, layer=3)
+        after_gates = em.spatial_attention_maps(gated, images)
+        logits, _ = em.recorded_forward(gated, images)
+        expected_logits = gated(normalize_images(images))
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    assert np.abs(after_cam - before_cam).max() > 0.05
+    assert max(np.abs(after_gates[k] - before_gates[k]).max() for k in before_gates) > 1e-3
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected_logits), atol=1e-5)
 
 
 def test_models_without_spatial_gates_give_no_maps(converted_resnet18):

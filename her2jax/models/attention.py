@@ -74,10 +74,20 @@ class SpatialAttention(nnx.Module):
         self.conv = nnx.Conv(2, 1, (SPATIAL_KERNEL, SPATIAL_KERNEL),
                              padding=((pad, pad), (pad, pad)), dtype=dtype,
                              param_dtype=jnp.float32, rngs=rngs)
+        self.record = False
+
+    def set_view(self, record: bool | None = None) -> None:
+        """record: if True, each call sows its gate (N, H, W) in float32 as the
+        `nnx.Intermediate` 'gate', to be read with `nnx.capture` (explanations do)."""
+        if record is not None:
+            self.record = record
 
     def __call__(self, x: jax.Array) -> jax.Array:
         maps = jnp.stack([jnp.mean(x, axis=-1), jnp.max(x, axis=-1)], axis=-1)
-        return x * jax.nn.sigmoid(self.conv(maps)).astype(x.dtype)
+        gate = jax.nn.sigmoid(self.conv(maps))
+        if self.record:
+            self.sow(nnx.Intermediate, "gate", gate[..., 0].astype(jnp.float32))
+        return x * gate.astype(x.dtype)
 
 
 class ChannelThenSpatial(nnx.Module):

@@ -24,7 +24,7 @@ own attention module on its input instead of one shared `attention`. Their logit
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -229,27 +229,44 @@ class ResNet(nnx.Module):
         self.head_weights = (nnx.Param(jnp.zeros((len(self.heads),), jnp.float32))
                              if head_combine == "learned" else None)
 
-    def features(self, x: jax.Array) -> list[jax.Array]:
-        """The outputs of layer1..layer4 (after any stage attention)."""
+    def stem(self, x: jax.Array) -> jax.Array:
+        """conv1, bn1, ReLU and the 3x3 max pool: the input of layer1."""
         x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = max_pool(x, 3, 2, 1)   # pads with -inf, as torch's max_pool2d does
+        return max_pool(x, 3, 2, 1)   # pads with -inf, as torch's max_pool2d does
+
+    def stage(self, index: int, x: jax.Array) -> jax.Array:
+        """layer{index + 1} (index 0..3): its blocks, then its stage attention."""
+        for block in (self.layer1, self.layer2, self.layer3, self.layer4)[index]:
+            x = block(x)
+        return self.stage_attention[index](x)
+
+    def features(self, x: jax.Array, start: int = 0) -> list[jax.Array]:
+        """The outputs of layer1..layer4 (after any stage attention) for images x.
+
+        With start = k (1..4), x is the output of layer k instead, and the outputs of layers
+        k+1..4 are returned (none for k = 4): the rest of the network from that point.
+        """
+        if start == 0:
+            x = self.stem(x)
         outputs = []
-        for layer, attention in zip((self.layer1, self.layer2, self.layer3, self.layer4),
-                                    self.stage_attention):
-            for block in layer:
-                x = block(x)
-            x = attention(x)
+        for index in range(start, 4):
+            x = self.stage(index, x)
             outputs.append(x)
         return outputs
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        stages = self.features(x)
+    def logits(self, stages: Sequence[jax.Array]) -> jax.Array:
+        """Float32 logits from the stage outputs, the last ones last: the single head reads
+        layer4's output (stages[-1]), the triple head layer2..4's (stages[-3:])."""
         if self.head == "single":
             return classify(stages[-1], self.attention, self.dropout, self.fc).astype(jnp.float32)
-        logits = jnp.stack([head(s) for head, s in zip(self.heads, stages[1:])]).astype(jnp.float32)
+        logits = jnp.stack([head(s) for head, s in zip(self.heads, stages[-3:])])
+        logits = logits.astype(jnp.float32)
         if self.head_combine == "mean":
             return jnp.mean(logits, axis=0)
         return jnp.einsum("k,knc->nc", jax.nn.softmax(self.head_weights[...]), logits)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.logits(self.features(x))
 
 
 @register("resnet18")

@@ -98,18 +98,28 @@ class Attention(nnx.Module):
         self.attention_kernel = attention_kernel
         self.qkv = _linear(width, 3 * width, dtype, rngs)
         self.proj = _linear(width, width, dtype, rngs)
+        self.record = False
+
+    def set_view(self, record: bool | None = None) -> None:
+        """record: if True, each call runs the written-out kernel and sows its softmax weights
+        (batch, heads, T, T) in float32 as the `nnx.Intermediate` 'weights', to be read with
+        `nnx.capture` (attention rollout does)."""
+        if record is not None:
+            self.record = record
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads)
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.attention_kernel != "xla" and cudnn_attention_usable(
+        if not self.record and self.attention_kernel != "xla" and cudnn_attention_usable(
                 query.dtype, warn=self.attention_kernel == "cudnn"):
             mixed = cudnn_attention(query, key, value, 1.0 / math.sqrt(width // self.heads))
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                                 preferred_element_type=jnp.float32)
             weights = jax.nn.softmax(scores / math.sqrt(width // self.heads), axis=-1)
+            if self.record:
+                self.sow(nnx.Intermediate, "weights", weights)
             mixed = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(x.dtype), value)
         return self.proj(mixed.reshape(batch, tokens, width))
 
