@@ -33,7 +33,7 @@ import torchvision  # noqa: E402,F401  (must precede TensorFlow in a process; se
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from her2jax import input_pipeline, steps, train  # noqa: E402
+from her2jax import input_pipeline, models, steps  # noqa: E402
 from her2jax.augmentation import AUGMENT_ON, Augment  # noqa: E402
 from her2jax.optim import create_optimizer  # noqa: E402
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         print(f"input alone, {title}")
         return report(results)
     mesh = steps.data_mesh()
-    graph, _, params, rest = steps.split_model(train.build_model(config, size))
+    graph, _, params, rest = steps.split_model(models.from_config(config, size))
     optimizer = create_optimizer(params, learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
     opt_state = optimizer.init(params)
     on_device = augment is not None and config.input.augment_on == "device"

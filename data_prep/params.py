@@ -12,6 +12,11 @@ import re
 from typing import Any
 
 SPLITS = ("train", "validation", "test", "external")
+# The settings that change what a model sees. A run's training data and any dataset it is
+# evaluated on must agree on these (`evaluate.check_preparation`, `prepare --like`); the split
+# rule, the cohorts and the fit source may differ.
+IMAGE_PARAMETERS = ("normalization", "n4", "n4_shrink", "n4_iterations", "image_size",
+                    "slices_per_patient", "crop_margin", "phases")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,14 @@ class PrepParams:
                                  f"{self.cohorts}")
             if list(self.cohorts) != sorted(set(self.cohorts)):
                 raise ValueError(f"cohorts must be sorted and distinct, got {self.cohorts}")
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], **overrides: Any) -> "PrepParams":
+        """The record `to_dict` wrote (a dataset's or a run's preparation, JSON lists for
+        tuples), keys that are not fields ignored, `overrides` applied."""
+        fields = {key: tuple(value) if isinstance(value, list) else value
+                  for key, value in record.items() if key in cls.__dataclass_fields__}
+        return cls(**(fields | overrides))
 
     def to_dict(self) -> dict[str, Any]:
         record = json.loads(json.dumps(dataclasses.asdict(self)))

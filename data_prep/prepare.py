@@ -18,7 +18,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from data_prep import normalization  # noqa: E402
 from data_prep.errors import BadCaseError  # noqa: E402
-from data_prep.params import PrepParams  # noqa: E402
+from data_prep.params import IMAGE_PARAMETERS, PrepParams  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,22 +71,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-LIKE_PARAMETERS = ("normalization", "n4", "n4_shrink", "n4_iterations", "image_size",
-                   "slices_per_patient", "crop_margin", "phases")
 
 
 def apply_like(args: argparse.Namespace, defaults: PrepParams) -> None:
     """Copies the image parameters of run `args.like`'s training data into `args`; a parameter
     also given on the command line with another value is an error."""
-    import json
+    from her2jax.run_folder import PREPARATION_FILE, RunFolder
 
-    from etils import epath
-
-    run = epath.Path(args.like)
-    if not (run / "preparation.json").exists():
-        raise FileNotFoundError(f"--like {args.like}: not a run folder (no preparation.json)")
-    recorded = json.loads((run / "preparation.json").read_text())
-    for key in LIKE_PARAMETERS:
+    run = RunFolder(args.like)
+    if not run.preparation_file.exists():
+        raise FileNotFoundError(f"--like {args.like}: not a run folder (no {PREPARATION_FILE})")
+    recorded = run.preparation()
+    for key in IMAGE_PARAMETERS:
         value = recorded.get(key)
         value = tuple(value) if isinstance(value, list) else value
         given = getattr(args, key)
@@ -96,8 +92,7 @@ def apply_like(args: argparse.Namespace, defaults: PrepParams) -> None:
             raise ValueError(f"--{key} {given!r} contradicts --like {args.like} ({value!r})")
         setattr(args, key, value)
     if normalization.get(args.normalization).needs_fit and not args.fit_from:
-        config = json.loads((run / "config.json").read_text())
-        args.fit_from = config["data_dir"]
+        args.fit_from = run.config_dict()["data_dir"]
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -21,12 +21,13 @@ import numpy as np
 from etils import epath
 
 from her2jax import stats
+from her2jax.run_folder import RunFolder
 
 
 def read_predictions(workdir: str, split: str, *, evaluate_missing: bool = True,
                      progress: bool = True) -> dict[str, tuple[int, float]]:
     """{patient_id: (label, probability)} from RUN/eval/<split>/predictions.csv."""
-    path = epath.Path(workdir) / "eval" / split / "predictions.csv"
+    path = RunFolder(workdir).predictions(split)
     if not path.exists():
         if not evaluate_missing:
             raise FileNotFoundError(f"{path} is missing; run python -m her2jax.evaluate "
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     out = epath.Path(args.out) if args.out else (
-        epath.Path(args.run_a) / "eval" / args.split
+        RunFolder(args.run_a).eval_dir(args.split)
         / f"compare_{epath.Path(args.run_b).name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(result, split=args.split), indent=2, allow_nan=True))

@@ -25,6 +25,7 @@ from typing import Any
 from etils import epath
 
 from her2jax.evaluate import format_number
+from her2jax.run_folder import RunFolder
 
 NORMALIZATIONS = ("per_channel_clip_q98", "global_minmax")
 MODELS = {  # name in the table: (config file, variant)
@@ -112,18 +113,17 @@ def run_config(config_file: str, variant: str, data_dir: str, args: argparse.Nam
 
 def finished(workdir: epath.Path, total_steps: int) -> bool:
     """The run has logged its last step and written its last checkpoint."""
-    metrics = workdir / "metrics.jsonl"
-    if not metrics.exists() or not (workdir / "checkpoints" / str(total_steps)).exists():
+    run = RunFolder(workdir)
+    if total_steps not in run.steps("checkpoints"):
         return False
-    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line]
-    return total_steps in steps
+    return any(record.get("step") == total_steps for record in run.metrics_records())
 
 
 def train_run(config: Any, workdir: epath.Path, record: dict[str, Any]) -> None:
     from her2jax import train
 
     try:
-        train.check_relaunch(train.run_folder(workdir), config)
+        train.check_relaunch(RunFolder(workdir), config)
     except ValueError as error:
         raise ValueError(f"{workdir} was trained by an earlier demo with other settings "
                          f"({str(error).split(' (', 1)[1].split('); ')[0]}): use another --out, "
@@ -134,24 +134,13 @@ def train_run(config: Any, workdir: epath.Path, record: dict[str, Any]) -> None:
     train.train_and_evaluate(config, str(workdir))
 
 
-def checkpoint_step(workdir: epath.Path) -> int | None:
-    """The step `evaluate` and `explain` restore by default: the best checkpoint, else the
-    latest (None before the first checkpoint)."""
-    for folder in ("best", "checkpoints"):
-        path = workdir / folder
-        steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.exists() else []
-        if steps:
-            return max(steps)
-    return None
-
-
 def cached(path: epath.Path, workdir: epath.Path, **expected: Any) -> dict[str, Any] | None:
     """A result file of an earlier demo, if it is for the run's current checkpoint and the same
     settings (an earlier `--steps` or `--bootstrap` leaves a stale one: computed again)."""
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    if result.get("step") != checkpoint_step(workdir):
+    if result.get("step") != RunFolder(workdir).default_step():
         return None
     if any(result.get(key) != value for key, value in expected.items()):
         return None
@@ -162,7 +151,7 @@ def evaluate_run(workdir: epath.Path, record: dict[str, Any], args: argparse.Nam
                  ) -> dict[str, Any]:
     from her2jax import evaluate
 
-    result = cached(workdir / "eval" / "test" / "metrics.json", workdir,
+    result = cached(RunFolder(workdir).eval_metrics("test"), workdir,
                     bootstrap_samples=args.bootstrap)
     if result is not None:
         record["cached"] = True
@@ -195,7 +184,7 @@ def roc_all(rows: list[dict[str, Any]], path: epath.Path) -> None:
     curves = []
     for row in rows:
         table = list(csv.DictReader(io.StringIO(
-            (row["workdir"] / "eval" / "test" / "predictions.csv").read_text())))
+            RunFolder(row["workdir"]).predictions("test").read_text())))
         labels = np.array([int(r["label"]) for r in table])
         if labels.min() == labels.max():
             continue

@@ -137,6 +137,18 @@ def replicate(tree: Any, mesh: Any) -> Any:
     return jax.tree.map(put, tree)
 
 
+def to_global(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, Any]:
+    """Numeric entries of a process-local batch as global jax.Arrays sharded along their first
+    axis over the mesh axis 'data'; other entries (patient ids) stay host-side numpy."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {key: jax.make_array_from_process_local_data(sharding, value)
+            if np.asarray(value).dtype.kind in "biufc" else value
+            for key, value in batch.items()}
+
+
 def local_rows(array: Any) -> np.ndarray:
     """This process's rows of a global array sharded along axis 0, in order."""
     shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)

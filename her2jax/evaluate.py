@@ -32,12 +32,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from data_prep.params import IMAGE_PARAMETERS
 from her2jax import metrics, stats
-
-# preparation parameters that change what the model sees; the split rule and the cohort name
-# (external, fit_from) may differ between a run's training data and an evaluated dataset
-IMAGE_PARAMETERS = ("normalization", "n4", "n4_shrink", "n4_iterations", "image_size",
-                    "slices_per_patient", "crop_margin", "phases")
+from her2jax.run_folder import RunFolder
 
 
 class PreparationMismatch(ValueError):
@@ -69,46 +66,17 @@ def _canonical(value: Any) -> Any:
 def predict_slices(model: Any, data_dir: str, split: str, *, batch_size: int = 64,
                    dtype: str = "float32", progress: bool = True) -> dict[str, np.ndarray]:
     """The positive-class probability of every slice of `split`, in canonical order:
-    {"patient_id", "cohort" (str objects), "slice_index", "label", "probability"}."""
-    import jax.numpy as jnp
+    {"patient_id", "cohort" (str objects), "slice_index", "label", "probability"}, with a
+    progress bar (`inference.Predictor.split`)."""
+    from her2jax import inference, input_pipeline
 
-    from her2jax import distributed, input_pipeline, steps
-
-    mesh = steps.data_mesh()
-    _, eval_graph, params, rest = steps.split_model(model)
-    model.eval()
-    eval_step = steps.make_eval_step(eval_graph, mesh, dtype=jnp.dtype(dtype))
-    batch_size = -(-batch_size // mesh.size) * mesh.size
-    builder = input_pipeline.open_dataset(data_dir)
-    if split not in builder.info.splits:
-        raise ValueError(f"{data_dir} has no split {split!r} (splits: "
-                         f"{', '.join(sorted(builder.info.splits))})")
-    total = builder.info.splits[split].num_examples
-    columns: dict[str, list] = {k: [] for k in ("patient_id", "cohort", "slice_index", "label",
-                                                "probability", "valid")}
-    bar = _progress(total, f"{split} slices", progress)
-    for batch in input_pipeline.eval_batches(data_dir, split=split, global_batch_size=batch_size):
-        output = eval_step(params, rest, input_pipeline.to_global({"image": batch["image"]}, mesh))
-        columns["probability"].append(distributed.local_rows(output))
-        for key in ("patient_id", "cohort"):
-            columns[key].extend(v.decode() if isinstance(v, bytes) else str(v) for v in batch[key])
-        for key in ("slice_index", "label", "valid"):
-            columns[key].append(batch[key])
-        bar.update(int(np.sum(batch["valid"])))
-    bar.close()
-    rows = distributed.allgather_rows({
-        "patient_id": np.array(columns["patient_id"], dtype=object),
-        "cohort": np.array(columns["cohort"], dtype=object),
-        "slice_index": np.concatenate(columns["slice_index"]),
-        "label": np.concatenate(columns["label"]),
-        "probability": np.concatenate(columns["probability"]).astype(np.float64),
-        "valid": np.concatenate(columns["valid"])})
-    keep = rows.pop("valid")
-    out = {k: v[keep] for k, v in rows.items()}
-    for key in ("patient_id", "cohort"):
-        out[key] = np.array([v.decode() if isinstance(v, bytes) else v for v in out[key]],
-                            dtype=object)
-    return out
+    builder = input_pipeline.require_split(data_dir, split)
+    bar = _progress(builder.info.splits[split].num_examples, f"{split} slices", progress)
+    try:
+        return inference.Predictor.of(model, dtype=dtype).split(
+            data_dir, split, batch_size=batch_size, progress=bar.update)
+    finally:
+        bar.close()
 
 
 def patient_table(slices: dict[str, np.ndarray], aggregation: str) -> dict[str, np.ndarray]:
@@ -217,7 +185,7 @@ def validation_threshold(restored: Any, *, aggregation: str, batch_size: int,
     """Youden's J threshold on the validation split of the run's training data (cached in
     RUN/eval/validation_threshold.json per checkpoint step and aggregation)."""
     config = restored.config
-    cache = epath.Path(restored.workdir) / "eval" / "validation_threshold.json"
+    cache = RunFolder(restored.workdir).validation_thresholds
     key = f"{restored.checkpoint}@{restored.step}/{aggregation}"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if key in cached:
@@ -240,14 +208,6 @@ def validation_threshold(restored: Any, *, aggregation: str, batch_size: int,
     return entry
 
 
-def default_folder(workdir: str | epath.Path, split: str, checkpoint: str | int = "best"
-                   ) -> epath.Path:
-    """RUN/eval/<split> for the best checkpoint (what compare, collect and the demo read),
-    RUN/eval/<split>_<checkpoint> for any other."""
-    name = split if str(checkpoint) == "best" else f"{split}_{checkpoint}"
-    return epath.Path(workdir) / "eval" / name
-
-
 def _writer() -> bool:
     """Only process 0 writes files (every process computes the same numbers)."""
     import jax
@@ -261,9 +221,9 @@ def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = No
                  batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
     """Evaluates run `workdir` on `split` of `data_dir` (default: the run's own dataset) and
     writes the files listed in the module docstring; returns metrics.json's content."""
-    from her2jax import input_pipeline, train
+    from her2jax import input_pipeline
 
-    restored = train.restore(workdir, checkpoint)
+    restored = RunFolder(workdir).restore(checkpoint)
     config = restored.config
     own_data = config.data_dir
     data_dir = data_dir or own_data
@@ -292,7 +252,7 @@ def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = No
 
     if not _writer():
         return result
-    folder = epath.Path(out) if out else default_folder(workdir, split, checkpoint)
+    folder = epath.Path(out) if out else RunFolder(workdir).eval_dir(split, checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=True))
     table = patient_table(slices, aggregation)
@@ -364,7 +324,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"slice-level AUC {format_number(slices['auc'])} [{format_number(slices['auc_ci_low'])}, "
         f"{format_number(slices['auc_ci_high'])}].",
         "",
-        f"| threshold | accuracy | balanced acc. | sensitivity | specificity | PPV | NPV | F1 |",
+        "| threshold | accuracy | balanced acc. | sensitivity | specificity | PPV | NPV | F1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, rates in ((f"validation Youden {format_number(chosen['threshold'])}", chosen),
@@ -460,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
           f"sensitivity {format_number(rates['sensitivity'])}  specificity "
           f"{format_number(rates['specificity'])}  ({result['patients']} patients)")
     print(epath.Path(args.out) if args.out else
-          default_folder(args.workdir, args.split, args.checkpoint))
+          RunFolder(args.workdir).eval_dir(args.split, args.checkpoint))
     return 0
 
 

@@ -99,9 +99,10 @@ def choose_patients(patient_ids: np.ndarray, labels: np.ndarray, count: int) -> 
 def explain_run(workdir: str, *, split: str = "test", patients: int = 4,
                 patient_ids: Sequence[str] | None = None, checkpoint: str = "best",
                 data_dir: str | None = None, out: str | None = None) -> dict[str, Any]:
-    from her2jax import evaluate, input_pipeline, predict, train
+    from her2jax import evaluate, inference, input_pipeline
+    from her2jax.run_folder import RunFolder
 
-    restored = train.restore(workdir, checkpoint)
+    restored = RunFolder(workdir).restore(checkpoint)
     data_dir = data_dir or restored.config.data_dir
     evaluate.check_preparation(restored.preparation,
                                input_pipeline.preparation_metadata(data_dir)["preparation"],
@@ -116,9 +117,9 @@ def explain_run(workdir: str, *, split: str = "test", patients: int = 4,
         chosen = choose_patients(examples["patient_id"], examples["label"], patients)
     keep = np.isin(examples["patient_id"], chosen)
     examples = {k: v[keep] for k, v in examples.items()}
-    probabilities = predict.slice_probabilities(restored.model, examples["image"],
-                                                restored.config.dtype)
-    folder = epath.Path(out) if out else epath.Path(workdir) / "eval" / split / "explain"
+    probabilities = inference.Predictor.of(restored.model,
+                                           dtype=restored.config.dtype).images(examples["image"])
+    folder = epath.Path(out) if out else RunFolder(workdir).eval_dir(split) / "explain"
     folder.mkdir(parents=True, exist_ok=True)
     names = [f"{p}_slice{z:03d}" for p, z in zip(examples["patient_id"],
                                                   examples["slice_index"])]

@@ -25,18 +25,20 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from her2jax.augmentation import check_augment_on
+from her2jax.distributed import to_global
 from her2jax.input import records, sampling
 from her2jax.input.augment import DEFAULT_AUGMENT, Augment, apply
-from her2jax.input.records import class_counts, open_dataset, preparation_metadata
+from her2jax.input.records import (MissingSplit, class_counts, open_dataset,
+                                   preparation_metadata, require_split)
 
 import tensorflow as tf  # noqa: E402  (after her2jax.input, which keeps it off the GPU)
 import tensorflow_datasets as tfds  # noqa: E402
 
-__all__ = ["DEFAULT_AUGMENT", "class_counts", "eval_batches", "open_dataset",
-           "preparation_metadata", "read_examples", "to_global", "train_iterator"]
+__all__ = ["DEFAULT_AUGMENT", "MissingSplit", "class_counts", "eval_batches", "open_dataset",
+           "preparation_metadata", "read_examples", "require_split", "to_global",
+           "train_iterator"]
 
 MAX_FILES_READ_AT_ONCE = 16
 
@@ -141,10 +143,7 @@ def read_examples(data_dir: str, split: str, patient_ids: set[str] | None = None
     the tumour mask: {"image" uint8 (n, H, W, 3), "mask" uint8 (n, H, W), "label",
     "patient_id" and "cohort" (str objects), "slice_index"}. For looking at a few patients
     (explanations), not for streaming a split."""
-    builder = open_dataset(data_dir)
-    if split not in builder.info.splits:
-        raise ValueError(f"{data_dir} has no split {split!r} (splits: "
-                         f"{', '.join(sorted(builder.info.splits))})")
+    builder = require_split(data_dir, split)
     columns: dict[str, list] = {k: [] for k in ("image", "mask", "label", "patient_id",
                                                 "cohort", "slice_index")}
     for example in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
@@ -166,15 +165,6 @@ def read_examples(data_dir: str, split: str, patient_ids: set[str] | None = None
             "patient_id": np.array(columns["patient_id"], dtype=object),
             "cohort": np.array(columns["cohort"], dtype=object),
             "slice_index": np.array(columns["slice_index"], np.int64)}
-
-
-def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:
-    """Numeric entries of a process-local batch as global jax.Arrays sharded along their first
-    axis over the mesh axis 'data'; other entries (patient ids) stay host-side numpy."""
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return {key: jax.make_array_from_process_local_data(sharding, value)
-            if np.asarray(value).dtype.kind in "biufc" else value
-            for key, value in batch.items()}
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -75,3 +75,14 @@ def create_optimizer(params: Any, *, learning_rate: float, warmup_steps: int, to
     if accumulation_steps > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=accumulation_steps)
     return optimizer
+
+
+def from_config(config: Any, params: Any) -> optax.GradientTransformation:
+    """`create_optimizer` with a run config's settings (`config.optimizer`, warm-up and length)."""
+    return create_optimizer(
+        params, learning_rate=config.optimizer.learning_rate,
+        warmup_steps=config.warmup_steps, total_steps=config.total_steps,
+        weight_decay=config.optimizer.weight_decay,
+        grad_clip_norm=config.optimizer.grad_clip_norm or None, b1=config.optimizer.b1,
+        b2=config.optimizer.b2, backbone_multiplier=config.optimizer.backbone_multiplier,
+        accumulation_steps=config.optimizer.accumulation_steps)

@@ -35,10 +35,7 @@ def preparation_params(preparation: dict[str, Any]):
     the cohort and fit source do not apply to a single study)."""
     from data_prep.params import PrepParams
 
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in preparation.items()
-              if k in PrepParams.__dataclass_fields__}
-    fields.update(external=None, fit_from=None)
-    return PrepParams(**fields)
+    return PrepParams.from_dict(preparation, external=None, fit_from=None)
 
 
 LAYOUTS = {"breastdcedl": "arrays stored (z, y, x) with an identity affine, as BreastDCEDL "
@@ -135,33 +132,16 @@ def prepare_study(restored: Any, *, pre: str, early: str, late: str, mask: str |
     return pipeline.prepare_case(case, params, fitted)
 
 
-def slice_probabilities(model: Any, images: np.ndarray, dtype: str = "float32") -> np.ndarray:
-    """Positive-class probability of each uint8 image (N, H, W, 3), through the same jitted eval
-    step as evaluation."""
-    import jax.numpy as jnp
-
-    from her2jax import distributed, input_pipeline, steps
-
-    mesh = steps.data_mesh()
-    _, eval_graph, params, rest = steps.split_model(model)
-    model.eval()
-    step = steps.make_eval_step(eval_graph, mesh, dtype=jnp.dtype(dtype))
-    size = -(-len(images) // mesh.size) * mesh.size
-    padded = np.zeros((size, *images.shape[1:]), np.uint8)
-    padded[:len(images)] = images
-    output = step(params, rest, input_pipeline.to_global({"image": padded}, mesh))
-    return distributed.local_rows(output)[:len(images)].astype(np.float64)
-
-
 def predict(workdir: str, *, pre: str, early: str, late: str, mask: str | None = None,
             box: tuple[int, ...] | None = None, layout: str | None = None,
             spacing: tuple[float, float, float] | None = None, patient_id: str = "patient",
             checkpoint: str = "best", out: str | None = None, explain: bool = False,
             progress: bool = False) -> dict[str, Any]:
     from data_prep.errors import BadCaseError
-    from her2jax import evaluate, train
+    from her2jax import evaluate, inference
+    from her2jax.run_folder import RunFolder
 
-    restored = train.restore(workdir, checkpoint)
+    restored = RunFolder(workdir).restore(checkpoint)
     layout, layout_from = choose_layout(restored, pre, layout)
     try:
         prepared = prepare_study(restored, pre=pre, early=early, late=late, mask=mask, box=box,
@@ -169,7 +149,8 @@ def predict(workdir: str, *, pre: str, early: str, late: str, mask: str | None =
     except BadCaseError as error:
         raise ValueError(str(error)) from None
     images = np.stack([s.image for s in prepared.slices])
-    probabilities = slice_probabilities(restored.model, images, restored.config.dtype)
+    probabilities = inference.Predictor.of(restored.model,
+                                           dtype=restored.config.dtype).images(images)
     aggregation = restored.config.eval.aggregation
     _, patient, _ = metrics.aggregate_patients([patient_id] * len(images), probabilities,
                                                np.zeros(len(images), int), method=aggregation)

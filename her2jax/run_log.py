@@ -19,14 +19,13 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-LAUNCHES_FILE = "launches.jsonl"
+from her2jax.run_folder import RunFolder
 
 
 class RunLog:
     def __init__(self, workdir: epath.Path, total_steps: int, enabled: bool = True):
         self.workdir = workdir
+        self.run = RunFolder(workdir)
         self.total_steps = total_steps
         self.enabled = enabled
         self._start = time.perf_counter()
@@ -40,11 +39,11 @@ class RunLog:
 
             if self._remote:
                 self._events = epath.Path(tempfile.mkdtemp(prefix="her2jax_events_"))
-            self._writer = SummaryWriter(str(self._events or workdir / "tensorboard"))
+            self._writer = SummaryWriter(str(self._events or self.run.tensorboard))
 
     def write_config(self, config) -> None:
         if self.enabled:
-            (self.workdir / CONFIG_FILE).write_text(config.to_json(indent=2))
+            self.run.config_file.write_text(config.to_json(indent=2))
 
     def launch(self, step: int, changes: dict[str, list[Any]]) -> None:
         """Records a launch starting after `step` with the settings changed since the last one
@@ -54,7 +53,7 @@ class RunLog:
             return
         record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), "step": step, "changed": changes}
-        path = self.workdir / LAUNCHES_FILE    # rewritten whole: object stores cannot append
+        path = self.run.launches_file    # rewritten whole: object stores cannot append
         path.write_text((path.read_text() if path.exists() else "") + json.dumps(record) + "\n")
         if changes:
             self.message("changed since the last launch (see launches.jsonl): " + ", ".join(
@@ -69,7 +68,7 @@ class RunLog:
         """One JSON line; `elapsed_seconds` counts from this process's start of the run."""
         record = dict(record, elapsed_seconds=round(time.perf_counter() - self._start, 2))
         line = json.dumps(record, allow_nan=True) + "\n"
-        path = self.workdir / METRICS_FILE
+        path = self.run.metrics_file
         if not self._remote:
             with path.open("a") as handle:
                 handle.write(line)
@@ -83,7 +82,7 @@ class RunLog:
         """Copies the local event files into the remote run folder (a no-op for local runs)."""
         if self._events is None:
             return
-        target = self.workdir / "tensorboard"
+        target = self.run.tensorboard
         target.mkdir(parents=True, exist_ok=True)
         for event_file in self._events.iterdir():
             (target / event_file.name).write_bytes(event_file.read_bytes())

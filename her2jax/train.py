@@ -7,11 +7,10 @@ batches sharded over a ('data',) mesh of every device of every process. Several 
 before the patient-level metrics, so every process holds the same report (and agrees on the best
 checkpoint); only process 0 writes logs, every process writes its checkpoint shards.
 
-`restore(workdir, checkpoint)` loads a trained model back for evaluation and prediction.
+`RunFolder(workdir).restore(checkpoint)` (run_folder.py) loads a trained model back.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 from typing import Any
@@ -21,17 +20,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
-from flax import nnx
 
-from her2jax import distributed, input_pipeline, metrics, models, steps, weights
+from her2jax import (distributed, inference, input_pipeline, metrics, models, optim, steps,
+                     weights)
 from her2jax.augmentation import AUGMENT_ON, Augment
 from her2jax.input.sampling import BALANCE_MODES
 from her2jax.losses import class_weights_from_counts
-from her2jax.optim import create_optimizer, learning_rate_schedule
-from her2jax.run_log import CONFIG_FILE, RunLog
+from her2jax.optim import learning_rate_schedule
+from her2jax.run_folder import RunFolder
+from her2jax.run_log import RunLog
 
-PREPARATION_FILE = "preparation.json"
 DTYPES = ("float32", "bfloat16")
 # Keys a relaunch in the same run folder may change: how long to train (extending a run; the
 # learning-rate schedule follows the new length from the checkpoint on, see README "Training"),
@@ -53,13 +51,6 @@ class StopRequested(Exception):
     def __init__(self, message: str, signum: int = signal.SIGTERM):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
-
-
-def run_folder(workdir: str | epath.Path) -> epath.Path:
-    """The run folder as an absolute path (orbax refuses relative ones); buckets as given."""
-    if "://" in str(workdir):
-        return epath.Path(workdir)
-    return epath.Path(workdir).expanduser().resolve()
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -92,12 +83,12 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_relaunch(workdir: epath.Path, config: ml_collections.ConfigDict
+def check_relaunch(run: RunFolder, config: ml_collections.ConfigDict
                    ) -> dict[str, list[Any]]:
     """Compares `config` with the run folder's config.json (written by an earlier launch):
     refuses a difference outside RELAUNCH_KEYS, returns the allowed ones {key: [old, new]}.
     Reads only: nothing is written before this check."""
-    path = workdir / CONFIG_FILE
+    path = run.config_file
     if not path.exists():
         return {}
     old = _flat(json.loads(path.read_text()))
@@ -109,7 +100,7 @@ def check_relaunch(workdir: epath.Path, config: ml_collections.ConfigDict
                if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
     refused = [k for k in changed if k not in RELAUNCH_KEYS]
     if refused:
-        raise ValueError(f"{workdir} was started with a different config ("
+        raise ValueError(f"{run.path} was started with a different config ("
                          f"{'; '.join(_change(k, *changed[k]) for k in refused)}); use another "
                          f"--workdir, or relaunch with the config recorded in {path}")
     return {k: [None if v is _ABSENT else v for v in pair] for k, pair in changed.items()}
@@ -125,9 +116,9 @@ def _change(key: str, old: Any, new: Any) -> str:
     return f"{key} {show(old)} -> {show(new)}"
 
 
-def check_dataset(workdir: epath.Path, metadata: dict[str, Any]) -> None:
+def check_dataset(run: RunFolder, metadata: dict[str, Any]) -> None:
     """Records the dataset's preparation in the run folder; refuses a different one on resume."""
-    path = workdir / PREPARATION_FILE
+    path = run.preparation_file
     preparation = metadata.get("preparation", {})
 
     def compare() -> None:
@@ -135,7 +126,7 @@ def check_dataset(workdir: epath.Path, metadata: dict[str, Any]) -> None:
         if recorded != preparation:
             changed = sorted(k for k in set(recorded) | set(preparation)
                              if recorded.get(k) != preparation.get(k))
-            raise ValueError(f"{workdir} was started on data prepared differently ({changed}); "
+            raise ValueError(f"{run.path} was started on data prepared differently ({changed}); "
                              f"use another --workdir or the original dataset")
 
     if jax.process_index() == 0:
@@ -151,42 +142,19 @@ def check_dataset(workdir: epath.Path, metadata: dict[str, Any]) -> None:
             compare()
 
 
-def build_model(config: ml_collections.ConfigDict, image_size: int) -> nnx.Module:
-    kwargs = dict(config.model.kwargs)
-    if config.model.name.startswith("vit"):
-        kwargs.setdefault("image_size", image_size)
-    return models.create(config.model.name, num_classes=config.num_classes,
-                         rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.dtype), **kwargs)
-
-
-def evaluate(eval_step, params, rest, config, mesh, split: str, step: int | None = None
-             ) -> dict[str, Any]:
+def evaluate(predictor: inference.Predictor, config: ml_collections.ConfigDict, split: str,
+             step: int | None = None) -> dict[str, Any]:
     """Patient-level metrics on `split`: every slice exactly once (the last batch is padded).
     NaN/inf outputs (diverged parameters, though the loss logged was finite) stop the run."""
-    ids, probabilities, labels, valid = [], [], [], []
-    # a batch must split evenly over the devices; padding covers the extra rows
-    batch_size = -(-config.eval.batch_size // mesh.size) * mesh.size
-    for batch in input_pipeline.eval_batches(
-            config.data_dir, split=split, global_batch_size=batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count()):
-        device_batch = input_pipeline.to_global({"image": batch["image"]}, mesh)
-        output = eval_step(params, rest, device_batch)
-        probabilities.append(distributed.local_rows(output))
-        ids.extend(batch["patient_id"])
-        labels.append(batch["label"])
-        valid.append(batch["valid"])
-    # a patient's slices may sit in several processes' shares: gather all before aggregating
-    rows = distributed.allgather_rows({
-        "patient_id": np.array(ids, dtype=object), "probability": np.concatenate(probabilities),
-        "label": np.concatenate(labels), "valid": np.concatenate(valid)})
-    if not np.isfinite(rows["probability"][rows["valid"].astype(bool)]).all():
+    rows = predictor.split(config.data_dir, split, batch_size=config.eval.batch_size)
+    if not np.isfinite(rows["probability"]).all():
         raise FloatingPointError(
             f"the model's outputs on {split} are NaN/inf"
             + (f" at step {step}" if step is not None else "")
             + ": its parameters diverged; lower the learning rate, check the data, or resume "
               "from an earlier checkpoint")
     return metrics.patient_report(rows["patient_id"], rows["probability"], rows["label"],
-                                  valid=rows["valid"], method=config.eval.aggregation)
+                                  method=config.eval.aggregation)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -195,25 +163,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ------------------------------------------------------------------ set up
     # every check comes before the first write: a refused launch leaves the run folder as it was
     check_config(config)
-    workdir = run_folder(workdir)
+    run = RunFolder(workdir)
+    workdir = run.path
     mesh = steps.data_mesh()
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} does not split over {mesh.size} devices")
     metadata = input_pipeline.preparation_metadata(config.data_dir)
-    splits = input_pipeline.open_dataset(config.data_dir).info.splits
+    builder = input_pipeline.open_dataset(config.data_dir)
     for key in ("train_split", "eval_split"):
-        if config[key] not in splits:
-            raise ValueError(f"config.{key} {config[key]!r}: {config.data_dir} has no such split "
-                             f"(splits: {', '.join(sorted(splits))})")
-    changes = check_relaunch(workdir, config)
+        input_pipeline.require_split(builder, config[key], f"config.{key}")
+    changes = check_relaunch(run, config)
 
     # ------------------------------------------------------------------ model and optimiser
-    model = build_model(config, metadata["preparation"]["image_size"])  # checks model.kwargs
+    model = models.from_config(config, metadata["preparation"]["image_size"])  # checks model.kwargs
     pretrained = None
     if config.init.pretrained:
         pretrained = weights.load_pretrained(model, config.init.pretrained)
     train_graph, eval_graph, params, rest = steps.split_model(model)
-    optimizer = make_optimizer(config, params)
+    optimizer = optim.from_config(config, params)
     opt_state = optimizer.init(params)
     schedule = learning_rate_schedule(config.optimizer.learning_rate, config.warmup_steps,
                                       config.total_steps)
@@ -229,18 +196,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_graph, optimizer, mesh, dtype=dtype, label_smoothing=config.loss.label_smoothing,
         class_weights=class_weights,
         augment=Augment.from_mapping(config.input.augment.to_dict()) if on_device else None)
-    eval_step = steps.make_eval_step(eval_graph, mesh, dtype=dtype)
+    predictor = inference.Predictor(steps.make_eval_step(eval_graph, mesh, dtype=dtype),
+                                    None, None, mesh)
 
     # ------------------------------------------------------------------ checkpoints
     workdir.mkdir(parents=True, exist_ok=True)
-    check_dataset(workdir, metadata)
+    check_dataset(run, metadata)
     state = {"params": params, "rest": rest, "opt_state": opt_state}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = distributed.replicate(state, mesh)
-    latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=config.checkpoint.keep, create=True))
-    best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda m: m["patient_auc"], best_mode="max", create=True))
+    latest, best = run.managers(config.checkpoint.keep)
     start_step = latest.latest_step() or 0
     if start_step > config.total_steps:
         raise ValueError(f"{workdir} has a checkpoint at step {start_step}, past total_steps "
@@ -297,8 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           config.batch_size)
                 pending = []
             if step % config.eval.every_steps == 0 or step == config.total_steps:
-                report = evaluate(eval_step, state["params"], state["rest"], config, mesh,
-                                  config.eval_split, step)
+                report = evaluate(predictor.with_state(state["params"], state["rest"]),
+                                  config, config.eval_split, step)
                 log.evaluation(step, config.eval_split, report)
                 if np.isfinite(report["auc"]):
                     best.save(step, args=ocp.args.StandardSave(state),
@@ -318,73 +283,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         best.wait_until_finished()
         log.close()
     return report
-
-
-def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State):
-    return create_optimizer(
-        params, learning_rate=config.optimizer.learning_rate,
-        warmup_steps=config.warmup_steps, total_steps=config.total_steps,
-        weight_decay=config.optimizer.weight_decay,
-        grad_clip_norm=config.optimizer.grad_clip_norm or None, b1=config.optimizer.b1,
-        b2=config.optimizer.b2, backbone_multiplier=config.optimizer.backbone_multiplier,
-        accumulation_steps=config.optimizer.accumulation_steps)
-
-
-@dataclasses.dataclass
-class Restored:
-    """A trained model read back from a run folder (in eval mode)."""
-    model: nnx.Module
-    config: ml_collections.ConfigDict
-    step: int
-    checkpoint: str             # "best", "latest" or the step asked for
-    preparation: dict[str, Any]  # how the run's training data was prepared
-    workdir: str
-
-
-def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{workdir} is not a run folder (no config.json); train first "
-                                f"with python -m her2jax.main --workdir {workdir}")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def restore(workdir: str | epath.Path, checkpoint: str | int = "best",
-            mesh: jax.sharding.Mesh | None = None) -> Restored:
-    """The model of run `workdir` at `checkpoint`: "best" (highest validation patient AUC),
-    "latest", or a step number of the latest-checkpoints folder."""
-    workdir = run_folder(workdir)
-    config = load_config(workdir)
-    preparation = json.loads((workdir / PREPARATION_FILE).read_text())
-    mesh = mesh or steps.data_mesh()
-    model = build_model(config, preparation["image_size"])
-    _, _, params, rest = steps.split_model(model)
-    state = {"params": params, "rest": rest,
-             "opt_state": make_optimizer(config, params).init(params)}
-    folder = "best" if checkpoint == "best" else "checkpoints"
-    manager = ocp.CheckpointManager(workdir / folder)
-    available = list(manager.all_steps())
-    label = str(checkpoint)
-    if checkpoint == "best" and not available:
-        # no validation AUC was ever defined (e.g. a validation split with one class)
-        manager.close()
-        folder, label = "checkpoints", "latest (no best: the validation AUC was never defined)"
-        manager = ocp.CheckpointManager(workdir / folder)
-        available = list(manager.all_steps())
-    if checkpoint in ("best", "latest"):
-        step = max(available, default=None)
-    else:
-        step = int(checkpoint)
-        if step not in available:
-            step = None
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {workdir / folder} (steps "
-                                f"there: {sorted(available) or 'none'})")
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          state)
-    state = manager.restore(step, args=ocp.args.StandardRestore(target))
-    manager.close()
-    nnx.update(model, state["params"], state["rest"])
-    model.eval()
-    return Restored(model, config, step, label, preparation, str(workdir))

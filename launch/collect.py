@@ -46,6 +46,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from her2jax.evaluate import format_number
+from her2jax.run_folder import RunFolder
+
 VALIDATION_SPLIT = "validation"     # configs/common.py: config.eval_split
 SORT_KEYS = {"val": "val_auc_mean", "test": "test_auc_mean"}
 DEFAULT = "default"                 # the value of a setting a run leaves at its config's default
@@ -73,16 +76,9 @@ def validation_aucs(workdir: str | epath.Path, split: str = VALIDATION_SPLIT
                     ) -> list[tuple[int, float]]:
     """(step, AUC) of every `split` record of RUN/metrics.jsonl, in file order (lines that do not
     parse, e.g. one cut short by an interruption, are skipped)."""
-    path = epath.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
     records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("split") == split and "auc" in record:
+    for record in RunFolder(workdir).metrics_records():
+        if record.get("split") == split and "auc" in record:
             step = record.get("step")
             records.append((int(step) if isinstance(step, int) else -1,
                             _float(record["auc"])))
@@ -96,13 +92,14 @@ def read_run(workdir: str | epath.Path) -> dict[str, Any] | None:
      "test_step", "test_auc", "test_auc_ci_low", "test_auc_ci_high", "ci_level", "accuracy",
      "sensitivity", "specificity", "balanced_accuracy" (at the validation threshold),
      "patients", "positives"}"""
+    run = RunFolder(workdir)
     folder = epath.Path(workdir)
-    test_file = folder / "eval" / "test" / "metrics.json"
+    test_file = run.eval_metrics("test")
     if not test_file.exists():
         return None
     test = _read_json(test_file)
     split = VALIDATION_SPLIT
-    config_file = folder / "config.json"
+    config_file = run.config_file
     if config_file.exists():
         try:
             split = json.loads(config_file.read_text()).get("eval_split") or split
@@ -222,8 +219,8 @@ def leaderboard(entries: Sequence[dict[str, Any]], results: dict[str, dict[str, 
         row["test_auc_ci_low"] = single["test_auc_ci_low"] if single else math.nan
         row["test_auc_ci_high"] = single["test_auc_ci_high"] if single else math.nan
         row["ci_level"] = single["ci_level"] if single else math.nan
-        row["test_auc_ci"] = (f"[{_number(row['test_auc_ci_low'])}, "
-                              f"{_number(row['test_auc_ci_high'])}]") if single else ""
+        row["test_auc_ci"] = (f"[{format_number(row['test_auc_ci_low'])}, "
+                              f"{format_number(row['test_auc_ci_high'])}]") if single else ""
         rows.append(row)
     column = SORT_KEYS[sort]
     rows.sort(key=lambda r: (not math.isfinite(r[column]),
@@ -265,19 +262,13 @@ def pivot_table(entries: Sequence[dict[str, Any]], results: dict[str, dict[str, 
 
 # ---------------------------------------------------------------- writing
 
-def _number(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
 def _plus_minus(mean: float, std: float) -> str:
     if not math.isfinite(mean):
         return "n/a"
     return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
 
 
-def _csv_number(value: Any) -> str:
+def _csvformat_number(value: Any) -> str:
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
     return "" if value is None else str(value)
@@ -301,7 +292,7 @@ def leaderboard_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     for row in rows:
         values = {**row, **row["settings"], "best": "*" if row["best"] else "",
                   "runs": " ".join(row["runs"])}
-        writer.writerow([_csv_number(values[c]) for c in columns])
+        writer.writerow([_csvformat_number(values[c]) for c in columns])
     return buffer.getvalue()
 
 
@@ -334,8 +325,8 @@ def leaderboard_markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str], *,
                  *(_cell(row["settings"][key]) for key in keys), str(row["seeds"]),
                  _plus_minus(row["val_auc_mean"], row["val_auc_std"]),
                  _plus_minus(row["test_auc_mean"], row["test_auc_std"]), row["test_auc_ci"],
-                 _number(row["accuracy_mean"]), _number(row["sensitivity_mean"]),
-                 _number(row["specificity_mean"])]
+                 format_number(row["accuracy_mean"]), format_number(row["sensitivity_mean"]),
+                 format_number(row["specificity_mean"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -347,7 +338,7 @@ def pivot_csv(table: dict[str, Any]) -> str:
     writer = csv.writer(buffer)
     writer.writerow([f"{table['rows_key']} \\ {table['cols_key']}", *table["columns"]])
     for value, means in zip(table["rows"], table["mean"]):
-        writer.writerow([value, *(_csv_number(m) for m in means)])
+        writer.writerow([value, *(_csvformat_number(m) for m in means)])
     return buffer.getvalue()
 
 

@@ -23,6 +23,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from data_prep.params import IMAGE_PARAMETERS
+
 MAX_NAME = 96
 
 
@@ -97,8 +99,7 @@ class Sweep:
 
 
 # preparation options a data variant may set (flags of data_prep.prepare)
-PREPARE_OPTIONS = ("normalization", "n4", "n4_shrink", "image_size", "slices_per_patient",
-                   "crop_margin", "phases", "split_seed")
+PREPARE_OPTIONS = (*IMAGE_PARAMETERS, "split_seed")
 
 Axis = list[dict[str, Any]]
 

@@ -50,6 +50,7 @@ from typing import Any
 
 from etils import epath
 
+from her2jax.run_folder import RunFolder
 from launch.spec import Run, Sweep
 
 BACKENDS = ("local", "slurm", "tpu")
@@ -154,8 +155,7 @@ def dataset_path(data_root: str, options: dict[str, Any]) -> str:
     from data_prep.her2_dce import Her2Dce
     from data_prep.params import PrepParams
 
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    name = PrepParams(**fields).config_name()
+    name = PrepParams.from_dict(options).config_name()
     return f"{data_root.rstrip('/')}/her2_dce/{name}/{Her2Dce.VERSION}"
 
 
@@ -242,7 +242,7 @@ def _now() -> str:
 
 
 def is_finished(workdir: str) -> bool:
-    return (epath.Path(workdir) / "eval" / "test" / "metrics.json").exists()
+    return RunFolder(workdir).evaluated("test")
 
 
 # ---------------------------------------------------------------- local backend

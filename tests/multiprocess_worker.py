@@ -24,6 +24,7 @@ def main(port: str, process_id: str, data_dir: str, workdir: str, out: str) -> N
 
     from configs import resnet
     from her2jax import train
+    from her2jax.run_folder import RunFolder
 
     config = resnet.get_config("resnet18,runlocal")
     config.data_dir = data_dir
@@ -35,7 +36,7 @@ def main(port: str, process_id: str, data_dir: str, workdir: str, out: str) -> N
     config.eval.batch_size = 3      # 2 per process after rounding up to the device count
     config.checkpoint.every_steps = 2
     report = train.train_and_evaluate(config, workdir)
-    restored = train.restore(workdir, "latest")
+    restored = RunFolder(workdir).restore("latest")
     leaves = jax.tree.leaves(nnx.state(restored.model, nnx.Param))
     np.savez(os.path.join(out, f"process_{process_id}.npz"),
              *[np.asarray(leaf.addressable_data(0)) for leaf in leaves])

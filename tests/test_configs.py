@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import common, resnet, vit
-from her2jax import models, train
+from her2jax import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_every_variant_names_a_buildable_model(module, variant):
     config = module.get_config(variant)
     assert config.model.name in models.names()
-    model = nnx.eval_shape(lambda: train.build_model(config, image_size=32))
+    model = nnx.eval_shape(lambda: models.from_config(config, image_size=32))
     assert model is not None
 
 

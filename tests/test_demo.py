@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from her2jax import demo
+from her2jax.run_folder import RunFolder
 
 TINY = ["--patients", "24", "--volume_size", "48", "--image_size", "16", "--steps", "3",
         "--batch_size", "8", "--bootstrap", "50", "--explain_patients", "2", "--quiet",
@@ -63,11 +64,11 @@ def test_a_run_trained_further_is_evaluated_and_explained_again(first_run, capsy
     for name in os.listdir(os.path.join(first_run, "runs")):
         workdir = os.path.join(first_run, "runs", name)
         metrics = json.load(open(os.path.join(workdir, "eval", "test", "metrics.json")))
-        assert metrics["step"] == demo.checkpoint_step(demo.epath.Path(workdir)), name
+        assert metrics["step"] == RunFolder(workdir).default_step(), name
         assert os.path.isdir(os.path.join(workdir, "checkpoints", "5")), name
     explained = json.load(open(os.path.join(first_run, "gradcam", "explain.json")))
     resnet = demo.epath.Path(first_run) / "runs" / f"resnet18_{demo.NORMALIZATIONS[0]}"
-    assert explained["step"] == demo.checkpoint_step(resnet)
+    assert explained["step"] == RunFolder(resnet).default_step()
 
     more = list(longer)
     more[more.index("--bootstrap") + 1] = "60"
@@ -87,14 +88,14 @@ def test_a_cached_result_is_for_the_current_checkpoint_and_settings(tmp_path):
     assert demo.cached(path, workdir) is None
     (workdir / "checkpoints" / "3").mkdir(parents=True)
     path.write_text(json.dumps({"step": 3, "bootstrap_samples": 50}))
-    assert demo.checkpoint_step(workdir) == 3
+    assert RunFolder(workdir).default_step() == 3
     assert demo.cached(path, workdir, bootstrap_samples=50) == {"step": 3, "bootstrap_samples": 50}
     assert demo.cached(path, workdir, bootstrap_samples=60) is None
     (workdir / "checkpoints" / "5").mkdir()          # trained further, no best checkpoint
     assert demo.cached(path, workdir, bootstrap_samples=50) is None
     (workdir / "best" / "3").mkdir(parents=True)     # the best one is still step 3
     (workdir / "best" / "4.orbax-checkpoint-tmp-1").mkdir()
-    assert demo.checkpoint_step(workdir) == 3
+    assert RunFolder(workdir).default_step() == 3
     assert demo.cached(path, workdir, bootstrap_samples=50) is not None
 
 

@@ -20,6 +20,7 @@ from configs import resnet
 from conftest import write_cohort
 from data_prep import prepare
 from her2jax import compare, evaluate, predict, stats, train
+from her2jax.run_folder import RunFolder
 
 # 18 patients, HER2+ where i % 3 == 0: validation {3+, 4, 5, 7}, test {0+, 1, 2, 6+}
 SPLITS = [1, 1, 1, 2, 2, 2, 1, 2] + [0] * 10   # 1 = test, 2 = validation
@@ -106,7 +107,7 @@ def test_files_and_every_metric_against_sklearn(setup):
 
 def test_threshold_is_fixed_on_validation_only(setup):
     result = setup["result"]
-    restored = train.restore(setup["run_a"], "best")
+    restored = RunFolder(setup["run_a"]).restore("best")
     validation = evaluate.predict_slices(restored.model, setup["data_dir"], "validation",
                                          progress=False)
     table = evaluate.patient_table(validation, "median")
@@ -118,6 +119,31 @@ def test_threshold_is_fixed_on_validation_only(setup):
     other = evaluate.evaluate_run(setup["run_a"], split="train", samples=50, progress=False,
                                   out=str(setup["root"] / "train_eval"))
     assert other["threshold"]["value"] == result["threshold"]["value"]
+
+
+def test_one_inference_path_for_splits_and_images(setup):
+    """A split read in padded batches (3 does not divide it) and the same images passed at
+    once give the model's own softmax, slice for slice in canonical order."""
+    import jax
+    import jax.numpy as jnp
+
+    from her2jax import inference, input_pipeline
+    from her2jax.steps import normalize_images
+
+    restored = RunFolder(setup["run_a"]).restore("best")
+    examples = input_pipeline.read_examples(setup["data_dir"], "validation")
+    assert len(examples["image"]) % 3
+    predictor = inference.Predictor.of(restored.model)
+    rows = predictor.split(setup["data_dir"], "validation", batch_size=3)
+    for key in ("patient_id", "cohort", "slice_index", "label"):
+        assert list(rows[key]) == list(examples[key])
+    direct = jax.nn.softmax(restored.model(normalize_images(jnp.asarray(examples["image"]))),
+                            axis=-1)[:, 1]
+    np.testing.assert_allclose(rows["probability"], np.asarray(direct), atol=1e-6)
+    np.testing.assert_allclose(predictor.images(examples["image"]), rows["probability"],
+                               atol=1e-6)
+    with pytest.raises(input_pipeline.MissingSplit, match="'holdout'.*no such split"):
+        predictor.split(setup["data_dir"], "holdout", batch_size=3)
 
 
 def test_data_prepared_differently_is_refused_naming_the_parameters(setup):
@@ -301,7 +327,7 @@ def test_a_run_without_a_best_checkpoint_falls_back_to_the_latest(setup, tmp_pat
     shutil.rmtree(os.path.join(workdir, "best"))
     os.makedirs(os.path.join(workdir, "best"))
     shutil.rmtree(os.path.join(workdir, "eval"))
-    restored = train.restore(workdir, "best")
+    restored = RunFolder(workdir).restore("best")
     assert restored.checkpoint.startswith("latest") and restored.step == 6
     result = evaluate.evaluate_run(workdir, samples=50, progress=False)
     assert result["step"] == 6 and "no best" in result["checkpoint"]

@@ -16,6 +16,7 @@ from etils.epath import gpath
 
 from configs import resnet
 from her2jax import input_pipeline, run_log, train, weights
+from her2jax.run_folder import RunFolder
 
 HER2JAX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "her2jax")
 
@@ -106,7 +107,8 @@ def test_run_log_and_run_records_live_in_the_bucket(bucket, tmp_path):
     workdir = epath.Path("gs://lab-bucket/runs/r1")
     workdir.mkdir(parents=True, exist_ok=True)
     config = resnet.get_config("resnet18,runlocal")
-    train.check_dataset(workdir, {"preparation": {"image_size": 16, "normalization": "x"}})
+    train.check_dataset(RunFolder(workdir), {"preparation": {"image_size": 16,
+                                                             "normalization": "x"}})
     log = run_log.RunLog(workdir, total_steps=4)
     log.write_config(config)
     log.train(2, [{"loss": 0.7, "accuracy": 0.5}] * 2, 1e-3, 8)
@@ -129,9 +131,10 @@ def test_run_log_and_run_records_live_in_the_bucket(bucket, tmp_path):
                                                        (4, "train")]
     assert json.loads((local / "preparation.json").read_text())["image_size"] == 16
     assert list((local / "tensorboard").iterdir()), "event files were not copied up"
-    assert train.load_config(workdir).model.name == config.model.name
+    assert RunFolder(workdir).config().model.name == config.model.name
     with pytest.raises(ValueError, match="prepared differently"):
-        train.check_dataset(workdir, {"preparation": {"image_size": 32, "normalization": "x"}})
+        train.check_dataset(RunFolder(workdir), {"preparation": {"image_size": 32,
+                                                                 "normalization": "x"}})
     assert not (tmp_path / "gs:").exists()
 
 

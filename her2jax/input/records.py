@@ -35,6 +35,21 @@ def open_dataset(data_dir: str) -> tfds.core.DatasetBuilder:
     return tfds.builder_from_directory(str(data_dir))
 
 
+class MissingSplit(ValueError):
+    """A split asked for is not in the prepared dataset."""
+
+
+def require_split(data: str | tfds.core.DatasetBuilder, split: str,
+                  what: str = "") -> tfds.core.DatasetBuilder:
+    """The dataset (a folder or an opened builder), if it has `split`; else MissingSplit naming
+    the folder, the split (as `what`, e.g. "config.eval_split 'test'") and the splits it has."""
+    builder = open_dataset(data) if isinstance(data, (str, epath.Path)) else data
+    if split not in builder.info.splits:
+        raise MissingSplit(f"{what or 'split'} {split!r}: {builder.data_dir} has no such split "
+                           f"(splits: {', '.join(sorted(builder.info.splits))})")
+    return builder
+
+
 def preparation_metadata(data_dir: str) -> dict[str, Any]:
     """The dataset's `metadata.json`: `preparation`, `patients`, `counts`, `files`, ..."""
     return json.loads((epath.Path(data_dir) / "metadata.json").read_text())
@@ -64,10 +79,7 @@ def share(paths: list[str], lengths: list[int], process_index: int,
 def split_share(builder: tfds.core.DatasetBuilder, split: str, process_index: int,
                 process_count: int) -> list[Piece]:
     """`share` of a split of the prepared dataset."""
-    if split not in builder.info.splits:
-        raise ValueError(f"no split {split!r} in {builder.data_dir}; "
-                         f"it has {sorted(builder.info.splits)}")
-    info = builder.info.splits[split]
+    info = require_split(builder, split).info.splits[split]
     return share([str(path) for path in info.filepaths], list(info.shard_lengths),
                  process_index, process_count)
 

@@ -10,4 +10,18 @@ from her2jax.models.registry import create, names, register
 from her2jax.models import resnet  # noqa: F401  (registers the ResNets)
 from her2jax.models import vit  # noqa: F401  (registers the ViTs)
 
-__all__ = ["create", "names", "register"]
+__all__ = ["create", "from_config", "names", "register"]
+
+
+def from_config(config, image_size: int):
+    """The model a run's config describes: `config.model.name` with `config.model.kwargs`,
+    `config.num_classes` outputs, compute dtype `config.dtype`, initialised from `config.seed`;
+    ViTs are built for `image_size` unless the kwargs say otherwise."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    kwargs = dict(config.model.kwargs)
+    if config.model.name.startswith("vit"):
+        kwargs.setdefault("image_size", image_size)
+    return create(config.model.name, num_classes=config.num_classes,
+                  rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.dtype), **kwargs)
