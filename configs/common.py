@@ -14,6 +14,8 @@ import os
 
 import ml_collections
 
+from her2jax.errors import InvalidSetting, MissingInput
+
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -78,7 +80,7 @@ def parse_arg(arg: str | None) -> tuple[str | None, set[str]]:
     flags = {p for p in parts if p == "runlocal"}
     variants = [p for p in parts if p not in flags]
     if len(variants) > 1:
-        raise ValueError(f"one variant at a time, got {variants}")
+        raise InvalidSetting(f"one variant at a time, got {variants}")
     return (variants[0] if variants else None), flags
 
 
@@ -96,7 +98,7 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
 def load_file(path: str, kind: str):
     """The Python file `path` (a config or sweep file) as a module; FileNotFoundError naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {kind} file {path}")
+        raise MissingInput(f"no {kind} file {path}")
     module_spec = importlib.util.spec_from_file_location(
         f"her2jax_{kind}_{os.path.basename(path).removesuffix('.py')}", path)
     module = importlib.util.module_from_spec(module_spec)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.common import apply_runlocal, base_config, parse_arg
+from her2jax.errors import InvalidSetting
 
 DUAL = {"attention": "dual", "placement": "last", "head": "single", "dropout": 0.5}
 VARIANTS = {
@@ -29,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, flags = parse_arg(arg)
     variant = variant or "resnet18"
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+        raise InvalidSetting(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     config = base_config()
     name, kwargs = VARIANTS[variant]
     config.model.name = name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.common import apply_runlocal, base_config, parse_arg
+from her2jax.errors import InvalidSetting
 
 VARIANTS = {"tiny16": "vit_tiny_patch16", "small16": "vit_small_patch16",
             "base16": "vit_base_patch16", "small32": "vit_small_patch32",
@@ -19,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, flags = parse_arg(arg)
     variant = variant or "small16"
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+        raise InvalidSetting(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     config = base_config()
     config.model.name = VARIANTS[variant]
     # image_size is set from the dataset at run time (position embeddings follow it)

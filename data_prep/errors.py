@@ -1,8 +1,10 @@
 """The one error type that bad input raises, so every message names patient, file and problem."""
 from __future__ import annotations
 
+from her2jax.errors import BadInput
 
-class BadCaseError(Exception):
+
+class BadCaseError(BadInput):
     """A patient's data cannot be prepared.
 
     The message always reads `patient <id>: <file>: <reason>`, one line, so that a user can go

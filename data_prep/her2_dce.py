@@ -30,6 +30,7 @@ from data_prep import normalization, pipeline, report, splits
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
 from data_prep.sources import Case, list_cases
+from her2jax.errors import BadInput, InvalidSetting, MissingInput
 
 LABEL_NAMES = ("HER2-", "HER2+")
 QC_SAMPLES_PER_CLASS = 6
@@ -125,7 +126,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         self.notes.extend(listing.notes)
         if not listing.cases:
             left_out = "; ".join(f"{n} {reason}" for reason, n in listing.excluded_counts().items())
-            raise ValueError(f"no patient to prepare in {source}"
+            raise BadInput(f"no patient to prepare in {source}"
                              + (f" (excluded: {left_out})" if left_out else ""))
         by_split = splits.assign(listing.cases, self.params)
         fitted = self._fit_normalization(by_split.get("train", []))
@@ -163,7 +164,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         strategy = normalization.get(self.params.normalization)
         if self.params.fit_from:
             if not strategy.needs_fit:
-                raise ValueError(f"--fit_from: normalization {strategy.name!r} learns nothing")
+                raise InvalidSetting(f"--fit_from: normalization {strategy.name!r} learns nothing")
             return fit_from_dataset(self.params.fit_from, strategy.name)
         if not strategy.needs_fit:
             return None
@@ -173,7 +174,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
                          key=lambda item: item[0].patient_id)
         summaries = [summary for _, summary in results]
         if not summaries:
-            raise ValueError(f"normalization {strategy.name!r} is fitted on the training split, "
+            raise InvalidSetting(f"normalization {strategy.name!r} is fitted on the training split, "
                              f"but no training patient could be read")
         return strategy.fit(summaries)
 
@@ -259,12 +260,12 @@ def fit_from_dataset(dataset_dir: str, strategy: str) -> dict:
     set, which must be normalised exactly like the data the model was trained on)."""
     path = os.path.join(dataset_dir, "metadata.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--fit_from {dataset_dir}: no prepared dataset there ({path})")
+        raise MissingInput(f"--fit_from {dataset_dir}: no prepared dataset there ({path})")
     with open(path) as handle:
         metadata = json.load(handle)
     used = metadata["preparation"]["normalization"]
     if used != strategy or not metadata.get("normalization_fit"):
-        raise ValueError(f"--fit_from {dataset_dir}: prepared with normalization {used!r}, "
+        raise BadInput(f"--fit_from {dataset_dir}: prepared with normalization {used!r}, "
                          f"not {strategy!r}, or holds no fitted parameters")
     return metadata["normalization_fit"]
 

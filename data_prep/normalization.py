@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from her2jax.errors import BadInput, InvalidSetting
+
 Params = Mapping[str, Any] | None
 
 N_PHASES = 3
@@ -197,7 +199,7 @@ def nyul_fit(summaries: Sequence[Any]) -> dict:
     Returns `{"percentiles": [...11], "standard_landmarks": [[...11] x3]}` (plain floats).
     """
     if len(summaries) == 0:
-        raise ValueError("nyul fit needs the summaries of at least one training case")
+        raise BadInput("nyul fit needs the summaries of at least one training case")
     landmarks = np.stack([_check_summary(s, i) for i, s in enumerate(summaries)])
     low, high = landmarks[..., :1], landmarks[..., -1:]
     usable = (high > low)[..., 0]
@@ -207,26 +209,26 @@ def nyul_fit(summaries: Sequence[Any]) -> dict:
     standard = []
     for c in range(N_PHASES):
         if not usable[:, c].any():
-            raise ValueError(f"nyul fit: phase {c} has p99 <= p1 in every training case")
+            raise BadInput(f"nyul fit: phase {c} has p99 <= p1 in every training case")
         standard.append(mapped[usable[:, c], c].mean(axis=0).tolist())
     return {"percentiles": [float(p) for p in NYUL_PERCENTILES], "standard_landmarks": standard}
 
 
 def _nyul_params(params: Params) -> tuple[np.ndarray, np.ndarray]:
     if params is None:
-        raise ValueError("strategy 'nyul' needs params fitted on the training split (got None)")
+        raise BadInput("strategy 'nyul' needs params fitted on the training split (got None)")
     try:
         percentiles = np.asarray(params["percentiles"], dtype=np.float64)
         standard = np.asarray(params["standard_landmarks"], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError("nyul params must hold 'percentiles' and 'standard_landmarks' "
+        raise BadInput("nyul params must hold 'percentiles' and 'standard_landmarks' "
                          f"({type(error).__name__}: {error})") from None
     n = percentiles.shape[0] if percentiles.ndim == 1 else 0
     if n < 2 or standard.shape != (N_PHASES, n):
-        raise ValueError(f"nyul params: expected {n} >= 2 percentiles and standard landmarks of "
+        raise BadInput(f"nyul params: expected {n} >= 2 percentiles and standard landmarks of "
                          f"shape (3, {n}), got {standard.shape}")
     if np.any(np.diff(percentiles) <= 0) or percentiles[0] < 0 or percentiles[-1] > 100:
-        raise ValueError("nyul params: percentiles must increase strictly within [0, 100]")
+        raise BadInput("nyul params: percentiles must increase strictly within [0, 100]")
     return percentiles, standard
 
 
@@ -276,7 +278,7 @@ def nyul_apply_summarized(voxels: np.ndarray, summary: Any, params: Params) -> n
     case) instead of its volume: the same numbers, voxel for voxel, as `nyul` on the whole case."""
     percentiles, standard = _nyul_params(params)
     if percentiles.shape != (len(NYUL_PERCENTILES),) or np.any(percentiles != NYUL_PERCENTILES):
-        raise ValueError(f"nyul params were fitted at percentiles {percentiles.tolist()}, the "
+        raise BadInput(f"nyul params were fitted at percentiles {percentiles.tolist()}, the "
                          f"case summary holds {list(NYUL_PERCENTILES)}")
     landmarks = _check_summary(summary, 0)
     if voxels.shape[:1] != (N_PHASES,):
@@ -330,7 +332,7 @@ def get(name: str) -> Strategy:
     try:
         return STRATEGIES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown normalisation strategy {name!r}; valid names: "
+        raise InvalidSetting(f"unknown normalisation strategy {name!r}; valid names: "
                          f"{', '.join(names())}") from None
 
 

@@ -11,6 +11,8 @@ import json
 import re
 from typing import Any
 
+from her2jax.errors import InvalidSetting
+
 SPLITS = ("train", "validation", "test", "external")
 # The settings that change what a model sees. A run's training data and any dataset it is
 # evaluated on must agree on these (`evaluate.check_preparation`, `prepare --like`); the split
@@ -56,25 +58,25 @@ class PrepParams:
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
+            raise InvalidSetting(f"image_size must be at least 8 pixels, got {self.image_size}")
         if self.slices_per_patient < 0:
-            raise ValueError(f"slices_per_patient must be >= 0, got {self.slices_per_patient}")
+            raise InvalidSetting(f"slices_per_patient must be >= 0, got {self.slices_per_patient}")
         if self.crop_margin < 0:
-            raise ValueError(f"crop_margin must be >= 0, got {self.crop_margin}")
+            raise InvalidSetting(f"crop_margin must be >= 0, got {self.crop_margin}")
         if self.n4_shrink < 1 or not self.n4_iterations or min(self.n4_iterations) < 1:
-            raise ValueError("n4_shrink and every n4_iterations entry must be >= 1")
+            raise InvalidSetting("n4_shrink and every n4_iterations entry must be >= 1")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 \
                 or min(self.split_fractions) < 0:
-            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, "
+            raise InvalidSetting(f"split_fractions must be 3 non-negative numbers summing to 1, "
                              f"got {self.split_fractions}")
         if self.phases is not None and (len(self.phases) != 3 or min(self.phases) < 0):
-            raise ValueError(f"phases must be three non-negative indices, got {self.phases}")
+            raise InvalidSetting(f"phases must be three non-negative indices, got {self.phases}")
         if self.cohorts is not None:
             if not self.cohorts or any(not re.fullmatch(r"[A-Za-z0-9_]+", c) for c in self.cohorts):
-                raise ValueError(f"cohorts must be names of letters, digits and _, got "
+                raise InvalidSetting(f"cohorts must be names of letters, digits and _, got "
                                  f"{self.cohorts}")
             if list(self.cohorts) != sorted(set(self.cohorts)):
-                raise ValueError(f"cohorts must be sorted and distinct, got {self.cohorts}")
+                raise InvalidSetting(f"cohorts must be sorted and distinct, got {self.cohorts}")
 
     @classmethod
     def from_dict(cls, record: dict[str, Any], **overrides: Any) -> "PrepParams":

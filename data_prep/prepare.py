@@ -19,6 +19,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from data_prep import normalization  # noqa: E402
 from data_prep.errors import BadCaseError  # noqa: E402
 from data_prep.params import IMAGE_PARAMETERS, PrepParams  # noqa: E402
+from her2jax.errors import BadInput, InvalidSetting, MissingInput, UserError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.like:
         try:
             apply_like(args, defaults)
-        except (FileNotFoundError, ValueError) as error:
+        except (UserError, OSError) as error:
             parser.error(str(error))
     return args
 
@@ -80,7 +81,7 @@ def apply_like(args: argparse.Namespace, defaults: PrepParams) -> None:
 
     run = RunFolder(args.like)
     if not run.preparation_file.exists():
-        raise FileNotFoundError(f"--like {args.like}: not a run folder (no {PREPARATION_FILE})")
+        raise MissingInput(f"--like {args.like}: not a run folder (no {PREPARATION_FILE})")
     recorded = run.preparation()
     for key in IMAGE_PARAMETERS:
         value = recorded.get(key)
@@ -89,7 +90,7 @@ def apply_like(args: argparse.Namespace, defaults: PrepParams) -> None:
         given = tuple(given) if isinstance(given, list) else given
         default = getattr(defaults, key)
         if given != default and given != value:
-            raise ValueError(f"--{key} {given!r} contradicts --like {args.like} ({value!r})")
+            raise InvalidSetting(f"--{key} {given!r} contradicts --like {args.like} ({value!r})")
         setattr(args, key, value)
     if normalization.get(args.normalization).needs_fit and not args.fit_from:
         args.fit_from = run.config_dict()["data_dir"]
@@ -121,14 +122,14 @@ def build(args: argparse.Namespace):
 
         unknown = sorted(set(args.cohorts) - set(breastdcedl.COHORTS))
         if unknown:
-            raise ValueError(f"--cohorts {','.join(args.cohorts)}: {', '.join(unknown)} is not a "
+            raise InvalidSetting(f"--cohorts {','.join(args.cohorts)}: {', '.join(unknown)} is not a "
                              f"BreastDCEDL cohort ({', '.join(breastdcedl.COHORTS)})")
     if "://" in args.data_dir:
-        raise ValueError(f"--data_dir {args.data_dir}: preparation writes local files (TFRecords, "
+        raise InvalidSetting(f"--data_dir {args.data_dir}: preparation writes local files (TFRecords, "
                          f"report, QC montage); prepare into a local folder, then copy it (e.g. "
                          f"gcloud storage rsync -r DIR {args.data_dir})")
     if args.external and normalization.get(args.normalization).needs_fit and not args.fit_from:
-        raise ValueError(
+        raise InvalidSetting(
             f"--external {args.external}: normalization {args.normalization!r} is fitted on the "
             f"training split and an external set has none; add --fit_from <the prepared training "
             f"dataset> (or --like RUN, which sets it)")
@@ -173,7 +174,7 @@ def _check_same_source(dataset: str, source: str) -> None:
     with open(path) as handle:
         used = (json.load(handle).get("source") or {}).get("path")
     if used and os.path.normpath(used) != os.path.normpath(source):
-        raise ValueError(f"{dataset} holds a dataset prepared with these settings from {used}, "
+        raise BadInput(f"{dataset} holds a dataset prepared with these settings from {used}, "
                          f"not from {source}: use another --data_dir, or --overwrite to "
                          f"replace it")
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         builder = build(args)
-    except (BadCaseError, FileNotFoundError, ValueError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         if isinstance(error, BadCaseError):
             print("(use --skip_bad to record such cases and go on)", file=sys.stderr)

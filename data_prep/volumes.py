@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from data_prep.errors import BadCaseError
+from her2jax.errors import BadInput
 
 
 @dataclasses.dataclass
@@ -85,9 +86,9 @@ def _read_dicom_series(patient_id: str, folder: str, stored_zyx: bool = False) -
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(folder)
         if not series:
-            raise ValueError("no DICOM series in folder")
+            raise BadInput("no DICOM series in folder")
         if len(series) > 1:
-            raise ValueError(f"{len(series)} DICOM series in one folder; expected one per phase")
+            raise BadInput(f"{len(series)} DICOM series in one folder; expected one per phase")
         reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder, series[0]))
         image = reader.Execute()
     except Exception as error:  # ITK's multi-line traces, reduced to one line with the folder

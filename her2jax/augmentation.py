@@ -31,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from her2jax.errors import InvalidSetting
+
 DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
 DEFAULT_AUGMENT = {"random_resized_crop": {"scale": (0.7, 1.0), "ratio": DEFAULT_CROP_RATIO},
                    "flip": 0.5, "rotate_degrees": 10.0, "intensity_jitter": 0.1}
@@ -54,12 +56,12 @@ class Augment:
         options = dict(options or {})
         unknown = set(options) - set(DEFAULT_AUGMENT)
         if unknown:
-            raise ValueError(f"unknown augmentation option(s) {sorted(unknown)}; "
+            raise InvalidSetting(f"unknown augmentation option(s) {sorted(unknown)}; "
                              f"known: {sorted(DEFAULT_AUGMENT)}")
         crop = options.get("random_resized_crop")
         crop = dict(crop) if crop else {}
         if set(crop) - {"scale", "ratio"}:
-            raise ValueError(f"random_resized_crop takes scale and ratio, got {sorted(crop)}")
+            raise InvalidSetting(f"random_resized_crop takes scale and ratio, got {sorted(crop)}")
         augment = cls(
             crop_scale=_pair(crop["scale"]) if crop else None,
             crop_ratio=_pair(crop.get("ratio", DEFAULT_CROP_RATIO)),
@@ -72,15 +74,15 @@ class Augment:
     def check(self) -> None:
         """Raises ValueError on an option outside its range."""
         if self.crop_scale and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop scale {self.crop_scale}: need 0 < low <= high <= 1")
+            raise InvalidSetting(f"crop scale {self.crop_scale}: need 0 < low <= high <= 1")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"crop ratio {self.crop_ratio}: need 0 < low <= high")
+            raise InvalidSetting(f"crop ratio {self.crop_ratio}: need 0 < low <= high")
         if not 0 <= self.flip <= 1:
-            raise ValueError(f"flip {self.flip} is a probability")
+            raise InvalidSetting(f"flip {self.flip} is a probability")
         if not 0 <= self.rotate_degrees <= 180:
-            raise ValueError(f"rotate_degrees {self.rotate_degrees}: need 0..180")
+            raise InvalidSetting(f"rotate_degrees {self.rotate_degrees}: need 0..180")
         if not 0 <= self.intensity_jitter < 1:
-            raise ValueError(f"intensity_jitter {self.intensity_jitter}: need 0 <= j < 1")
+            raise InvalidSetting(f"intensity_jitter {self.intensity_jitter}: need 0 <= j < 1")
 
     @property
     def active(self) -> bool:
@@ -95,7 +97,7 @@ def _pair(values: Any) -> tuple[float, float]:
 def check_augment_on(value: str) -> None:
     """Raises ValueError unless `value` is one of AUGMENT_ON."""
     if value not in AUGMENT_ON:
-        raise ValueError(f"input.augment_on {value!r}: one of {AUGMENT_ON}")
+        raise InvalidSetting(f"input.augment_on {value!r}: one of {AUGMENT_ON}")
 
 
 # ---------------------------------------------------------------- on the device

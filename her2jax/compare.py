@@ -22,6 +22,7 @@ from etils import epath
 
 from her2jax import stats
 from her2jax.run_folder import RunFolder
+from her2jax.errors import BadInput, MissingInput, UserError
 
 
 def read_predictions(workdir: str, split: str, *, evaluate_missing: bool = True,
@@ -30,7 +31,7 @@ def read_predictions(workdir: str, split: str, *, evaluate_missing: bool = True,
     path = RunFolder(workdir).predictions(split)
     if not path.exists():
         if not evaluate_missing:
-            raise FileNotFoundError(f"{path} is missing; run python -m her2jax.evaluate "
+            raise MissingInput(f"{path} is missing; run python -m her2jax.evaluate "
                                     f"--workdir {workdir} --split {split}")
         from her2jax import evaluate
 
@@ -45,14 +46,14 @@ def compare(a: dict[str, tuple[int, float]], b: dict[str, tuple[int, float]], *,
     """Paired DeLong test on the patients both prediction tables share (they must be the same)."""
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if only_a or only_b:
-        raise ValueError(
+        raise BadInput(
             f"the runs were evaluated on different patients ({len(only_a)} only in {names[0]}: "
             f"{only_a[:5]}; {len(only_b)} only in {names[1]}: {only_b[:5]}); evaluate both on "
             f"the same split of the same dataset")
     patients = sorted(a)
     disagree = [p for p in patients if a[p][0] != b[p][0]]
     if disagree:
-        raise ValueError(f"the runs disagree on the labels of {disagree[:5]}: not the same data")
+        raise BadInput(f"the runs disagree on the labels of {disagree[:5]}: not the same data")
     labels = np.array([a[p][0] for p in patients])
     result = stats.delong_paired_test(labels, np.array([a[p][1] for p in patients]),
                                       np.array([b[p][1] for p in patients]), level=level)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         a = read_predictions(args.run_a, args.split, evaluate_missing=not args.no_evaluate)
         b = read_predictions(args.run_b, args.split, evaluate_missing=not args.no_evaluate)
         result = compare(a, b, level=args.level, names=(args.run_a, args.run_b))
-    except (FileNotFoundError, ValueError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     out = epath.Path(args.out) if args.out else (

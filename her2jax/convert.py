@@ -14,6 +14,7 @@ import re
 import sys
 
 from her2jax import weights
+from her2jax.errors import InvalidSetting, UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +44,7 @@ def registry_name(arch: str) -> tuple[str, dict]:
     match = re.fullmatch(r"(.+)_(\d+)", arch)
     if match and match.group(1) in models.names():
         return match.group(1), {"image_size": int(match.group(2))}
-    raise ValueError(f"unknown architecture {arch!r}; registered: {', '.join(models.names())}")
+    raise InvalidSetting(f"unknown architecture {arch!r}; registered: {', '.join(models.names())}")
 
 
 def head_classes(arrays: dict) -> int:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         model = models.create(name, num_classes=head_classes(converted), rngs=nnx.Rngs(0),
                               **extra)
         report = weights.load_pretrained(model, converted)
-    except (FileNotFoundError, ValueError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(report.summary())

@@ -26,6 +26,7 @@ from etils import epath
 
 from her2jax.evaluate import format_number
 from her2jax.run_folder import RunFolder
+from her2jax.errors import InvalidSetting, ToolFailed, UserError
 
 NORMALIZATIONS = ("per_channel_clip_q98", "global_minmax")
 MODELS = {  # name in the table: (config file, variant)
@@ -67,7 +68,7 @@ def make_cohort(out: epath.Path, args: argparse.Namespace, record: dict[str, Any
         code = synthetic.main(["--out", str(folder), "--patients", str(args.patients),
                                "--size", str(args.volume_size), "--seed", str(args.seed)])
     if code:
-        raise RuntimeError("the synthetic cohort could not be written")
+        raise ToolFailed("the synthetic cohort could not be written")
     stamp.write_text(json.dumps(wanted))
     return str(folder)
 
@@ -90,7 +91,7 @@ def prepare(cohort: str, out: epath.Path, normalization: str, args: argparse.Nam
                                  str(args.image_size), "--workers", str(args.workers),
                                  *(["--quiet"] if args.quiet else [])])
     if code:
-        raise RuntimeError(f"preparation with {normalization} failed (see above)")
+        raise ToolFailed(f"preparation with {normalization} failed (see above)")
     return printed.getvalue().strip().splitlines()[-1]
 
 
@@ -124,10 +125,10 @@ def train_run(config: Any, workdir: epath.Path, record: dict[str, Any]) -> None:
 
     try:
         train.check_relaunch(RunFolder(workdir), config)
-    except ValueError as error:
-        raise ValueError(f"{workdir} was trained by an earlier demo with other settings "
-                         f"({str(error).split(' (', 1)[1].split('); ')[0]}): use another --out, "
-                         f"or delete {workdir} to train it again") from None
+    except train.ConfigChanged as error:
+        raise InvalidSetting(f"{workdir} was trained by an earlier demo with other settings "
+                             f"({'; '.join(error.changes)}): use another --out, or delete "
+                             f"{workdir} to train it again") from None
     if finished(workdir, config.total_steps):
         record["cached"] = True
         return
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         table = run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"\n{table}\n")

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from her2jax.errors import InvalidSetting, ToolFailed
+
 MODES = ("auto", "on", "off")
 
 
@@ -46,11 +48,11 @@ def initialize(mode: str = "auto", *, coordinator_address: str | None = None,
     import jax
 
     if mode not in MODES:
-        raise ValueError(f"multihost mode {mode!r}; choose from {MODES}")
+        raise InvalidSetting(f"multihost mode {mode!r}; choose from {MODES}")
     env = os.environ if environ is None else environ
     explicit = [coordinator_address, num_processes, process_id]
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
-        raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+        raise InvalidSetting("--coordinator_address, --num_processes and --process_id go together")
     if all(v is not None for v in explicit):
         kind = "explicit"
     elif mode == "off":
@@ -71,7 +73,7 @@ def initialize(mode: str = "auto", *, coordinator_address: str | None = None,
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
     except (ValueError, RuntimeError) as error:
-        raise RuntimeError(
+        raise ToolFailed(
             f"could not start the multi-process runtime ({kind or 'nothing detected'}): {error}. "
             f"Give --coordinator_address HOST:PORT --num_processes N --process_id I, or "
             f"--multihost=off for one process") from None
@@ -159,4 +161,4 @@ def _int(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"expected an integer in the environment, got {text!r}") from None
+        raise InvalidSetting(f"expected an integer in the environment, got {text!r}") from None

@@ -34,10 +34,11 @@ from etils import epath
 
 from data_prep.params import IMAGE_PARAMETERS
 from her2jax import metrics, stats
+from her2jax.errors import BadInput, UserError
 from her2jax.run_folder import RunFolder
 
 
-class PreparationMismatch(ValueError):
+class PreparationMismatch(BadInput):
     """The evaluated data was not prepared like the run's training data."""
 
 
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                               aggregation=args.aggregation, samples=args.bootstrap,
                               seed=args.seed, batch_size=args.batch_size,
                               progress=not args.quiet)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     patient = result["patient"]

@@ -28,6 +28,7 @@ from etils import epath
 from her2jax import explain_maps
 from her2jax.models.resnet import ResNet
 from her2jax.models.vit import VisionTransformer
+from her2jax.errors import InvalidSetting, UserError
 
 
 def heat_maps(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -46,7 +47,7 @@ def heat_maps(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
         return maps
     if isinstance(model, VisionTransformer):
         return {"attention rollout": explain_maps.attention_rollout(model, images)}
-    raise TypeError(f"no explanation for {type(model).__name__}")
+    raise InvalidSetting(f"no explanation for {type(model).__name__}")
 
 
 def finer_layer(image_size: int) -> int | None:
@@ -111,7 +112,7 @@ def explain_run(workdir: str, *, split: str = "test", patients: int = 4,
     if patient_ids:
         missing = sorted(set(patient_ids) - set(examples["patient_id"]))
         if missing:
-            raise ValueError(f"not in {split}: {missing}")
+            raise InvalidSetting(f"not in {split}: {missing}")
         chosen = list(patient_ids)
     else:
         chosen = choose_patients(examples["patient_id"], examples["label"], patients)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                               patient_ids=args.patient_ids.split(",") if args.patient_ids
                               else None, checkpoint=args.checkpoint, data_dir=args.data_dir,
                               out=args.out)
-    except (FileNotFoundError, ValueError, TypeError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     ratios = summary["mean_concentration_ratio"]

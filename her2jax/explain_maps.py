@@ -74,6 +74,7 @@ from her2jax.models.attention import SpatialAttention
 from her2jax.models.resnet import ResNet
 from her2jax.models.vit import VisionTransformer
 from her2jax.steps import normalize_images
+from her2jax.errors import InvalidSetting
 
 HEAD_FUSIONS = ("mean", "max", "min")
 COLORMAPS = ("jet", "inferno")
@@ -164,20 +165,20 @@ def _cam_target(model: ResNet, stages: list[jax.Array], head: int | None,
     the rest of the model's own forward (`ResNet.features(a, start=k)`, `ResNet.logits`)."""
     if model.head == "single":
         if head is not None:
-            raise ValueError(f"head={head} asks for one of the triple head's heads, but the "
+            raise InvalidSetting(f"head={head} asks for one of the triple head's heads, but the "
                              "model has a single head")
         if layer is not None and layer not in (1, 2, 3, 4):
-            raise ValueError(f"layer must be 1, 2, 3 or 4, got {layer}")
+            raise InvalidSetting(f"layer must be 1, 2, 3 or 4, got {layer}")
         start = 4 if layer is None else layer
         return stages[start - 1], lambda a: model.logits([a, *model.features(a, start=start)])
     if layer is not None:
-        raise ValueError("layer= applies to single-head ResNets; a triple head's maps come "
+        raise InvalidSetting("layer= applies to single-head ResNets; a triple head's maps come "
                          "from each head's own stage (head=)")
     if head is None:
         fixed = [jax.lax.stop_gradient(stage) for stage in stages[:-1]]
         return stages[-1], lambda a: model.logits([*fixed, a])
     if not 0 <= head < len(model.heads):
-        raise ValueError(f"head must be None or 0..{len(model.heads) - 1}, got {head}")
+        raise InvalidSetting(f"head must be None or 0..{len(model.heads) - 1}, got {head}")
     return stages[1:][head], model.heads[head]
 
 
@@ -313,9 +314,9 @@ def attention_rollout(model: VisionTransformer, images: np.ndarray, discard_rati
         raise TypeError(f"attention rollout needs a VisionTransformer, got "
                         f"{type(model).__name__}")
     if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+        raise InvalidSetting(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        raise InvalidSetting(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     graphdef, state = _split(model, record=True)
     return np.asarray(_rollout_jit(graphdef, state, _images(images), float(discard_ratio),
                                    head_fusion))

@@ -36,6 +36,8 @@ from her2jax.input.records import (MissingSplit, class_counts, open_dataset,
 import tensorflow as tf  # noqa: E402  (after her2jax.input, which keeps it off the GPU)
 import tensorflow_datasets as tfds  # noqa: E402
 
+from her2jax.errors import InvalidSetting  # noqa: E402
+
 __all__ = ["DEFAULT_AUGMENT", "MissingSplit", "class_counts", "eval_batches", "open_dataset",
            "preparation_metadata", "read_examples", "require_split", "to_global",
            "train_iterator"]
@@ -177,7 +179,7 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+        raise InvalidSetting(f"global_batch_size {global_batch_size} must be a positive multiple of "
                          f"the process count {process_count}")
     return global_batch_size // process_count
 

@@ -76,6 +76,7 @@ def main(argv: list[str]) -> None:
     from absl import logging
 
     from her2jax import distributed, train
+    from her2jax.errors import UserError
 
     logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
     config = FLAGS.config
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> None:
     try:
         distributed.initialize(FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    except (ValueError, RuntimeError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     try:
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> None:
     except train.StopRequested as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)     # not 0: a sweep must not take a stopped run for finished
-    except (FloatingPointError, ValueError, FileNotFoundError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from her2jax import metrics
+from her2jax.errors import BadInput, InvalidSetting, UserError
 
 
 def preparation_params(preparation: dict[str, Any]):
@@ -85,12 +86,12 @@ def choose_layout(restored: Any, pre: str, layout: str | None) -> tuple[str, str
     Refuses, in one line, a file whose orientation nothing decides, and a BreastDCEDL file that
     would be read with its placeholder header."""
     if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
+        raise InvalidSetting(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
     chosen, origin = (layout, "flag") if layout else (run_layout(restored), "run")
     placeholder = identity_affine(pre)
     if chosen is None:
         if placeholder:
-            raise ValueError(
+            raise InvalidSetting(
                 f"{pre}: orientation is ambiguous: an identity affine (no orientation, 1 mm "
                 f"voxels) and no record of how run {restored.workdir}'s training data was read "
                 f"({restored.config.data_dir}/metadata.json unreadable): pass --layout "
@@ -100,7 +101,7 @@ def choose_layout(restored: Any, pre: str, layout: str | None) -> tuple[str, str
     if chosen == "standard" and placeholder and breastdcedl_patient(pre):
         why = ("--layout standard" if origin == "flag" else
                "the run was trained on files with their own geometry")
-        raise ValueError(
+        raise InvalidSetting(
             f"{pre}: a BreastDCEDL file (its name and identity affine) would be read with its "
             f"placeholder header ({why}), i.e. slices along the wrong axis: pass --layout "
             f"breastdcedl")
@@ -117,14 +118,14 @@ def prepare_study(restored: Any, *, pre: str, early: str, late: str, mask: str |
     from her2jax import input_pipeline
 
     if (mask is None) == (box is None):
-        raise ValueError("give the tumour as --mask FILE or --box z0,z1,y0,y1,x0,x1 (one of them)")
+        raise InvalidSetting("give the tumour as --mask FILE or --box z0,z1,y0,y1,x0,x1 (one of them)")
     params = preparation_params(restored.preparation)
     fitted = None
     if normalization.get(params.normalization).needs_fit:
         data_dir = restored.config.data_dir
         fitted = input_pipeline.preparation_metadata(data_dir).get("normalization_fit")
         if fitted is None:
-            raise ValueError(f"{params.normalization} needs the parameters fitted on the training "
+            raise BadInput(f"{params.normalization} needs the parameters fitted on the training "
                              f"data, and {data_dir}/metadata.json has none")
     case = Case(patient_id=patient_id, label=0, cohort="predict", phases=(pre, early, late),
                 mask=mask, box=tuple(box) if box else None,
@@ -147,7 +148,7 @@ def predict(workdir: str, *, pre: str, early: str, late: str, mask: str | None =
         prepared = prepare_study(restored, pre=pre, early=early, late=late, mask=mask, box=box,
                                  layout=layout, spacing=spacing, patient_id=patient_id)
     except BadCaseError as error:
-        raise ValueError(str(error)) from None
+        raise BadInput(str(error)) from None
     images = np.stack([s.image for s in prepared.slices])
     probabilities = inference.Predictor.of(restored.model,
                                            dtype=restored.config.dtype).images(images)
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                          mask=args.mask, box=args.box, layout=args.layout, spacing=args.spacing,
                          patient_id=args.patient_id, checkpoint=args.checkpoint, out=args.out,
                          explain=args.explain)
-    except (FileNotFoundError, ValueError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     warning = layout_warning(args.pre, result["inputs"]["layout"])

@@ -24,6 +24,8 @@ from typing import Any
 
 from etils import epath
 
+from her2jax.errors import MissingInput
+
 CONFIG_FILE = "config.json"
 LAUNCHES_FILE = "launches.jsonl"
 PREPARATION_FILE = "preparation.json"
@@ -31,7 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = ("checkpoints", "best")
 
 
-class NotARunFolder(FileNotFoundError):
+class NotARunFolder(MissingInput):
     """A folder given as a run folder lacks what training writes."""
 
 
@@ -209,7 +211,7 @@ class RunFolder:
             else:
                 step = int(checkpoint) if int(checkpoint) in available else None
             if step is None:
-                raise FileNotFoundError(f"no checkpoint {checkpoint!r} in "
+                raise MissingInput(f"no checkpoint {checkpoint!r} in "
                                         f"{self.checkpoints(kind)} (steps there: "
                                         f"{available or 'none'})")
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

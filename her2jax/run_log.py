@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 
 from her2jax.run_folder import RunFolder
+from her2jax.errors import TrainingDiverged
 
 
 class RunLog:
@@ -93,7 +94,7 @@ class RunLog:
         losses = np.array([float(m["loss"]) for m in step_metrics])
         if not np.isfinite(losses).all():
             first = step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"loss is NaN/inf at step {first} (steps {step - len(losses) + 1}..{step}); "
                 f"lower the learning rate, check the data, or resume from the last checkpoint")
         now = time.perf_counter()

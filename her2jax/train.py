@@ -29,6 +29,7 @@ from her2jax.losses import class_weights_from_counts
 from her2jax.optim import learning_rate_schedule
 from her2jax.run_folder import RunFolder
 from her2jax.run_log import RunLog
+from her2jax.errors import BadInput, InvalidSetting, TrainingDiverged
 
 DTYPES = ("float32", "bfloat16")
 # Keys a relaunch in the same run folder may change: how long to train (extending a run; the
@@ -42,6 +43,17 @@ RELAUNCH_KEYS = frozenset({
 # Keys added after runs may have started, with the value that does what those runs did: absent
 # from a run's config.json and at this value, a key is no difference.
 ADDED_KEYS = {"input.augment_on": "host"}
+
+
+class ConfigChanged(InvalidSetting):
+    """A relaunch with a config that differs outside RELAUNCH_KEYS; `changes` lists each
+    refused difference as 'key old -> new'."""
+
+    def __init__(self, workdir: Any, changes: list[str], recorded: Any):
+        self.changes = changes
+        super().__init__(f"{workdir} was started with a different config ({'; '.join(changes)});"
+                         f" use another --workdir, or relaunch with the config recorded in "
+                         f"{recorded}")
 
 
 class StopRequested(Exception):
@@ -61,14 +73,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                "input.augment_on": AUGMENT_ON}
     for key, valid in choices.items():
         if flat[key] not in valid:
-            raise ValueError(f"config.{key} {flat[key]!r} is not one of: {', '.join(valid)}")
+            raise InvalidSetting(f"config.{key} {flat[key]!r} is not one of: {', '.join(valid)}")
     for key in ("batch_size", "total_steps", "log_every_steps", "eval.every_steps",
                 "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep",
                 "optimizer.accumulation_steps"):
         if flat[key] < 1:
-            raise ValueError(f"config.{key} must be at least 1, got {flat[key]}")
+            raise InvalidSetting(f"config.{key} must be at least 1, got {flat[key]}")
     if not 0 <= config.warmup_steps < config.total_steps:
-        raise ValueError(f"config.warmup_steps ({config.warmup_steps}) must be in "
+        raise InvalidSetting(f"config.warmup_steps ({config.warmup_steps}) must be in "
                          f"[0, total_steps ({config.total_steps}))")
 
 
@@ -100,9 +112,7 @@ def check_relaunch(run: RunFolder, config: ml_collections.ConfigDict
                if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
     refused = [k for k in changed if k not in RELAUNCH_KEYS]
     if refused:
-        raise ValueError(f"{run.path} was started with a different config ("
-                         f"{'; '.join(_change(k, *changed[k]) for k in refused)}); use another "
-                         f"--workdir, or relaunch with the config recorded in {path}")
+        raise ConfigChanged(run.path, [_change(k, *changed[k]) for k in refused], path)
     return {k: [None if v is _ABSENT else v for v in pair] for k, pair in changed.items()}
 
 
@@ -126,7 +136,7 @@ def check_dataset(run: RunFolder, metadata: dict[str, Any]) -> None:
         if recorded != preparation:
             changed = sorted(k for k in set(recorded) | set(preparation)
                              if recorded.get(k) != preparation.get(k))
-            raise ValueError(f"{run.path} was started on data prepared differently ({changed}); "
+            raise BadInput(f"{run.path} was started on data prepared differently ({changed}); "
                              f"use another --workdir or the original dataset")
 
     if jax.process_index() == 0:
@@ -148,7 +158,7 @@ def evaluate(predictor: inference.Predictor, config: ml_collections.ConfigDict, 
     NaN/inf outputs (diverged parameters, though the loss logged was finite) stop the run."""
     rows = predictor.split(config.data_dir, split, batch_size=config.eval.batch_size)
     if not np.isfinite(rows["probability"]).all():
-        raise FloatingPointError(
+        raise TrainingDiverged(
             f"the model's outputs on {split} are NaN/inf"
             + (f" at step {step}" if step is not None else "")
             + ": its parameters diverged; lower the learning rate, check the data, or resume "
@@ -167,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = run.path
     mesh = steps.data_mesh()
     if config.batch_size % mesh.size:
-        raise ValueError(f"batch_size {config.batch_size} does not split over {mesh.size} devices")
+        raise InvalidSetting(f"batch_size {config.batch_size} does not split over {mesh.size} devices")
     metadata = input_pipeline.preparation_metadata(config.data_dir)
     builder = input_pipeline.open_dataset(config.data_dir)
     for key in ("train_split", "eval_split"):
@@ -208,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     latest, best = run.managers(config.checkpoint.keep)
     start_step = latest.latest_step() or 0
     if start_step > config.total_steps:
-        raise ValueError(f"{workdir} has a checkpoint at step {start_step}, past total_steps "
+        raise InvalidSetting(f"{workdir} has a checkpoint at step {start_step}, past total_steps "
                          f"{config.total_steps}; set --config.total_steps={start_step} or more")
     log = RunLog(workdir, config.total_steps, enabled=jax.process_index() == 0)
     log.write_config(config)

@@ -22,6 +22,8 @@ from typing import Mapping
 import numpy as np
 from etils import epath
 
+from her2jax.errors import BadInput, InvalidSetting, MissingInput
+
 FORMAT = "her2jax-pretrained/1"
 SOURCES = ("torchvision", "timm", "hf")
 
@@ -38,18 +40,18 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError:
-            raise ValueError(f"{path}: reading a PyTorch .pth/.pt/.bin file needs torch, which "
+            raise InvalidSetting(f"{path}: reading a PyTorch .pth/.pt/.bin file needs torch, which "
                              f"`make setup` leaves out: pip install torch (CPU is enough), or "
                              f"convert a .safetensors file") from None
         try:
             loaded = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle refusing code, truncated file, not a torch file
-            raise ValueError(f"{path}: not a plain PyTorch state dict ({error})") from None
+            raise BadInput(f"{path}: not a plain PyTorch state dict ({error})") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(loaded).__name__}")
+        raise BadInput(f"{path}: expected a state dict, found {type(loaded).__name__}")
     return {k: v.detach().float().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
 
 
@@ -104,7 +106,7 @@ def convert(source: str, state_dict: Mapping[str, np.ndarray]) -> dict[str, np.n
     if source in ("timm", "hf"):
         from her2jax.models.vit import from_timm
         return from_timm(hf_vit_to_timm(state_dict) if source == "hf" else state_dict)
-    raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    raise InvalidSetting(f"unknown source {source!r}; expected one of {SOURCES}")
 
 
 def save(arrays: Mapping[str, np.ndarray], path: str, **metadata: str) -> None:
@@ -125,7 +127,7 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             safe_open(local, framework="numpy") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a converted her2jax checkpoint (format "
+            raise BadInput(f"{path} is not a converted her2jax checkpoint (format "
                              f"{metadata.get('format')!r}); convert it with python -m her2jax.convert")
         return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
 
@@ -135,7 +137,7 @@ def _local_copy(path: str, what: str) -> Iterator[str]:
     """`path` itself when local, else a temporary local copy of the remote file."""
     source = epath.Path(path)
     if not source.is_file():
-        raise FileNotFoundError(f"no {what} at {path}")
+        raise MissingInput(f"no {what} at {path}")
     if "://" not in str(path):
         yield str(path)
         return

@@ -48,6 +48,7 @@ from etils import epath
 
 from her2jax.evaluate import format_number
 from her2jax.run_folder import RunFolder
+from her2jax.errors import BadInput, InvalidSetting, MissingInput, UserError
 
 VALIDATION_SPLIT = "validation"     # configs/common.py: config.eval_split
 SORT_KEYS = {"val": "val_auc_mean", "test": "test_auc_mean"}
@@ -69,7 +70,7 @@ def _read_json(path: epath.Path) -> Any:
     try:
         return json.loads(path.read_text())
     except ValueError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+        raise BadInput(f"{path}: not valid JSON ({error})") from None
 
 
 def validation_aucs(workdir: str | epath.Path, split: str = VALIDATION_SPLIT
@@ -196,7 +197,7 @@ def leaderboard(entries: Sequence[dict[str, Any]], results: dict[str, dict[str, 
     """One row per group with at least one finished run, sorted by `sort` ('val' or 'test')
     mean AUC, highest first, NaN last (ties keep the manifest order); row 0 is marked best."""
     if sort not in SORT_KEYS:
-        raise ValueError(f"sort by 'val' or 'test', not {sort!r}")
+        raise InvalidSetting(f"sort by 'val' or 'test', not {sort!r}")
     keys = setting_keys(entries)
     groups: dict[str, list[dict[str, Any]]] = {}
     for entry in entries:
@@ -413,11 +414,11 @@ def plot_leaderboard(rows: Sequence[dict[str, Any]], path: str | epath.Path,
 def read_manifest(sweep_dir: str | epath.Path) -> dict[str, Any]:
     path = epath.Path(sweep_dir) / "manifest.json"
     if not path.exists():
-        raise FileNotFoundError(f"no manifest.json in {sweep_dir} (launch the sweep with "
+        raise MissingInput(f"no manifest.json in {sweep_dir} (launch the sweep with "
                                 f"python -m launch.sweep first)")
     manifest = _read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list):
-        raise ValueError(f"{path}: no list of runs")  # noqa: TRY004 (main reports it)
+        raise BadInput(f"{path}: no list of runs")  # noqa: TRY004 (main reports it)
     return manifest
 
 
@@ -429,7 +430,7 @@ def collect(sweep_dir: str | epath.Path, out: str | epath.Path | None = None,
     "markdown"}. Raises FileNotFoundError without a manifest, ValueError without a finished run.
     `echo` prints the markdown and the missing runs."""
     if sort not in SORT_KEYS:
-        raise ValueError(f"sort by 'val' or 'test', not {sort!r}")
+        raise InvalidSetting(f"sort by 'val' or 'test', not {sort!r}")
     manifest = read_manifest(sweep_dir)
     entries = manifest["runs"]
     results: dict[str, dict[str, Any]] = {}
@@ -443,7 +444,7 @@ def collect(sweep_dir: str | epath.Path, out: str | epath.Path | None = None,
         else:
             results[entry["name"]] = result
     if not results:
-        raise ValueError(f"no finished run in {sweep_dir}: none of its {len(entries)} runs has "
+        raise BadInput(f"no finished run in {sweep_dir}: none of its {len(entries)} runs has "
                          f"eval/test/metrics.json")
     sweep = manifest.get("sweep") or epath.Path(sweep_dir).name
     keys = setting_keys(entries)
@@ -493,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         collect(args.sweep_dir, out=args.out, sort=args.sort, echo=True)
-    except (FileNotFoundError, ValueError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

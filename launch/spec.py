@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from data_prep.params import IMAGE_PARAMETERS
+from her2jax.errors import InvalidSetting
 
 MAX_NAME = 96
 
@@ -87,14 +88,14 @@ class Sweep:
         names = [run.name for run in self.runs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"sweep {self.name}: runs with the same definition {duplicates}")
+            raise InvalidSetting(f"sweep {self.name}: runs with the same definition {duplicates}")
         unknown = sorted({run.data for run in self.runs if run.data} - set(self.data))
         if unknown:
-            raise ValueError(f"sweep {self.name}: runs use undeclared data variants {unknown}")
+            raise InvalidSetting(f"sweep {self.name}: runs use undeclared data variants {unknown}")
         for variant, options in self.data.items():
             extra = set(options) - set(PREPARE_OPTIONS)
             if extra:
-                raise ValueError(f"sweep {self.name}: data variant {variant!r} has unknown "
+                raise InvalidSetting(f"sweep {self.name}: data variant {variant!r} has unknown "
                                  f"preparation options {sorted(extra)}")
 
 
@@ -109,7 +110,7 @@ def axis(key: str, values: Iterable[Any]) -> Axis:
     'optimizer.learning_rate' or 'model.kwargs.attention'."""
     values = list(values)
     if not values:
-        raise ValueError(f"axis {key!r} has no values")
+        raise InvalidSetting(f"axis {key!r} has no values")
     return [{key: value} for value in values]
 
 
@@ -127,7 +128,7 @@ def zip_axes(*axes: Axis) -> Axis:
     `product`, e.g. zip_axes(axis('config', configs), axis('optimizer.learning_rate', lrs))."""
     lengths = {len(a) for a in axes}
     if len(lengths) != 1:
-        raise ValueError(f"zip_axes needs axes of one length, got {sorted(lengths)}")
+        raise InvalidSetting(f"zip_axes needs axes of one length, got {sorted(lengths)}")
     return [_merge(points) for points in zip(*axes)]
 
 
@@ -142,7 +143,7 @@ def _merge(points: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     for point in points:
         clash = set(merged) & set(point)
         if clash:
-            raise ValueError(f"two axes set {sorted(clash)}")
+            raise InvalidSetting(f"two axes set {sorted(clash)}")
         merged.update(point)
     return merged
 
@@ -150,7 +151,7 @@ def _merge(points: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 def _run(point: Mapping[str, Any]) -> Run:
     point = dict(point)
     if "config" not in point:
-        raise ValueError(f"a run needs a 'config' (e.g. configs/resnet.py:resnet18): {point}")
+        raise InvalidSetting(f"a run needs a 'config' (e.g. configs/resnet.py:resnet18): {point}")
     config = point.pop("config")
     seed = int(point.pop("seed", 0))
     data = point.pop("data", None)

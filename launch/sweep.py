@@ -52,6 +52,7 @@ from etils import epath
 
 from her2jax.run_folder import RunFolder
 from launch.spec import Run, Sweep
+from her2jax.errors import InvalidSetting, ToolFailed, UserError
 
 BACKENDS = ("local", "slurm", "tpu")
 FINISHED, FAILED, PENDING, RUNNING, SKIPPED = "finished", "failed", "pending", "running", "skipped"
@@ -68,10 +69,10 @@ def load_sweep(spec: str) -> Sweep:
     path, _, arg = spec.partition(":")
     module = load_file(path, "sweep")
     if not hasattr(module, "get_sweep"):
-        raise ValueError(f"{path} has no get_sweep(arg)")
+        raise InvalidSetting(f"{path} has no get_sweep(arg)")
     sweep = module.get_sweep(arg or None)
     if not isinstance(sweep, Sweep):
-        raise ValueError(f"{path}: get_sweep must return launch.spec.Sweep")
+        raise InvalidSetting(f"{path}: get_sweep must return launch.spec.Sweep")
     return sweep
 
 
@@ -176,7 +177,7 @@ class Plan:
         for key in settings or {}:
             values = {repr(run.settings[key]) for run in sweep.runs if key in run.settings}
             if len(values) > 1:
-                raise ValueError(f"--set {key}: sweep {sweep.name} varies this key "
+                raise InvalidSetting(f"--set {key}: sweep {sweep.name} varies this key "
                                  f"({', '.join(sorted(values))}); setting it would make its runs "
                                  f"one and the same (narrow the sweep with --only instead)")
         runs = [with_settings(run, settings or {}) for run in sweep.runs]
@@ -186,7 +187,7 @@ class Plan:
         self.runs = runs
         variants = sorted({run.data for run in runs if run.data})
         if variants and not source:
-            raise ValueError(f"sweep {sweep.name} prepares data variants {variants}: give "
+            raise InvalidSetting(f"sweep {sweep.name} prepares data variants {variants}: give "
                              f"--source (the cohort to prepare)")
         self.datasets = {v: dataset_path(self.data_root, sweep.data[v]) for v in variants}
         self.extra_train = list(extra_train)
@@ -283,7 +284,7 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
         result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         if result.returncode:
-            raise RuntimeError(f"preparing data variant {variant} failed:\n"
+            raise ToolFailed(f"preparing data variant {variant} failed:\n"
                                f"{result.stderr[-3000:]}")
     parallel = max(1, min(parallel, len(devices)) if devices else parallel)
     running: list[tuple[subprocess.Popen, Run, Any, float]] = []
@@ -441,7 +442,7 @@ def _directive(option: str, value: Any) -> str:
     them so), one that cannot be written so is refused."""
     text = str(value)
     if any(c in text for c in '"\\\n'):
-        raise ValueError(f"--{option} {text!r}: SLURM directives cannot hold a double quote, a "
+        raise InvalidSetting(f"--{option} {text!r}: SLURM directives cannot hold a double quote, a "
                          f"backslash or a line break; choose another folder or name")
     if text != shlex.quote(text):
         text = f'"{text}"'
@@ -451,7 +452,7 @@ def _directive(option: str, value: Any) -> str:
 def array_spec(indices: Sequence[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (sbatch --array)."""
     if not indices:
-        raise ValueError("an array job needs at least one task")
+        raise InvalidSetting("an array job needs at least one task")
     parts, first, last = [], indices[0], indices[0]
     for index in list(indices[1:]) + [None]:
         if index is not None and index == last + 1:
@@ -520,10 +521,10 @@ def _sbatch(arguments: list[str]) -> str:
         result = subprocess.run(["sbatch", *arguments], check=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     except FileNotFoundError:
-        raise RuntimeError("sbatch not found: run this on the cluster's login node, or use "
+        raise ToolFailed("sbatch not found: run this on the cluster's login node, or use "
                            "--dry_run to print the scripts") from None
     except subprocess.CalledProcessError as error:
-        raise RuntimeError(f"sbatch failed: {error.stderr.strip()}") from None
+        raise ToolFailed(f"sbatch failed: {error.stderr.strip()}") from None
     return result.stdout.strip().split(";")[0]
 
 
@@ -665,7 +666,7 @@ def _wait_until_active(describe: str, poll_seconds: int = 30, limit_seconds: int
         if state == "ACTIVE":
             return
         if state in ("FAILED", "SUSPENDED") or waited >= limit_seconds:
-            raise RuntimeError(f"queued resource state {state or 'unknown'} after {waited} s")
+            raise ToolFailed(f"queued resource state {state or 'unknown'} after {waited} s")
         print(f"queued resource: {state}; waiting", file=sys.stderr, flush=True)
         time.sleep(poll_seconds)
         waited += poll_seconds
@@ -720,11 +721,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            raise InvalidSetting(f"--set {item!r}: expected KEY=VALUE")
         settings[key] = parse_value(value)
     sweep_dir = args.sweep_dir or f"sweeps/{sweep.name}"
     if args.backend == "tpu" and not sweep_dir.startswith("gs://"):
-        raise ValueError("the tpu backend keeps data and runs in a bucket: --sweep_dir "
+        raise InvalidSetting("the tpu backend keeps data and runs in a bucket: --sweep_dir "
                          "gs://BUCKET/sweeps/NAME")
     source = args.source
     if args.backend == "slurm":
@@ -745,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = build_plan(args)
         if not plan.runs:
-            raise ValueError(f"no run matches --only {args.only!r}")
+            raise InvalidSetting(f"no run matches --only {args.only!r}")
         problem = unknown_override(plan.runs)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
@@ -787,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(command for _, command in steps))
             else:
                 run_tpu(plan, steps, os.path.abspath(args.repo))
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as error:

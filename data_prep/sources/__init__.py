@@ -12,6 +12,7 @@ import os
 
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
+from her2jax.errors import InvalidSetting, MissingInput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,19 +101,19 @@ def locate(source: str) -> tuple[str, str | None]:
     from data_prep.sources import breastdcedl
 
     if "://" in source:
-        raise ValueError(f"--source {source}: preparation reads local files; copy the cohort "
+        raise InvalidSetting(f"--source {source}: preparation reads local files; copy the cohort "
                          f"here first (e.g. gcloud storage rsync -r {source} DIR)")
     path = os.path.abspath(source)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--source {source}: does not exist")
+        raise MissingInput(f"--source {source}: does not exist")
     if os.path.isfile(path):
         if not path.lower().endswith(".csv"):
-            raise ValueError(f"--source {source}: not a folder or a manifest CSV file")
+            raise InvalidSetting(f"--source {source}: not a folder or a manifest CSV file")
         return os.path.dirname(path), os.path.basename(path)
     if not os.path.isdir(path):
-        raise ValueError(f"--source {source}: not a folder or a manifest CSV file")
+        raise InvalidSetting(f"--source {source}: not a folder or a manifest CSV file")
     if not (os.path.isfile(os.path.join(path, "manifest.csv")) or breastdcedl.find_metadata(path)):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"--source {source}: holds no BreastDCEDL metadata CSV (columns "
             f"{sorted(breastdcedl.REQUIRED_COLUMNS)}) and no manifest.csv: see README, 'Sources'")
     return path, None
@@ -127,7 +128,7 @@ def list_cases(source: str, params: PrepParams) -> Listing:
     from data_prep.sources import breastdcedl, manifest
 
     if not os.path.exists(source):
-        raise FileNotFoundError(f"source {source} does not exist")
+        raise MissingInput(f"source {source} does not exist")
     if os.path.isfile(source):
         listing = manifest.list_cases(source, params)
     elif os.path.isfile(os.path.join(source, "manifest.csv")):

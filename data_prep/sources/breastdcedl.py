@@ -37,6 +37,7 @@ import re
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
 from data_prep.sources import Case, Listing, cohort_reason, parse_label, reject_duplicates
+from her2jax.errors import InvalidSetting, MissingInput
 
 NAMING = {
     "spy2": ("{pid}_spy2_vis1_dce_aqc_{t}.nii.gz", "{pid}_spy2_vis1_mask.nii.gz"),
@@ -101,7 +102,7 @@ def index_phases(files: dict[str, str]) -> dict[tuple[str, str], dict[int, str]]
 def list_cases(source: str, params: PrepParams) -> Listing:
     csv_paths = find_metadata(source)
     if not csv_paths:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"no BreastDCEDL metadata CSV (columns {sorted(REQUIRED_COLUMNS)}) in {source}, and no "
             f"manifest.csv: see README, 'Sources'")
     files = index_nifti(source)
@@ -110,7 +111,7 @@ def list_cases(source: str, params: PrepParams) -> Listing:
     listing = Listing(kind="breastdcedl", cases=[], release=kind, layout="breastdcedl")
     cohorts = params.cohorts or (MINCROP_COHORTS if kind == "mincrop" else None)
     if cohorts and not set(cohorts) <= set(COHORTS):
-        raise ValueError(f"--cohorts {','.join(cohorts)}: BreastDCEDL's cohorts are "
+        raise InvalidSetting(f"--cohorts {','.join(cohorts)}: BreastDCEDL's cohorts are "
                          f"{', '.join(COHORTS)}")
     unassigned = 0
     for csv_path in csv_paths:

@@ -16,6 +16,7 @@ import re
 from data_prep.errors import BadCaseError
 from data_prep.params import SPLITS, PrepParams
 from data_prep.sources import Case, Listing, parse_label, reject_duplicates
+from her2jax.errors import BadInput
 
 REQUIRED_COLUMNS = ("patient_id", "label", "pre", "early", "late")
 
@@ -28,7 +29,7 @@ def list_cases(path: str, params: PrepParams) -> Listing:
         columns = {c.strip() for c in reader.fieldnames or []}
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing or not ({"mask", "box"} & columns):
-            raise ValueError(f"{path}: manifest needs columns {list(REQUIRED_COLUMNS)} and `mask` or "
+            raise BadInput(f"{path}: manifest needs columns {list(REQUIRED_COLUMNS)} and `mask` or "
                              f"`box`; missing {missing or ['mask or box']}")
         for row in reader:
             row = {key.strip(): (value or "").strip() for key, value in row.items() if key}

@@ -25,6 +25,7 @@ from data_prep.synthetic.planted import (
     sample_planted_params,
     xy_spacing_mm,
 )
+from her2jax.errors import InvalidSetting
 
 METADATA_COLUMNS: tuple[str, ...] = (
     "pid", "pCR", "n_xy", "n_z", "n_times", "pre", "post_early", "post_late", "slice_thick",
@@ -139,7 +140,7 @@ def plan_cohort(patients: int, seed: int) -> list[PatientPlan]:
     the seed. Splits (0 train, 1 test, 2 validation) are 70/15/15 within each label.
     """
     if patients < 1:
-        raise ValueError(f"patients must be >= 1, got {patients}")
+        raise InvalidSetting(f"patients must be >= 1, got {patients}")
     rng = _cohort_rng(seed)
     n_pos = round(PREVALENCE * patients)
     labels = rng.permutation(np.r_[np.ones(n_pos, int), np.zeros(patients - n_pos, int)])
@@ -196,9 +197,9 @@ def _write_csv(path: pathlib.Path, rows: list[dict[str, object]], columns: Seque
 
 def _check_shape(size: int, slices: int) -> None:
     if size < MIN_SIZE:
-        raise ValueError(f"size must be >= {MIN_SIZE} pixels, got {size}")
+        raise InvalidSetting(f"size must be >= {MIN_SIZE} pixels, got {size}")
     if slices < MIN_SLICES:
-        raise ValueError(f"slices must be >= {MIN_SLICES}, got {slices}")
+        raise InvalidSetting(f"slices must be >= {MIN_SLICES}, got {slices}")
 
 
 def generate_cohort(out_dir: str | pathlib.Path, patients: int = 40, seed: int = 0,
@@ -209,9 +210,9 @@ def generate_cohort(out_dir: str | pathlib.Path, patients: int = 40, seed: int =
     docstring); existing files of the same names are overwritten.
     """
     if patients < 1:
-        raise ValueError(f"patients must be >= 1, got {patients}")
+        raise InvalidSetting(f"patients must be >= 1, got {patients}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise InvalidSetting(f"seed must be >= 0, got {seed}")
     _check_shape(size, slices)
     out = pathlib.Path(out_dir)
     (out / "dce").mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from her2jax.errors import InvalidSetting
+
 REFERENCE_MATRIX = 384
 
 EFFECT_SIZES: dict[str, float] = {"washin": 1.2, "washout": 1.2, "necrosis": 1.0}
@@ -194,9 +196,9 @@ def sample_planted_params(her2: int, site: str, rng: np.random.Generator) -> Pla
     (no image is rendered), so thousands of draws can check the planted effect.
     """
     if her2 not in (0, 1):
-        raise ValueError(f"her2 must be 0 or 1, got {her2!r}")
+        raise InvalidSetting(f"her2 must be 0 or 1, got {her2!r}")
     if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; expected one of {sorted(SITES)}")
+        raise InvalidSetting(f"unknown site {site!r}; expected one of {sorted(SITES)}")
     profile = SITES[site]
     gain = float(np.exp(rng.normal(0.0, 0.1)))
     tissue_level = profile.tissue_level * gain

@@ -17,6 +17,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
+from her2jax.errors import InvalidSetting
+
 INDEX_BATCH = 1024
 
 
@@ -35,7 +37,7 @@ def open_dataset(data_dir: str) -> tfds.core.DatasetBuilder:
     return tfds.builder_from_directory(str(data_dir))
 
 
-class MissingSplit(ValueError):
+class MissingSplit(InvalidSetting):
     """A split asked for is not in the prepared dataset."""
 
 

@@ -17,6 +17,8 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from her2jax.errors import BadInput, InvalidSetting
+
 BALANCE_MODES = ("none", "class", "patient")
 # purposes of the seeds derived from the user's seed
 SHUFFLE, ACCEPT, AUGMENT = 0, 1, 2
@@ -31,7 +33,7 @@ def derived_seed(seed: int, process_index: int, purpose: int) -> int:
 def check_balance(balance: str) -> None:
     """Raises ValueError unless `balance` is one of BALANCE_MODES."""
     if balance not in BALANCE_MODES:
-        raise ValueError(f"balance {balance!r}: one of {BALANCE_MODES}")
+        raise InvalidSetting(f"balance {balance!r}: one of {BALANCE_MODES}")
 
 
 def keep_probabilities(balance: str, labels: np.ndarray,
@@ -71,7 +73,7 @@ def resume_position(start_element: int, share_size: int, probabilities: np.ndarr
     sum_i [u(e, i) < p_i] examples, counted for blocks of epochs at a time (no image is read).
     """
     if share_size == 0:
-        raise ValueError("this process's share of the split is empty")
+        raise BadInput("this process's share of the split is empty")
     if probabilities is None:
         return divmod(start_element, share_size)
     probabilities = tf.constant(probabilities, tf.float64)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from her2jax import models
+from her2jax.errors import InvalidSetting
 
 
 def count_parameters(model: nnx.Module) -> int:
@@ -70,7 +71,7 @@ def table(names: list[str], image_size: int, batch: int, repeats: int, out=sys.s
         try:
             model = models.create(name, num_classes=2, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
                                   **kwargs)
-        except ValueError as error:      # e.g. an image smaller than the ViT's patch
+        except InvalidSetting as error:  # e.g. an image smaller than the ViT's patch
             print(f"| {name} | not at {image_size} px: {error} | | | |", file=out, flush=True)
             continue
         forward, state = forward_function(model)

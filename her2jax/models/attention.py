@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from her2jax.models.layers import conv_general_dilated
+from her2jax.errors import InvalidSetting
 
 KINDS = ("none", "channel", "spatial", "cbam", "dual", "danet")
 POOLS = ("avg", "avg+max")
@@ -46,7 +47,7 @@ class ChannelAttention(nnx.Module):
     def __init__(self, channels: int, *, reduction: int = 16, pool: str = "avg",
                  rngs: nnx.Rngs, dtype: jnp.dtype | None = None):
         if pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}; choose from {', '.join(POOLS)}")
+            raise InvalidSetting(f"unknown pool {pool!r}; choose from {', '.join(POOLS)}")
         hidden = max(channels // reduction, 1)
         self.pool = pool
         self.fc1 = nnx.Linear(channels, hidden, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -185,4 +186,4 @@ def make_attention(kind: str, channels: int, *, reduction: int = 16, rngs: nnx.R
                                   dtype=dtype)
     if kind == "danet":
         return DualSelfAttention(channels, rngs=rngs, dtype=dtype)
-    raise ValueError(f"unknown attention {kind!r}; choose from {', '.join(KINDS)}")
+    raise InvalidSetting(f"unknown attention {kind!r}; choose from {', '.join(KINDS)}")

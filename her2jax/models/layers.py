@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from her2jax.errors import InvalidSetting
+
 MODES = ("auto", "on", "off")
 ENVIRONMENT = "HER2JAX_REWRITES"
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -43,7 +45,7 @@ def rewrites_on() -> bool:
     """Whether HER2JAX_REWRITES asks for the CPU forms on the current default backend."""
     mode = os.environ.get(ENVIRONMENT, "auto").strip().lower() or "auto"
     if mode not in MODES:
-        raise ValueError(f"{ENVIRONMENT}={mode!r}: choose one of {', '.join(MODES)}")
+        raise InvalidSetting(f"{ENVIRONMENT}={mode!r}: choose one of {', '.join(MODES)}")
     if mode == "auto":
         return jax.default_backend() == "cpu"
     return mode == "on"
@@ -118,7 +120,7 @@ def _pool_geometry(x: jax.Array, window: int, stride: int, padding: int):
     out_h = (h + 2 * padding - window) // stride + 1
     out_w = (w + 2 * padding - window) // stride + 1
     if out_h < 1 or out_w < 1:
-        raise ValueError(f"max pool of window {window} does not fit a {h}x{w} input with "
+        raise InvalidSetting(f"max pool of window {window} does not fit a {h}x{w} input with "
                          f"padding {padding}")
     return out_h, out_w
 

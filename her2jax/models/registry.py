@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from her2jax.errors import InvalidSetting
+
 _MODELS: dict[str, Callable[..., nnx.Module]] = {}
 
 
@@ -25,7 +27,7 @@ def create(name: str, *, num_classes: int = 2, rngs: nnx.Rngs | None = None,
            **kwargs: Any) -> nnx.Module:
     """Builds a registered model; unknown names and keyword arguments fail with the valid ones."""
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(names())}")
+        raise InvalidSetting(f"unknown model {name!r}; registered: {', '.join(names())}")
     return _MODELS[name](num_classes=num_classes, rngs=rngs or nnx.Rngs(0), **kwargs)
 
 

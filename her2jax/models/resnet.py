@@ -35,6 +35,7 @@ from flax import nnx
 from her2jax.models.attention import KINDS, Identity, make_attention
 from her2jax.models.layers import conv_general_dilated, max_pool
 from her2jax.models.registry import register
+from her2jax.errors import InvalidSetting
 
 PLACEMENTS = ("last", "stages", "blocks")
 HEADS = ("single", "triple")
@@ -183,7 +184,7 @@ def make_layers(block: type[BasicBlock | Bottleneck], counts: tuple[int, ...], *
 
 def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+        raise InvalidSetting(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
 
 
 class ResNet(nnx.Module):
@@ -194,7 +195,7 @@ class ResNet(nnx.Module):
                  head_combine: str = "mean", dropout: float = 0.5,
                  dtype: jnp.dtype = jnp.float32):
         if depth not in ARCHITECTURES:
-            raise ValueError(f"unknown depth {depth}; choose from {sorted(ARCHITECTURES)}")
+            raise InvalidSetting(f"unknown depth {depth}; choose from {sorted(ARCHITECTURES)}")
         _check("attention", attention, KINDS)
         _check("placement", placement, PLACEMENTS)
         _check("head", head, HEADS)

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from her2jax.models.registry import register
+from her2jax.errors import BadInput, InvalidSetting
 
 DEPTH = 12
 MLP_RATIO = 4
@@ -213,7 +214,7 @@ class PatchEmbed(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         height, width = images.shape[1:3]
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"image {height}x{width} is not a whole number of "
+            raise InvalidSetting(f"image {height}x{width} is not a whole number of "
                              f"{self.patch_size}-pixel patches; crop or resize it")
         return self.proj(images)
 
@@ -230,16 +231,16 @@ class VisionTransformer(nnx.Module):
                  pool: str = "token", dropout: float = 0.0, drop_path: float = 0.0,
                  dtype: Any = jnp.float32, attention_kernel: str = "auto", rngs: nnx.Rngs):
         if pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+            raise InvalidSetting(f"pool must be one of {POOLS}, got {pool!r}")
         if attention_kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got "
+            raise InvalidSetting(f"attention_kernel must be one of {ATTENTION_KERNELS}, got "
                              f"{attention_kernel!r}")
         if not (0.0 <= dropout < 1.0 and 0.0 <= drop_path < 1.0):
-            raise ValueError(f"dropout and drop_path are rates in [0, 1), got {dropout}, "
+            raise InvalidSetting(f"dropout and drop_path are rates in [0, 1), got {dropout}, "
                              f"{drop_path}")
         image_height, image_width = _pair(image_size)
         if image_height % patch_size or image_width % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of {patch_size}")
+            raise InvalidSetting(f"image_size {image_size} is not a multiple of {patch_size}")
         self.dtype = jnp.dtype(dtype)
         self.pool = pool
         self.grid = (image_height // patch_size, image_width // patch_size)
@@ -325,7 +326,7 @@ def resize_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int],
     pos_embed = np.asarray(pos_embed)
     side = math.isqrt(pos_embed.shape[1] - num_prefix_tokens)
     if side * side != pos_embed.shape[1] - num_prefix_tokens:
-        raise ValueError(f"{pos_embed.shape[1] - num_prefix_tokens} grid tokens are not a square")
+        raise BadInput(f"{pos_embed.shape[1] - num_prefix_tokens} grid tokens are not a square")
     new_grid = _pair(new_grid)
     if new_grid == (side, side):
         return pos_embed.copy()
@@ -347,7 +348,7 @@ def from_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """
     unknown = sorted(key for key in state_dict if not _TIMM_KEY.fullmatch(key))
     if unknown:
-        raise ValueError(f"timm keys with no counterpart in this ViT: {unknown}")
+        raise BadInput(f"timm keys with no counterpart in this ViT: {unknown}")
     params = {}
     for key, tensor in state_dict.items():
         array = np.asarray(tensor, dtype=np.float32)
@@ -368,7 +369,7 @@ def _variant(size: str, patch_size: int, num_classes: int, rngs: nnx.Rngs,
              options: Mapping[str, Any]) -> VisionTransformer:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"vit_{size}_patch{patch_size}: unknown options {unknown}; "
+        raise InvalidSetting(f"vit_{size}_patch{patch_size}: unknown options {unknown}; "
                          f"valid: {', '.join(OPTIONS)}")
     width, heads = SIZES[size]
     return VisionTransformer(num_classes=num_classes, width=width, heads=heads,
