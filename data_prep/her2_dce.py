@@ -28,7 +28,7 @@ from tqdm import tqdm
 import data_prep
 from data_prep import normalization, pipeline, report, splits
 from data_prep.errors import BadCaseError
-from data_prep.params import PrepParams
+from data_prep.params import DATASET_VERSION, PrepParams
 from data_prep.sources import Case, list_cases
 from her2jax.errors import BadInput, InvalidSetting, MissingInput
 
@@ -69,7 +69,7 @@ class LocalDatasetInfo(tfds.core.DatasetInfo):
 class Her2Dce(tfds.core.GeneratorBasedBuilder):
     """Breast DCE-MRI tumour slices as 8-bit RGB (R = pre, G = early, B = late) with HER2 labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version(DATASET_VERSION)
     RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [make_config(PrepParams(normalization=name)) for name in normalization.names()]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -127,7 +127,7 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
         if not listing.cases:
             left_out = "; ".join(f"{n} {reason}" for reason, n in listing.excluded_counts().items())
             raise BadInput(f"no patient to prepare in {source}"
-                             + (f" (excluded: {left_out})" if left_out else ""))
+                           + (f" (excluded: {left_out})" if left_out else ""))
         by_split = splits.assign(listing.cases, self.params)
         fitted = self._fit_normalization(by_split.get("train", []))
         self.info.metadata.update({
@@ -174,8 +174,8 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
                          key=lambda item: item[0].patient_id)
         summaries = [summary for _, summary in results]
         if not summaries:
-            raise InvalidSetting(f"normalization {strategy.name!r} is fitted on the training split, "
-                             f"but no training patient could be read")
+            raise InvalidSetting(f"normalization {strategy.name!r} is fitted on the training "
+                                 f"split, but no training patient could be read")
         return strategy.fit(summaries)
 
     def _run(self, function, cases: list[Case], description: str, *extra) -> Iterator:
@@ -266,7 +266,7 @@ def fit_from_dataset(dataset_dir: str, strategy: str) -> dict:
     used = metadata["preparation"]["normalization"]
     if used != strategy or not metadata.get("normalization_fit"):
         raise BadInput(f"--fit_from {dataset_dir}: prepared with normalization {used!r}, "
-                         f"not {strategy!r}, or holds no fitted parameters")
+                       f"not {strategy!r}, or holds no fitted parameters")
     return metadata["normalization_fit"]
 
 

@@ -222,11 +222,11 @@ def _nyul_params(params: Params) -> tuple[np.ndarray, np.ndarray]:
         standard = np.asarray(params["standard_landmarks"], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as error:
         raise BadInput("nyul params must hold 'percentiles' and 'standard_landmarks' "
-                         f"({type(error).__name__}: {error})") from None
+                       f"({type(error).__name__}: {error})") from None
     n = percentiles.shape[0] if percentiles.ndim == 1 else 0
     if n < 2 or standard.shape != (N_PHASES, n):
         raise BadInput(f"nyul params: expected {n} >= 2 percentiles and standard landmarks of "
-                         f"shape (3, {n}), got {standard.shape}")
+                       f"shape (3, {n}), got {standard.shape}")
     if np.any(np.diff(percentiles) <= 0) or percentiles[0] < 0 or percentiles[-1] > 100:
         raise BadInput("nyul params: percentiles must increase strictly within [0, 100]")
     return percentiles, standard
@@ -279,7 +279,7 @@ def nyul_apply_summarized(voxels: np.ndarray, summary: Any, params: Params) -> n
     percentiles, standard = _nyul_params(params)
     if percentiles.shape != (len(NYUL_PERCENTILES),) or np.any(percentiles != NYUL_PERCENTILES):
         raise BadInput(f"nyul params were fitted at percentiles {percentiles.tolist()}, the "
-                         f"case summary holds {list(NYUL_PERCENTILES)}")
+                       f"case summary holds {list(NYUL_PERCENTILES)}")
     landmarks = _check_summary(summary, 0)
     if voxels.shape[:1] != (N_PHASES,):
         raise ValueError(f"expected voxels of shape (3, ...), got {voxels.shape}")
@@ -333,7 +333,7 @@ def get(name: str) -> Strategy:
         return STRATEGIES[name]
     except (KeyError, TypeError):
         raise InvalidSetting(f"unknown normalisation strategy {name!r}; valid names: "
-                         f"{', '.join(names())}") from None
+                             f"{', '.join(names())}") from None
 
 
 def markdown_table() -> str:

@@ -14,6 +14,8 @@ from typing import Any
 from her2jax.errors import InvalidSetting
 
 SPLITS = ("train", "validation", "test", "external")
+DATASET_NAME = "her2_dce"
+DATASET_VERSION = "1.0.0"     # the TFDS builder's version (data_prep.her2_dce.Her2Dce)
 # The settings that change what a model sees. A run's training data and any dataset it is
 # evaluated on must agree on these (`evaluate.check_preparation`, `prepare --like`); the split
 # rule, the cohorts and the fit source may differ.
@@ -68,13 +70,13 @@ class PrepParams:
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 \
                 or min(self.split_fractions) < 0:
             raise InvalidSetting(f"split_fractions must be 3 non-negative numbers summing to 1, "
-                             f"got {self.split_fractions}")
+                                 f"got {self.split_fractions}")
         if self.phases is not None and (len(self.phases) != 3 or min(self.phases) < 0):
             raise InvalidSetting(f"phases must be three non-negative indices, got {self.phases}")
         if self.cohorts is not None:
             if not self.cohorts or any(not re.fullmatch(r"[A-Za-z0-9_]+", c) for c in self.cohorts):
                 raise InvalidSetting(f"cohorts must be names of letters, digits and _, got "
-                                 f"{self.cohorts}")
+                                     f"{self.cohorts}")
             if list(self.cohorts) != sorted(set(self.cohorts)):
                 raise InvalidSetting(f"cohorts must be sorted and distinct, got {self.cohorts}")
 
@@ -91,6 +93,11 @@ class PrepParams:
         if record["cohorts"] is None:   # as recorded before cohorts could be chosen: same names
             del record["cohorts"]
         return record
+
+    def dataset_path(self, data_dir: str) -> str:
+        """Where preparation writes a dataset of these settings into `data_dir`:
+        DATA_DIR/her2_dce/<config name>/<version>, the path `prepare` prints."""
+        return f"{str(data_dir).rstrip('/')}/{DATASET_NAME}/{self.config_name()}/{DATASET_VERSION}"
 
     def config_name(self) -> str:
         """`<normalization>[_n4][_<cohort>-<cohort>...]`, plus a short hash when any other setting

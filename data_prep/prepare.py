@@ -111,28 +111,49 @@ def _integers(text: str) -> tuple[int, ...]:
 
 
 def build(args: argparse.Namespace):
-    """Builds the dataset and returns the builder (its `data_dir` is the dataset path)."""
+    """The command's arguments -> `prepare_dataset`."""
+    params = PrepParams(
+        normalization=args.normalization, n4=args.n4, n4_shrink=args.n4_shrink,
+        n4_iterations=tuple(args.n4_iterations), image_size=args.image_size,
+        slices_per_patient=args.slices_per_patient, crop_margin=args.crop_margin,
+        phases=tuple(args.phases) if args.phases else None, split_seed=args.split_seed,
+        external=args.external, fit_from=args.fit_from, cohorts=args.cohorts)
+    return prepare_dataset(args.source, args.data_dir, params, workers=args.workers,
+                           skip_bad=args.skip_bad, overwrite=args.overwrite,
+                           progress=not args.quiet)
+
+
+def prepare_dataset(source: str, data_dir: str, params: PrepParams, *, workers: int = 1,
+                    skip_bad: bool = False, overwrite: bool = False, progress: bool = True):
+    """Prepares `source` into `data_dir` with `params`: this command as a library call.
+
+    Returns the TFDS builder; `os.fspath(builder.data_dir)` is the dataset path (equal to
+    `params.dataset_path(data_dir)`). An existing dataset of the same settings and source is
+    reused unless `overwrite`. Raises a `UserError` for anything the caller can fix, and
+    `BadCaseError` for a patient that cannot be prepared (without `skip_bad`).
+    """
     from data_prep.sources import locate
 
-    # checked before TFDS starts, which would otherwise write into --data_dir first
-    manual_dir, manifest = locate(args.source)
-    if args.cohorts and manifest is None and \
+    # checked before TFDS starts, which would otherwise write into data_dir first
+    manual_dir, manifest = locate(source)
+    if params.cohorts and manifest is None and \
             not os.path.isfile(os.path.join(manual_dir, "manifest.csv")):
         from data_prep.sources import breastdcedl
 
-        unknown = sorted(set(args.cohorts) - set(breastdcedl.COHORTS))
+        unknown = sorted(set(params.cohorts) - set(breastdcedl.COHORTS))
         if unknown:
-            raise InvalidSetting(f"--cohorts {','.join(args.cohorts)}: {', '.join(unknown)} is not a "
-                             f"BreastDCEDL cohort ({', '.join(breastdcedl.COHORTS)})")
-    if "://" in args.data_dir:
-        raise InvalidSetting(f"--data_dir {args.data_dir}: preparation writes local files (TFRecords, "
-                         f"report, QC montage); prepare into a local folder, then copy it (e.g. "
-                         f"gcloud storage rsync -r DIR {args.data_dir})")
-    if args.external and normalization.get(args.normalization).needs_fit and not args.fit_from:
+            raise InvalidSetting(f"--cohorts {','.join(params.cohorts)}: {', '.join(unknown)} is "
+                                 f"not a BreastDCEDL cohort ({', '.join(breastdcedl.COHORTS)})")
+    if "://" in data_dir:
+        raise InvalidSetting(f"--data_dir {data_dir}: preparation writes local files "
+                             f"(TFRecords, report, QC montage); prepare into a local folder, then "
+                             f"copy it (e.g. gcloud storage rsync -r DIR {data_dir})")
+    if params.external and normalization.get(params.normalization).needs_fit and \
+            not params.fit_from:
         raise InvalidSetting(
-            f"--external {args.external}: normalization {args.normalization!r} is fitted on the "
-            f"training split and an external set has none; add --fit_from <the prepared training "
-            f"dataset> (or --like RUN, which sets it)")
+            f"--external {params.external}: normalization {params.normalization!r} is fitted on "
+            f"the training split and an external set has none; add --fit_from <the prepared "
+            f"training dataset> (or --like RUN, which sets it)")
 
     import tensorflow_datasets as tfds
 
@@ -140,20 +161,14 @@ def build(args: argparse.Namespace):
 
     tfds.disable_progress_bar()  # ours show patients; TFDS's would show examples and shards
     logging.getLogger("absl").setLevel(logging.ERROR)  # "custom data configuration" notices
-    params = PrepParams(
-        normalization=args.normalization, n4=args.n4, n4_shrink=args.n4_shrink,
-        n4_iterations=tuple(args.n4_iterations), image_size=args.image_size,
-        slices_per_patient=args.slices_per_patient, crop_margin=args.crop_margin,
-        phases=tuple(args.phases) if args.phases else None, split_seed=args.split_seed,
-        external=args.external, fit_from=args.fit_from, cohorts=args.cohorts)
-    builder = Her2Dce(config=config_for(params), data_dir=args.data_dir, workers=args.workers,
-                      skip_bad=args.skip_bad, progress=not args.quiet, manifest=manifest)
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
+    builder = Her2Dce(config=config_for(params), data_dir=data_dir, workers=workers,
+                      skip_bad=skip_bad, progress=progress, manifest=manifest)
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    if not args.overwrite:
+    if not overwrite:
         _check_same_source(os.fspath(builder.data_path),
                            os.path.join(manual_dir, manifest) if manifest else manual_dir)
-    new = [path for path in _tfds_paths(builder, args.data_dir) if not os.path.lexists(path)]
+    new = [path for path in _tfds_paths(builder, data_dir) if not os.path.lexists(path)]
     try:
         # TFDS prints its own progress to stdout: keep stdout for the dataset path alone
         with contextlib.redirect_stdout(sys.stderr):
@@ -175,8 +190,8 @@ def _check_same_source(dataset: str, source: str) -> None:
         used = (json.load(handle).get("source") or {}).get("path")
     if used and os.path.normpath(used) != os.path.normpath(source):
         raise BadInput(f"{dataset} holds a dataset prepared with these settings from {used}, "
-                         f"not from {source}: use another --data_dir, or --overwrite to "
-                         f"replace it")
+                       f"not from {source}: use another --data_dir, or --overwrite to "
+                       f"replace it")
 
 
 def _tfds_paths(builder, data_dir: str) -> list[str]:

@@ -57,7 +57,7 @@ class Augment:
         unknown = set(options) - set(DEFAULT_AUGMENT)
         if unknown:
             raise InvalidSetting(f"unknown augmentation option(s) {sorted(unknown)}; "
-                             f"known: {sorted(DEFAULT_AUGMENT)}")
+                                 f"known: {sorted(DEFAULT_AUGMENT)}")
         crop = options.get("random_resized_crop")
         crop = dict(crop) if crop else {}
         if set(crop) - {"scale", "ratio"}:

@@ -32,7 +32,7 @@ def read_predictions(workdir: str, split: str, *, evaluate_missing: bool = True,
     if not path.exists():
         if not evaluate_missing:
             raise MissingInput(f"{path} is missing; run python -m her2jax.evaluate "
-                                    f"--workdir {workdir} --split {split}")
+                               f"--workdir {workdir} --split {split}")
         from her2jax import evaluate
 
         print(f"evaluating {workdir} on {split} first", file=sys.stderr)

@@ -24,9 +24,11 @@ from typing import Any
 
 from etils import epath
 
+from her2jax.errors import InvalidSetting, UserError
 from her2jax.evaluate import format_number
 from her2jax.run_folder import RunFolder
-from her2jax.errors import InvalidSetting, ToolFailed, UserError
+
+REPOSITORY = epath.Path(__file__).resolve().parent.parent   # configs/ lives here
 
 NORMALIZATIONS = ("per_channel_clip_q98", "global_minmax")
 MODELS = {  # name in the table: (config file, variant)
@@ -54,7 +56,7 @@ class Stage:
 
 
 def make_cohort(out: epath.Path, args: argparse.Namespace, record: dict[str, Any]) -> str:
-    from data_prep.synthetic import __main__ as synthetic
+    from data_prep.synthetic import generate_cohort
 
     folder = out / "cohort"
     wanted = {"patients": args.patients, "size": args.volume_size, "seed": args.seed}
@@ -64,42 +66,31 @@ def make_cohort(out: epath.Path, args: argparse.Namespace, record: dict[str, Any
         return str(folder)
     if folder.exists():
         folder.rmtree()
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = synthetic.main(["--out", str(folder), "--patients", str(args.patients),
-                               "--size", str(args.volume_size), "--seed", str(args.seed)])
-    if code:
-        raise ToolFailed("the synthetic cohort could not be written")
+    generate_cohort(str(folder), patients=args.patients, seed=args.seed, size=args.volume_size,
+                    progress=not args.quiet)
     stamp.write_text(json.dumps(wanted))
     return str(folder)
 
 
 def prepare(cohort: str, out: epath.Path, normalization: str, args: argparse.Namespace,
             record: dict[str, Any]) -> str:
-    from data_prep import prepare as prepare_cli
-    from data_prep.her2_dce import Her2Dce, config_for
+    import os
+
     from data_prep.params import PrepParams
+    from data_prep.prepare import prepare_dataset
 
     params = PrepParams(normalization=normalization, image_size=args.image_size)
-    config = config_for(params)
-    name = config if isinstance(config, str) else config.name
-    expected = out / "prepared" / "her2_dce" / name / str(Her2Dce.VERSION)
-    record["cached"] = (expected / "metadata.json").exists()
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = prepare_cli.main(["--source", cohort, "--data_dir", str(out / "prepared"),
-                                 "--normalization", normalization, "--image_size",
-                                 str(args.image_size), "--workers", str(args.workers),
-                                 *(["--quiet"] if args.quiet else [])])
-    if code:
-        raise ToolFailed(f"preparation with {normalization} failed (see above)")
-    return printed.getvalue().strip().splitlines()[-1]
+    data_dir = str(out / "prepared")
+    record["cached"] = (epath.Path(params.dataset_path(data_dir)) / "metadata.json").exists()
+    builder = prepare_dataset(cohort, data_dir, params, workers=args.workers,
+                              progress=not args.quiet)
+    return os.fspath(builder.data_dir)
 
 
 def run_config(config_file: str, variant: str, data_dir: str, args: argparse.Namespace):
-    import importlib
+    from configs import common
 
-    module = importlib.import_module(config_file.removesuffix(".py").replace("/", "."))
-    config = module.get_config(variant)
+    config = common.load(f"{REPOSITORY / config_file}:{variant}")
     config.data_dir = data_dir
     config.seed = args.seed
     config.batch_size = args.batch_size

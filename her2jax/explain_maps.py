@@ -166,14 +166,14 @@ def _cam_target(model: ResNet, stages: list[jax.Array], head: int | None,
     if model.head == "single":
         if head is not None:
             raise InvalidSetting(f"head={head} asks for one of the triple head's heads, but the "
-                             "model has a single head")
+                                 "model has a single head")
         if layer is not None and layer not in (1, 2, 3, 4):
             raise InvalidSetting(f"layer must be 1, 2, 3 or 4, got {layer}")
         start = 4 if layer is None else layer
         return stages[start - 1], lambda a: model.logits([a, *model.features(a, start=start)])
     if layer is not None:
         raise InvalidSetting("layer= applies to single-head ResNets; a triple head's maps come "
-                         "from each head's own stage (head=)")
+                             "from each head's own stage (head=)")
     if head is None:
         fixed = [jax.lax.stop_gradient(stage) for stage in stages[:-1]]
         return stages[-1], lambda a: model.logits([*fixed, a])

@@ -179,8 +179,8 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise InvalidSetting(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                         f"the process count {process_count}")
+        raise InvalidSetting(f"global_batch_size {global_batch_size} must be a positive multiple "
+                             f"of the process count {process_count}")
     return global_batch_size // process_count
 
 

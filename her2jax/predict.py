@@ -126,7 +126,7 @@ def prepare_study(restored: Any, *, pre: str, early: str, late: str, mask: str |
         fitted = input_pipeline.preparation_metadata(data_dir).get("normalization_fit")
         if fitted is None:
             raise BadInput(f"{params.normalization} needs the parameters fitted on the training "
-                             f"data, and {data_dir}/metadata.json has none")
+                           f"data, and {data_dir}/metadata.json has none")
     case = Case(patient_id=patient_id, label=0, cohort="predict", phases=(pre, early, late),
                 mask=mask, box=tuple(box) if box else None,
                 stored_zyx=layout == "breastdcedl", spacing=spacing)

@@ -212,8 +212,8 @@ class RunFolder:
                 step = int(checkpoint) if int(checkpoint) in available else None
             if step is None:
                 raise MissingInput(f"no checkpoint {checkpoint!r} in "
-                                        f"{self.checkpoints(kind)} (steps there: "
-                                        f"{available or 'none'})")
+                                   f"{self.checkpoints(kind)} (steps there: "
+                                   f"{available or 'none'})")
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             target = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)

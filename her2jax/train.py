@@ -81,7 +81,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise InvalidSetting(f"config.{key} must be at least 1, got {flat[key]}")
     if not 0 <= config.warmup_steps < config.total_steps:
         raise InvalidSetting(f"config.warmup_steps ({config.warmup_steps}) must be in "
-                         f"[0, total_steps ({config.total_steps}))")
+                             f"[0, total_steps ({config.total_steps}))")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -137,7 +137,7 @@ def check_dataset(run: RunFolder, metadata: dict[str, Any]) -> None:
             changed = sorted(k for k in set(recorded) | set(preparation)
                              if recorded.get(k) != preparation.get(k))
             raise BadInput(f"{run.path} was started on data prepared differently ({changed}); "
-                             f"use another --workdir or the original dataset")
+                           f"use another --workdir or the original dataset")
 
     if jax.process_index() == 0:
         if path.exists():
@@ -219,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = latest.latest_step() or 0
     if start_step > config.total_steps:
         raise InvalidSetting(f"{workdir} has a checkpoint at step {start_step}, past total_steps "
-                         f"{config.total_steps}; set --config.total_steps={start_step} or more")
+                             f"{config.total_steps}; set --config.total_steps={start_step} or more")
     log = RunLog(workdir, config.total_steps, enabled=jax.process_index() == 0)
     log.write_config(config)
     log.launch(start_step, changes)

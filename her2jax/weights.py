@@ -41,8 +41,8 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
             import torch
         except ImportError:
             raise InvalidSetting(f"{path}: reading a PyTorch .pth/.pt/.bin file needs torch, which "
-                             f"`make setup` leaves out: pip install torch (CPU is enough), or "
-                             f"convert a .safetensors file") from None
+                                 f"`make setup` leaves out: pip install torch (CPU is enough), or "
+                                 f"convert a .safetensors file") from None
         try:
             loaded = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle refusing code, truncated file, not a torch file
@@ -128,7 +128,8 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise BadInput(f"{path} is not a converted her2jax checkpoint (format "
-                             f"{metadata.get('format')!r}); convert it with python -m her2jax.convert")
+                           f"{metadata.get('format')!r}); convert it with python -m "
+                           f"her2jax.convert")
         return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
 
 

@@ -415,7 +415,7 @@ def read_manifest(sweep_dir: str | epath.Path) -> dict[str, Any]:
     path = epath.Path(sweep_dir) / "manifest.json"
     if not path.exists():
         raise MissingInput(f"no manifest.json in {sweep_dir} (launch the sweep with "
-                                f"python -m launch.sweep first)")
+                           f"python -m launch.sweep first)")
     manifest = _read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list):
         raise BadInput(f"{path}: no list of runs")  # noqa: TRY004 (main reports it)
@@ -445,7 +445,7 @@ def collect(sweep_dir: str | epath.Path, out: str | epath.Path | None = None,
             results[entry["name"]] = result
     if not results:
         raise BadInput(f"no finished run in {sweep_dir}: none of its {len(entries)} runs has "
-                         f"eval/test/metrics.json")
+                       f"eval/test/metrics.json")
     sweep = manifest.get("sweep") or epath.Path(sweep_dir).name
     keys = setting_keys(entries)
     rows = leaderboard(entries, results, sort)

@@ -96,7 +96,7 @@ class Sweep:
             extra = set(options) - set(PREPARE_OPTIONS)
             if extra:
                 raise InvalidSetting(f"sweep {self.name}: data variant {variant!r} has unknown "
-                                 f"preparation options {sorted(extra)}")
+                                     f"preparation options {sorted(extra)}")
 
 
 # preparation options a data variant may set (flags of data_prep.prepare)

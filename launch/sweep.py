@@ -153,11 +153,9 @@ def prepare_command(source: str, data_root: str, options: dict[str, Any],
 def dataset_path(data_root: str, options: dict[str, Any]) -> str:
     """Where `data_prep.prepare` writes a variant: DATA_ROOT/her2_dce/<config name>/<version>
     (computed the way the builder names it, so scripts can refer to it before it exists)."""
-    from data_prep.her2_dce import Her2Dce
     from data_prep.params import PrepParams
 
-    name = PrepParams.from_dict(options).config_name()
-    return f"{data_root.rstrip('/')}/her2_dce/{name}/{Her2Dce.VERSION}"
+    return PrepParams.from_dict(options).dataset_path(data_root)
 
 
 # ---------------------------------------------------------------- the plan
@@ -178,8 +176,9 @@ class Plan:
             values = {repr(run.settings[key]) for run in sweep.runs if key in run.settings}
             if len(values) > 1:
                 raise InvalidSetting(f"--set {key}: sweep {sweep.name} varies this key "
-                                 f"({', '.join(sorted(values))}); setting it would make its runs "
-                                 f"one and the same (narrow the sweep with --only instead)")
+                                     f"({', '.join(sorted(values))}); setting it would make its "
+                                     f"runs one and the same (narrow the sweep with --only "
+                                     f"instead)")
         runs = [with_settings(run, settings or {}) for run in sweep.runs]
         if only:
             runs = [run for run in runs if fnmatch.fnmatch(run.name, only)
@@ -188,7 +187,7 @@ class Plan:
         variants = sorted({run.data for run in runs if run.data})
         if variants and not source:
             raise InvalidSetting(f"sweep {sweep.name} prepares data variants {variants}: give "
-                             f"--source (the cohort to prepare)")
+                                 f"--source (the cohort to prepare)")
         self.datasets = {v: dataset_path(self.data_root, sweep.data[v]) for v in variants}
         self.extra_train = list(extra_train)
 
@@ -285,7 +284,7 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
                                 text=True)
         if result.returncode:
             raise ToolFailed(f"preparing data variant {variant} failed:\n"
-                               f"{result.stderr[-3000:]}")
+                             f"{result.stderr[-3000:]}")
     parallel = max(1, min(parallel, len(devices)) if devices else parallel)
     running: list[tuple[subprocess.Popen, Run, Any, float]] = []
     queue = list(todo)
@@ -443,7 +442,7 @@ def _directive(option: str, value: Any) -> str:
     text = str(value)
     if any(c in text for c in '"\\\n'):
         raise InvalidSetting(f"--{option} {text!r}: SLURM directives cannot hold a double quote, a "
-                         f"backslash or a line break; choose another folder or name")
+                             f"backslash or a line break; choose another folder or name")
     if text != shlex.quote(text):
         text = f'"{text}"'
     return f"#SBATCH --{option}={text}"
@@ -522,7 +521,7 @@ def _sbatch(arguments: list[str]) -> str:
                                 stderr=subprocess.PIPE, text=True)
     except FileNotFoundError:
         raise ToolFailed("sbatch not found: run this on the cluster's login node, or use "
-                           "--dry_run to print the scripts") from None
+                         "--dry_run to print the scripts") from None
     except subprocess.CalledProcessError as error:
         raise ToolFailed(f"sbatch failed: {error.stderr.strip()}") from None
     return result.stdout.strip().split(";")[0]
@@ -726,7 +725,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     sweep_dir = args.sweep_dir or f"sweeps/{sweep.name}"
     if args.backend == "tpu" and not sweep_dir.startswith("gs://"):
         raise InvalidSetting("the tpu backend keeps data and runs in a bucket: --sweep_dir "
-                         "gs://BUCKET/sweeps/NAME")
+                             "gs://BUCKET/sweeps/NAME")
     source = args.source
     if args.backend == "slurm":
         # the jobs start in the repository (--repo), not here: every path they get is absolute

@@ -102,7 +102,7 @@ def locate(source: str) -> tuple[str, str | None]:
 
     if "://" in source:
         raise InvalidSetting(f"--source {source}: preparation reads local files; copy the cohort "
-                         f"here first (e.g. gcloud storage rsync -r {source} DIR)")
+                             f"here first (e.g. gcloud storage rsync -r {source} DIR)")
     path = os.path.abspath(source)
     if not os.path.exists(path):
         raise MissingInput(f"--source {source}: does not exist")

@@ -112,7 +112,7 @@ def list_cases(source: str, params: PrepParams) -> Listing:
     cohorts = params.cohorts or (MINCROP_COHORTS if kind == "mincrop" else None)
     if cohorts and not set(cohorts) <= set(COHORTS):
         raise InvalidSetting(f"--cohorts {','.join(cohorts)}: BreastDCEDL's cohorts are "
-                         f"{', '.join(COHORTS)}")
+                             f"{', '.join(COHORTS)}")
     unassigned = 0
     for csv_path in csv_paths:
         with open(csv_path, newline="") as handle:

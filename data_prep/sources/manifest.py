@@ -30,7 +30,7 @@ def list_cases(path: str, params: PrepParams) -> Listing:
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing or not ({"mask", "box"} & columns):
             raise BadInput(f"{path}: manifest needs columns {list(REQUIRED_COLUMNS)} and `mask` or "
-                             f"`box`; missing {missing or ['mask or box']}")
+                           f"`box`; missing {missing or ['mask or box']}")
         for row in reader:
             row = {key.strip(): (value or "").strip() for key, value in row.items() if key}
             try:

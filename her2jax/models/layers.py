@@ -121,7 +121,7 @@ def _pool_geometry(x: jax.Array, window: int, stride: int, padding: int):
     out_w = (w + 2 * padding - window) // stride + 1
     if out_h < 1 or out_w < 1:
         raise InvalidSetting(f"max pool of window {window} does not fit a {h}x{w} input with "
-                         f"padding {padding}")
+                             f"padding {padding}")
     return out_h, out_w
 
 

@@ -215,7 +215,7 @@ class PatchEmbed(nnx.Module):
         height, width = images.shape[1:3]
         if height % self.patch_size or width % self.patch_size:
             raise InvalidSetting(f"image {height}x{width} is not a whole number of "
-                             f"{self.patch_size}-pixel patches; crop or resize it")
+                                 f"{self.patch_size}-pixel patches; crop or resize it")
         return self.proj(images)
 
 
@@ -234,10 +234,10 @@ class VisionTransformer(nnx.Module):
             raise InvalidSetting(f"pool must be one of {POOLS}, got {pool!r}")
         if attention_kernel not in ATTENTION_KERNELS:
             raise InvalidSetting(f"attention_kernel must be one of {ATTENTION_KERNELS}, got "
-                             f"{attention_kernel!r}")
+                                 f"{attention_kernel!r}")
         if not (0.0 <= dropout < 1.0 and 0.0 <= drop_path < 1.0):
             raise InvalidSetting(f"dropout and drop_path are rates in [0, 1), got {dropout}, "
-                             f"{drop_path}")
+                                 f"{drop_path}")
         image_height, image_width = _pair(image_size)
         if image_height % patch_size or image_width % patch_size:
             raise InvalidSetting(f"image_size {image_size} is not a multiple of {patch_size}")
@@ -370,7 +370,7 @@ def _variant(size: str, patch_size: int, num_classes: int, rngs: nnx.Rngs,
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise InvalidSetting(f"vit_{size}_patch{patch_size}: unknown options {unknown}; "
-                         f"valid: {', '.join(OPTIONS)}")
+                             f"valid: {', '.join(OPTIONS)}")
     width, heads = SIZES[size]
     return VisionTransformer(num_classes=num_classes, width=width, heads=heads,
                              patch_size=patch_size, rngs=rngs, **options)
