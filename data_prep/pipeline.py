@@ -26,7 +26,6 @@ from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
 from data_prep.sources import Case
 from data_prep.volumes import Volume, check_intensities, read_volume
-from her2jax.errors import InvalidSetting
 
 
 @dataclasses.dataclass
@@ -121,9 +120,9 @@ def summarize_case(case: Case, params: PrepParams, spill_dir: str | None = None)
     `prepare_case` needs to write this case without reading it again."""
     strategy = normalization.get(params.normalization)
     if strategy.summarize is None:
-        raise InvalidSetting(f"normalization {strategy.name!r} is not fitted: it has no summary")
+        raise ValueError(f"normalization {strategy.name!r} is not fitted: it has no summary")
     if spill_dir is not None and strategy.apply_summarized is None:
-        raise InvalidSetting(f"normalization {strategy.name!r} cannot be applied from a summary")
+        raise ValueError(f"normalization {strategy.name!r} cannot be applied from a summary")
     loaded = load_case(case, params)
     summary = strategy.summarize(loaded.phases)
     if spill_dir is not None:

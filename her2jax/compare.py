@@ -21,8 +21,8 @@ import numpy as np
 from etils import epath
 
 from her2jax import stats
-from her2jax.run_folder import RunFolder
 from her2jax.errors import BadInput, MissingInput, UserError
+from her2jax.run_folder import RunFolder
 
 
 def read_predictions(workdir: str, split: str, *, evaluate_missing: bool = True,

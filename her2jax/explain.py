@@ -26,9 +26,9 @@ import numpy as np
 from etils import epath
 
 from her2jax import explain_maps
+from her2jax.errors import InvalidSetting, UserError
 from her2jax.models.resnet import ResNet
 from her2jax.models.vit import VisionTransformer
-from her2jax.errors import InvalidSetting, UserError
 
 
 def heat_maps(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:

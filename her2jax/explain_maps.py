@@ -70,11 +70,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from her2jax.errors import InvalidSetting
 from her2jax.models.attention import SpatialAttention
 from her2jax.models.resnet import ResNet
 from her2jax.models.vit import VisionTransformer
 from her2jax.steps import normalize_images
-from her2jax.errors import InvalidSetting
 
 HEAD_FUSIONS = ("mean", "max", "min")
 COLORMAPS = ("jet", "inferno")

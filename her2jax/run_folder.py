@@ -108,9 +108,6 @@ class RunFolder:
         return self.path / "eval" / "validation_threshold.json"
 
     # ------------------------------------------------------------ contents
-    def is_run(self) -> bool:
-        return self.config_file.exists()
-
     def evaluated(self, split: str = "test") -> bool:
         """`evaluate` has written this split's metrics (a sweep's run is then finished)."""
         return self.eval_metrics(split).exists()

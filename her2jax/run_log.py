@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from her2jax.run_folder import RunFolder
 from her2jax.errors import TrainingDiverged
+from her2jax.run_folder import RunFolder
 
 
 class RunLog:

@@ -24,12 +24,12 @@ import orbax.checkpoint as ocp
 from her2jax import (distributed, inference, input_pipeline, metrics, models, optim, steps,
                      weights)
 from her2jax.augmentation import AUGMENT_ON, Augment
+from her2jax.errors import BadInput, InvalidSetting, TrainingDiverged
 from her2jax.input.sampling import BALANCE_MODES
 from her2jax.losses import class_weights_from_counts
 from her2jax.optim import learning_rate_schedule
 from her2jax.run_folder import RunFolder
 from her2jax.run_log import RunLog
-from her2jax.errors import BadInput, InvalidSetting, TrainingDiverged
 
 DTYPES = ("float32", "bfloat16")
 # Keys a relaunch in the same run folder may change: how long to train (extending a run; the

@@ -46,9 +46,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from her2jax.errors import BadInput, InvalidSetting, MissingInput, UserError
 from her2jax.evaluate import format_number
 from her2jax.run_folder import RunFolder
-from her2jax.errors import BadInput, InvalidSetting, MissingInput, UserError
 
 VALIDATION_SPLIT = "validation"     # configs/common.py: config.eval_split
 SORT_KEYS = {"val": "val_auc_mean", "test": "test_auc_mean"}
@@ -269,7 +269,7 @@ def _plus_minus(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
 
 
-def _csvformat_number(value: Any) -> str:
+def _csv_number(value: Any) -> str:
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
     return "" if value is None else str(value)
@@ -293,7 +293,7 @@ def leaderboard_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     for row in rows:
         values = {**row, **row["settings"], "best": "*" if row["best"] else "",
                   "runs": " ".join(row["runs"])}
-        writer.writerow([_csvformat_number(values[c]) for c in columns])
+        writer.writerow([_csv_number(values[c]) for c in columns])
     return buffer.getvalue()
 
 
@@ -339,7 +339,7 @@ def pivot_csv(table: dict[str, Any]) -> str:
     writer = csv.writer(buffer)
     writer.writerow([f"{table['rows_key']} \\ {table['cols_key']}", *table["columns"]])
     for value, means in zip(table["rows"], table["mean"]):
-        writer.writerow([value, *(_csvformat_number(m) for m in means)])
+        writer.writerow([value, *(_csv_number(m) for m in means)])
     return buffer.getvalue()
 
 

@@ -50,9 +50,9 @@ from typing import Any
 
 from etils import epath
 
+from her2jax.errors import InvalidSetting, ToolFailed, UserError
 from her2jax.run_folder import RunFolder
 from launch.spec import Run, Sweep
-from her2jax.errors import InvalidSetting, ToolFailed, UserError
 
 BACKENDS = ("local", "slurm", "tpu")
 FINISHED, FAILED, PENDING, RUNNING, SKIPPED = "finished", "failed", "pending", "running", "skipped"

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from her2jax.models.layers import conv_general_dilated
 from her2jax.errors import InvalidSetting
+from her2jax.models.layers import conv_general_dilated
 
 KINDS = ("none", "channel", "spatial", "cbam", "dual", "danet")
 POOLS = ("avg", "avg+max")

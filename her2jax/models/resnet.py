@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from her2jax.errors import InvalidSetting
 from her2jax.models.attention import KINDS, Identity, make_attention
 from her2jax.models.layers import conv_general_dilated, max_pool
 from her2jax.models.registry import register
-from her2jax.errors import InvalidSetting
 
 PLACEMENTS = ("last", "stages", "blocks")
 HEADS = ("single", "triple")

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from her2jax.models.registry import register
 from her2jax.errors import BadInput, InvalidSetting
+from her2jax.models.registry import register
 
 DEPTH = 12
 MLP_RATIO = 4
