@@ -32,8 +32,9 @@ def measure(args: argparse.Namespace) -> dict:
     import numpy as np
     from flax import nnx
 
-    from her2jax import models, steps
-    from her2jax.optim import create_optimizer
+    from her2jax import models
+    from her2jax.training import steps
+    from her2jax.training.optim import create_optimizer
 
     mesh = steps.data_mesh()
     model = models.create(args.model, num_classes=2, rngs=nnx.Rngs(0),

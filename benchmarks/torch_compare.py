@@ -307,9 +307,10 @@ def jax_setup(spec: dict, args, arrays: dict, dtype, attention_kernel: str | Non
     """The her2jax model with the torch model's weights, its optimiser and jitted train step."""
     from flax import nnx
 
-    from her2jax import models, steps
-    from her2jax.optim import create_optimizer
-    from her2jax.weights import load_pretrained
+    from her2jax import models
+    from her2jax.training import steps
+    from her2jax.training.optim import create_optimizer
+    from her2jax.models.weights import load_pretrained
 
     if spec["family"] == "resnet":
         options = {"attention": "dual", "placement": "last", "head": "single", "dropout": 0.5}
@@ -338,7 +339,7 @@ def step_flops(graph, params, rest, optimizer, batch, dtype) -> float:
     """XLA's FLOP count of one train step, compiled for the CPU (as `python -m her2jax.models`)."""
     import jax
 
-    from her2jax import steps
+    from her2jax.training import steps
 
     cpu = jax.devices("cpu")[0]
 
@@ -370,7 +371,7 @@ def jax_run(spec: dict, args, arrays: dict, images, labels) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from her2jax import steps
+    from her2jax.training import steps
 
     dtype = jnp.dtype(args.dtype)
     graph, params, rest, optimizer = jax_setup(spec, args, arrays, dtype)
@@ -381,7 +382,7 @@ def jax_run(spec: dict, args, arrays: dict, images, labels) -> dict[str, Any]:
     batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
     augment = None
     if args.her2jax_augment:
-        from her2jax.augmentation import DEFAULT_AUGMENT, Augment
+        from her2jax.data.augment_options import DEFAULT_AUGMENT, Augment
 
         augment = Augment.from_mapping(DEFAULT_AUGMENT)
         batch["augment_seed"] = jnp.stack([jnp.full((args.batch,), 7, jnp.uint32),

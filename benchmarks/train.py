@@ -33,9 +33,11 @@ import torchvision  # noqa: E402,F401  (must precede TensorFlow in a process; se
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from her2jax import input_pipeline, models, steps  # noqa: E402
-from her2jax.augmentation import AUGMENT_ON, Augment  # noqa: E402
-from her2jax.optim import create_optimizer  # noqa: E402
+from her2jax import models  # noqa: E402
+from her2jax.data import pipeline as input_pipeline  # noqa: E402
+from her2jax.data.augment_options import AUGMENT_ON, Augment  # noqa: E402
+from her2jax.training import steps  # noqa: E402
+from her2jax.training.optim import create_optimizer  # noqa: E402
 
 
 def load_config(spec: str):

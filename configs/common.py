@@ -11,9 +11,12 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_collections
 
+from her2jax.data.augment_options import DEFAULT_AUGMENT
 from her2jax.errors import InvalidSetting, MissingInput
 
 
@@ -52,12 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.input = ml_collections.ConfigDict()
     config.input.balance = "none"     # none | class | patient (sampling of training slices)
-    config.input.augment = ml_collections.ConfigDict()   # training only; evaluation never
-    config.input.augment.random_resized_crop = ml_collections.ConfigDict(
-        {"scale": (0.7, 1.0), "ratio": (3 / 4, 4 / 3)})
-    config.input.augment.flip = 0.5             # probability of a horizontal flip
-    config.input.augment.rotate_degrees = 10.0  # rotation drawn from U(-d, d)
-    config.input.augment.intensity_jitter = 0.1  # contrast and brightness, one pair per image
+    # training only, evaluation never: crop, flip, rotation, intensity (see DEFAULT_AUGMENT)
+    config.input.augment = ml_collections.ConfigDict(DEFAULT_AUGMENT)
     # where the augmentation runs: host (tf.data, on the CPU) | device (in the jitted train step,
     # on the accelerator: the host only decodes; for fast accelerators, see README)
     config.input.augment_on = "host"
@@ -71,6 +70,22 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 200
     config.checkpoint.keep = 2          # latest checkpoints kept for resuming (best kept apart)
+    return config
+
+
+def family_config(arg: str | None, variants: Mapping[str, Any], default: str,
+                  build: Callable[[ml_collections.ConfigDict, str], None]
+                  ) -> ml_collections.ConfigDict:
+    """The config `<variant>[,runlocal]` of one family of models: the base config, then
+    `build(config, variant)` sets the model, then the runlocal shrink when asked."""
+    variant, flags = parse_arg(arg)
+    variant = variant or default
+    if variant not in variants:
+        raise InvalidSetting(f"unknown variant {variant!r}; choose from {sorted(variants)}")
+    config = base_config()
+    build(config, variant)
+    if "runlocal" in flags:
+        apply_runlocal(config)
     return config
 
 

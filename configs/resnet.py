@@ -12,29 +12,23 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import apply_runlocal, base_config, parse_arg
-from her2jax.errors import InvalidSetting
+from configs.common import family_config
+from her2jax.models.presets import DUAL_ATTENTION, TRIPLE_HEAD
 
-DUAL = {"attention": "dual", "placement": "last", "head": "single", "dropout": 0.5}
 VARIANTS = {
-    "resnet18": ("resnet18", DUAL),
-    "resnet34": ("resnet34", DUAL),
-    "resnet50": ("resnet50", DUAL),
-    "triple18": ("resnet18", dict(DUAL, head="triple", head_combine="mean")),
-    "plain18": ("resnet18", {"attention": "none", "placement": "last", "head": "single",
-                             "dropout": 0.5}),
+    "resnet18": ("resnet18", DUAL_ATTENTION),
+    "resnet34": ("resnet34", DUAL_ATTENTION),
+    "resnet50": ("resnet50", DUAL_ATTENTION),
+    "triple18": ("resnet18", TRIPLE_HEAD),
+    "plain18": ("resnet18", dict(DUAL_ATTENTION, attention="none")),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant, flags = parse_arg(arg)
-    variant = variant or "resnet18"
-    if variant not in VARIANTS:
-        raise InvalidSetting(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-    config = base_config()
+    return family_config(arg, VARIANTS, "resnet18", set_model)
+
+
+def set_model(config: ml_collections.ConfigDict, variant: str) -> None:
     name, kwargs = VARIANTS[variant]
     config.model.name = name
     config.model.kwargs = ml_collections.ConfigDict(kwargs)
-    if "runlocal" in flags:
-        apply_runlocal(config)
-    return config

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import apply_runlocal, base_config, parse_arg
-from her2jax.errors import InvalidSetting
+from configs.common import family_config
 
 VARIANTS = {"tiny16": "vit_tiny_patch16", "small16": "vit_small_patch16",
             "base16": "vit_base_patch16", "small32": "vit_small_patch32",
@@ -17,11 +16,10 @@ VARIANTS = {"tiny16": "vit_tiny_patch16", "small16": "vit_small_patch16",
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant, flags = parse_arg(arg)
-    variant = variant or "small16"
-    if variant not in VARIANTS:
-        raise InvalidSetting(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-    config = base_config()
+    return family_config(arg, VARIANTS, "small16", set_model)
+
+
+def set_model(config: ml_collections.ConfigDict, variant: str) -> None:
     config.model.name = VARIANTS[variant]
     # image_size is set from the dataset at run time (position embeddings follow it)
     # attention_kernel: 'auto' (cuDNN's fused attention on NVIDIA GPUs in bfloat16, the written-out
@@ -32,6 +30,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "tiny4":
         config.model.kwargs.depth = 6
     config.optimizer.learning_rate = 3e-4
-    if "runlocal" in flags:
-        apply_runlocal(config)
-    return config

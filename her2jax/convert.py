@@ -13,8 +13,8 @@ import argparse
 import re
 import sys
 
-from her2jax import weights
 from her2jax.errors import InvalidSetting, UserError
+from her2jax.models import weights
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

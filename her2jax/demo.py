@@ -24,8 +24,9 @@ from typing import Any
 
 from etils import epath
 
+from her2jax.analysis import evaluation, explanation
+from her2jax.analysis.evaluation import format_number
 from her2jax.errors import InvalidSetting, UserError
-from her2jax.evaluate import format_number
 from her2jax.run_folder import RunFolder
 
 REPOSITORY = epath.Path(__file__).resolve().parent.parent   # configs/ lives here
@@ -112,7 +113,7 @@ def finished(workdir: epath.Path, total_steps: int) -> bool:
 
 
 def train_run(config: Any, workdir: epath.Path, record: dict[str, Any]) -> None:
-    from her2jax import train
+    from her2jax.training import loop as train
 
     try:
         train.check_relaunch(RunFolder(workdir), config)
@@ -141,15 +142,14 @@ def cached(path: epath.Path, workdir: epath.Path, **expected: Any) -> dict[str, 
 
 def evaluate_run(workdir: epath.Path, record: dict[str, Any], args: argparse.Namespace
                  ) -> dict[str, Any]:
-    from her2jax import evaluate
 
     result = cached(RunFolder(workdir).eval_metrics("test"), workdir,
                     bootstrap_samples=args.bootstrap)
     if result is not None:
         record["cached"] = True
         return result
-    return evaluate.evaluate_run(str(workdir), split="test", samples=args.bootstrap,
-                                 progress=not args.quiet)
+    return evaluation.evaluate_run(str(workdir), split="test", samples=args.bootstrap,
+                                   progress=not args.quiet)
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
@@ -171,7 +171,7 @@ def roc_all(rows: list[dict[str, Any]], path: epath.Path) -> None:
 
     import numpy as np
 
-    from her2jax import plots
+    from her2jax.analysis import plots
 
     curves = []
     for row in rows:
@@ -282,7 +282,6 @@ def run(args: argparse.Namespace) -> str:
                          "metrics": metrics})
 
     with stage("Grad-CAM overlays") as record:
-        from her2jax import explain
 
         folder = out / "gradcam"
         resnet_run = out / "runs" / f"resnet18_{NORMALIZATIONS[0]}"
@@ -291,8 +290,8 @@ def run(args: argparse.Namespace) -> str:
         if summary is not None:
             record["cached"] = True
         else:
-            summary = explain.explain_run(str(resnet_run), split="test",
-                                          patients=args.explain_patients, out=str(folder))
+            summary = explanation.explain_run(str(resnet_run), split="test",
+                                              patients=args.explain_patients, out=str(folder))
         # one slice per patient in the report (the second of each, near the tumour's middle)
         seen: dict[str, list[str]] = {}
         for entry in summary["slices"]:

@@ -1,8 +1,9 @@
 """Train: `python -m her2jax.main --config configs/resnet.py:resnet18 --workdir RUN [--config.k=v]`.
 
 Re-running the same command resumes from the latest checkpoint in RUN; SIGTERM (preemption) or
-a first Ctrl-C writes a checkpoint and exits with 143 or 130 (a second Ctrl-C stops at once). A relaunch may change only the keys in
-`train.RELAUNCH_KEYS` (e.g. total_steps, to extend the run); any other change is refused.
+a first Ctrl-C writes a checkpoint and exits with 143 or 130 (a second Ctrl-C stops at once). A
+relaunch may change only the keys in `her2jax.training.loop.RELAUNCH_KEYS` (e.g. total_steps,
+to extend the run); any other change is refused.
 
 Several processes (hosts of a TPU pod slice, SLURM tasks, or explicit flags) run the same
 command; see `her2jax.distributed` for what `--multihost` detects. Two processes on one machine:
@@ -30,44 +31,49 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, except that a mistyped key or a bad value is one line on stderr and
-    exit code 2 (as argparse does) instead of chained tracebacks."""
+    """absl's flag parsing, after our own check of `--config` and its overrides, so that a
+    mistyped key, a bad value or an unreadable config is one line on stderr and exit code 2 (as
+    argparse does) instead of chained tracebacks."""
+    from her2jax.errors import UserError
+
     try:
-        argv = FLAGS(argv)
-        FLAGS.config.keys()  # a config file that could not be read fails here
-        return argv
-    except (flags.Error, AttributeError, KeyError, OSError) as error:
-        print(f"error: {flag_error(argv, error)}", file=sys.stderr)
-        sys.exit(2)
+        check_config_arguments(argv[1:])
+        return FLAGS(argv)
+    except UserError as error:   # ours: the config file, its variant, an override key
+        message = str(error)
+    except flags.Error as error:  # absl's, one line: a value that does not parse, an unknown flag
+        message = str(error)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
-def flag_error(argv: list[str], error: Exception) -> str:
-    """The one line that says what is wrong with the command line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, flags.Error):   # a traceback inside: its first and last lines
-        return f"{lines[0]} {lines[-1]}" if "Traceback" in str(error) else " ".join(lines)
-    if isinstance(error, OSError):       # the config file could not be loaded
-        return f"--config: {lines[-1]}"
-    # an override key the config lacks: ml_collections names neither the flag nor the path
-    from configs import common
-
-    spec = ""
-    for arg, following in zip(argv, argv[1:] + [""]):
+def config_arguments(args: list[str]) -> tuple[str | None, list[str]]:
+    """(the `--config` spec or None, the keys that `--config.KEY[=VALUE]` overrides)."""
+    spec, keys = None, []
+    for arg, following in zip(args, args[1:] + [""]):
         if arg == "--config":
             spec = following
         elif arg.startswith("--config="):
             spec = arg.partition("=")[2]
-    try:
-        config = common.load(spec)
-    except Exception:  # noqa: BLE001 (the original message is the fallback)
-        return lines[-1] if lines else repr(error)
-    for arg in argv:
-        if arg.startswith("--config."):
-            key = arg.removeprefix("--config.").partition("=")[0]
-            problem = common.unknown_key(config, key)
-            if problem:
-                return f"--config.{key}: {problem}"
-    return lines[-1] if lines else repr(error)
+        elif arg.startswith("--config."):
+            keys.append(arg.removeprefix("--config.").partition("=")[0])
+    return spec, keys
+
+
+def check_config_arguments(args: list[str]) -> None:
+    """Loads the `--config` file as absl will and checks that every override names a setting;
+    raises the UserError that says what is wrong (absl would name neither flag nor path)."""
+    from configs import common
+    from her2jax.errors import InvalidSetting
+
+    spec, keys = config_arguments(args)
+    if not spec:
+        return   # absl says that --config is required
+    config = common.load(spec)
+    for key in keys:
+        problem = common.unknown_key(config, key)
+        if problem:
+            raise InvalidSetting(f"--config.{key}: {problem}")
 
 
 def main(argv: list[str]) -> None:
@@ -75,8 +81,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from absl import logging
 
-    from her2jax import distributed, train
+    from her2jax import distributed
     from her2jax.errors import UserError
+    from her2jax.training import loop as train
 
     logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
     config = FLAGS.config

@@ -182,7 +182,8 @@ class RunFolder:
         import orbax.checkpoint as ocp
         from flax import nnx
 
-        from her2jax import models, optim, steps
+        from her2jax import models
+        from her2jax.training import optim, steps
 
         config = self.config()
         preparation = self.preparation()

@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from her2jax.analysis.evaluation import format_number
 from her2jax.errors import BadInput, InvalidSetting, MissingInput, UserError
-from her2jax.evaluate import format_number
 from her2jax.run_folder import RunFolder
 
 VALIDATION_SPLIT = "validation"     # configs/common.py: config.eval_split

@@ -23,8 +23,8 @@ def main(port: str, process_id: str, data_dir: str, workdir: str, out: str) -> N
     from flax import nnx
 
     from configs import resnet
-    from her2jax import train
     from her2jax.run_folder import RunFolder
+    from her2jax.training import loop as train
 
     config = resnet.get_config("resnet18,runlocal")
     config.data_dir = data_dir

@@ -1,4 +1,4 @@
-"""On-device augmentation (her2jax.augmentation): each step against TensorFlow's ops with the same
+"""On-device augmentation (her2jax.data.augment): each step against TensorFlow's ops with the same
 draws (the host form's reference), the draws' ranges and rates, determinism per seed, and the
 train step that applies it."""
 from __future__ import annotations
@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from her2jax import augmentation
-from her2jax.augmentation import Augment
+from her2jax.data import augment as augmentation
+from her2jax.data import augment_options
+from her2jax.data.augment_options import Augment
 
 tf = pytest.importorskip("tensorflow")
-from her2jax.input import augment as host  # noqa: E402  (TensorFlow first)
+from her2jax.data import augment_host as host  # noqa: E402  (TensorFlow first)
 
-FULL = Augment.from_mapping(augmentation.DEFAULT_AUGMENT)
+FULL = Augment.from_mapping(augment_options.DEFAULT_AUGMENT)
 
 
 def image(height: int = 24, width: int = 20, seed: int = 0) -> np.ndarray:
@@ -108,7 +109,7 @@ def test_crop_boxes_follow_the_host_distribution(scale, ratio):
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
             [height, width, 3], bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
             seed=[seed, 11], min_object_covered=0.0, aspect_ratio_range=ratio,
-            area_range=scale, max_attempts=augmentation.CROP_ATTEMPTS,
+            area_range=scale, max_attempts=augment_options.CROP_ATTEMPTS,
             use_image_if_no_bounding_boxes=True)
         boxes.append([int(begin[0]), int(begin[1]), int(size[0]), int(size[1])])
     host_boxes = np.asarray(boxes)
@@ -147,6 +148,6 @@ def test_batch_augmentation_is_per_example_and_deterministic():
 
 
 def test_augment_on_is_checked():
-    augmentation.check_augment_on("device")
+    augment_options.check_augment_on("device")
     with pytest.raises(ValueError, match="augment_on 'gpu'"):
-        augmentation.check_augment_on("gpu")
+        augment_options.check_augment_on("gpu")

@@ -68,8 +68,8 @@ def test_a_user_error_is_also_the_builtin_error_callers_catch():
     assert issubclass(errors.TrainingDiverged, FloatingPointError)
     assert issubclass(errors.ToolFailed, RuntimeError)
     from data_prep.errors import BadCaseError
-    from her2jax.evaluate import PreparationMismatch
-    from her2jax.input_pipeline import MissingSplit
+    from her2jax.analysis.evaluation import PreparationMismatch
+    from her2jax.data.pipeline import MissingSplit
     from her2jax.run_folder import NotARunFolder
 
     for error_type in (BadCaseError, PreparationMismatch, MissingSplit, NotARunFolder):

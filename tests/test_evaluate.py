@@ -19,8 +19,10 @@ from sklearn import metrics as skm
 from configs import resnet
 from conftest import write_cohort
 from data_prep import prepare
-from her2jax import compare, evaluate, predict, stats, train
+from her2jax import compare, evaluate, predict
+from her2jax.analysis import comparison, evaluation, prediction, stats
 from her2jax.run_folder import RunFolder
+from her2jax.training import loop as train
 
 # 18 patients, HER2+ where i % 3 == 0: validation {3+, 4, 5, 7}, test {0+, 1, 2, 6+}
 SPLITS = [1, 1, 1, 2, 2, 2, 1, 2] + [0] * 10   # 1 = test, 2 = validation
@@ -54,7 +56,7 @@ def setup(tmp_path_factory):
     run_b = tiny_run(data_dir, str(root / "run_b"), seed=1)
     return {"root": root, "cohort": cohort, "rows": rows, "data_dir": data_dir,
             "run_a": run_a, "run_b": run_b,
-            "result": evaluate.evaluate_run(run_a, split="test", samples=300, progress=False)}
+            "result": evaluation.evaluate_run(run_a, split="test", samples=300, progress=False)}
 
 
 def read_csv(path: str) -> list[dict]:
@@ -108,16 +110,16 @@ def test_files_and_every_metric_against_sklearn(setup):
 def test_threshold_is_fixed_on_validation_only(setup):
     result = setup["result"]
     restored = RunFolder(setup["run_a"]).restore("best")
-    validation = evaluate.predict_slices(restored.model, setup["data_dir"], "validation",
-                                         progress=False)
-    table = evaluate.patient_table(validation, "median")
+    validation = evaluation.predict_slices(restored.model, setup["data_dir"], "validation",
+                                           progress=False)
+    table = evaluation.patient_table(validation, "median")
     assert list(table["patient_id"]) == ["T-003", "T-004", "T-005", "T-007"]
     expected = stats.youden_threshold(table["label"], table["probability"])
     assert result["threshold"]["value"] == pytest.approx(expected)
     assert result["threshold"]["split"] == "validation"
     # evaluating another split reuses that threshold: the test split never moves it
-    other = evaluate.evaluate_run(setup["run_a"], split="train", samples=50, progress=False,
-                                  out=str(setup["root"] / "train_eval"))
+    other = evaluation.evaluate_run(setup["run_a"], split="train", samples=50, progress=False,
+                                    out=str(setup["root"] / "train_eval"))
     assert other["threshold"]["value"] == result["threshold"]["value"]
 
 
@@ -127,8 +129,9 @@ def test_one_inference_path_for_splits_and_images(setup):
     import jax
     import jax.numpy as jnp
 
-    from her2jax import inference, input_pipeline
-    from her2jax.steps import normalize_images
+    from her2jax.data import pipeline as input_pipeline
+    from her2jax.training import inference
+    from her2jax.training.steps import normalize_images
 
     restored = RunFolder(setup["run_a"]).restore("best")
     examples = input_pipeline.read_examples(setup["data_dir"], "validation")
@@ -150,8 +153,8 @@ def test_data_prepared_differently_is_refused_naming_the_parameters(setup):
     other = run_prepare("--source", setup["cohort"], "--data_dir",
                         str(setup["root"] / "other"), "--image_size", "24",
                         "--normalization", "global_minmax")
-    with pytest.raises(evaluate.PreparationMismatch) as error:
-        evaluate.evaluate_run(setup["run_a"], data_dir=other, progress=False)
+    with pytest.raises(evaluation.PreparationMismatch) as error:
+        evaluation.evaluate_run(setup["run_a"], data_dir=other, progress=False)
     message = str(error.value)
     assert "normalization" in message and "image_size" in message and "n4" not in message
     assert evaluate.main(["--workdir", setup["run_a"], "--data_dir", other, "--quiet"]) == 1
@@ -214,7 +217,7 @@ def one_error_line(err: str) -> str:
 
 
 def test_predict_reads_the_layout_from_the_run_and_refuses_what_nothing_decides(setup, tmp_path,
-                                                                                 capsys):
+                                                                                capsys):
     cohort = setup["cohort"]
     files = [os.path.join(cohort, "dce", f"T-006_spy2_vis1_dce_aqc_{t}.nii.gz") for t in (0, 1, 3)]
     mask = os.path.join(cohort, "mask", "T-006_spy2_vis1_mask.nii.gz")
@@ -239,8 +242,8 @@ def test_predict_reads_the_layout_from_the_run_and_refuses_what_nothing_decides(
              oriented)
     restored = types.SimpleNamespace(workdir=str(orphan),
                                      config=types.SimpleNamespace(data_dir=config["data_dir"]))
-    assert predict.choose_layout(restored, oriented, None) == ("standard", "file")
-    assert predict.choose_layout(restored, files[0], "breastdcedl") == ("breastdcedl", "flag")
+    assert prediction.choose_layout(restored, oriented, None) == ("standard", "file")
+    assert prediction.choose_layout(restored, files[0], "breastdcedl") == ("breastdcedl", "flag")
 
 
 def test_predict_reports_bad_input_by_file(setup, tmp_path, capsys):
@@ -274,8 +277,8 @@ def test_compare_runs_a_paired_delong_test(setup, tmp_path, capsys):
     assert compare.main([setup["run_a"], setup["run_b"], "--out",
                          str(tmp_path / "c.json")]) == 0
     result = json.load(open(tmp_path / "c.json"))
-    a = compare.read_predictions(setup["run_a"], "test")
-    b = compare.read_predictions(setup["run_b"], "test")
+    a = comparison.read_predictions(setup["run_a"], "test")
+    b = comparison.read_predictions(setup["run_b"], "test")
     ids = sorted(a)
     expected = stats.delong_paired_test([a[i][0] for i in ids], [a[i][1] for i in ids],
                                         [b[i][1] for i in ids])
@@ -283,7 +286,7 @@ def test_compare_runs_a_paired_delong_test(setup, tmp_path, capsys):
     assert result["difference"] == pytest.approx(expected["auc_a"] - expected["auc_b"])
     assert "paired DeLong" in capsys.readouterr().out
     with pytest.raises(ValueError, match="different patients"):
-        compare.compare(a, {k: v for k, v in b.items() if k != ids[0]})
+        comparison.compare(a, {k: v for k, v in b.items() if k != ids[0]})
 
 
 def test_summary_breaks_down_by_cohort_and_slice_ci_resamples_patients():
@@ -298,8 +301,8 @@ def test_summary_breaks_down_by_cohort_and_slice_ci_resamples_patients():
               # slices of one patient are alike: a patient effect plus a little slice noise
               "probability": np.clip(0.3 * labels + np.repeat(rng.uniform(0, 0.6, 30), 4)
                                      + rng.uniform(0, 0.1, ids.size), 0, 1)}
-    result = evaluate.summarize(slices, aggregation="median", threshold=0.5, samples=200)
-    table = evaluate.patient_table(slices, "median")
+    result = evaluation.summarize(slices, aggregation="median", threshold=0.5, samples=200)
+    table = evaluation.patient_table(slices, "median")
     for cohort in ("site_a", "site_b"):
         chosen = table["cohort"] == cohort
         entry = result["cohorts"][cohort]
@@ -312,11 +315,11 @@ def test_summary_breaks_down_by_cohort_and_slice_ci_resamples_patients():
     # as independent patients
     independent = dict(slices, patient_id=np.array([f"S{i}" for i in range(ids.size)],
                                                    dtype=object))
-    i_low, i_high = evaluate.slice_auc_ci(independent, samples=500, level=0.95, seed=0)
+    i_low, i_high = evaluation.slice_auc_ci(independent, samples=500, level=0.95, seed=0)
     assert (high - low) > (i_high - i_low)
     single = dict(slices, cohort=np.array(["one"] * ids.size, dtype=object))
-    assert "cohorts" not in evaluate.summarize(single, aggregation="median", threshold=0.5,
-                                               samples=50)
+    assert "cohorts" not in evaluation.summarize(single, aggregation="median", threshold=0.5,
+                                                 samples=50)
 
 
 def test_a_run_without_a_best_checkpoint_falls_back_to_the_latest(setup, tmp_path):
@@ -329,7 +332,7 @@ def test_a_run_without_a_best_checkpoint_falls_back_to_the_latest(setup, tmp_pat
     shutil.rmtree(os.path.join(workdir, "eval"))
     restored = RunFolder(workdir).restore("best")
     assert restored.checkpoint.startswith("latest") and restored.step == 6
-    result = evaluate.evaluate_run(workdir, samples=50, progress=False)
+    result = evaluation.evaluate_run(workdir, samples=50, progress=False)
     assert result["step"] == 6 and "no best" in result["checkpoint"]
 
 

@@ -12,7 +12,9 @@ from PIL import Image
 
 from configs import resnet
 from conftest import write_cohort
-from her2jax import explain, predict, train
+from her2jax import explain
+from her2jax.analysis import explanation, prediction
+from her2jax.training import loop as train
 from test_evaluate import SPLITS, run_prepare
 
 
@@ -68,17 +70,17 @@ def test_overlays_and_grad_cam_on_the_tumour(trained, capsys):
     assert np.mean(inside) > np.mean(area), (inside, area)
     finer = [e["maps"]["Grad-CAM layer3"]["concentration_ratio"] for e in positive]
     assert np.mean(finer) > 1.0, finer
-    assert explain.finer_layer(32) == 2 and explain.finer_layer(64) == 3
-    assert explain.finer_layer(128) is None and explain.finer_layer(8) is None
+    assert explanation.finer_layer(32) == 2 and explanation.finer_layer(64) == 3
+    assert explanation.finer_layer(128) is None and explanation.finer_layer(8) is None
 
 
 def test_predict_with_explain_writes_overlays(trained, tmp_path):
     cohort, workdir = trained
     files = [os.path.join(cohort, "dce", f"T-000_spy2_vis1_dce_aqc_{t}.nii.gz") for t in (0, 1, 3)]
-    result = predict.predict(workdir, pre=files[0], early=files[1], late=files[2],
-                             mask=os.path.join(cohort, "mask", "T-000_spy2_vis1_mask.nii.gz"),
-                             layout="breastdcedl", patient_id="T-000", out=str(tmp_path),
-                             explain=True)
+    result = prediction.predict(workdir, pre=files[0], early=files[1], late=files[2],
+                                mask=os.path.join(cohort, "mask", "T-000_spy2_vis1_mask.nii.gz"),
+                                layout="breastdcedl", patient_id="T-000", out=str(tmp_path),
+                                explain=True)
     assert len(result["explanations"]) == len(result["slices"]) == 4
     for entry in result["explanations"]:
         assert (tmp_path / entry["file"]).stat().st_size > 1000

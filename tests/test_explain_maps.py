@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from flax import nnx
 from PIL import Image
 
-from her2jax import explain_maps as em
-from her2jax import models, weights
-from her2jax.models import vit
+from her2jax import models
+from her2jax.analysis import maps as em
+from her2jax.models import vit, weights
 from her2jax.models.resnet import from_torchvision
-from her2jax.steps import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+from her2jax.training.steps import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from test_resnet import randomised
 
 SIZE = 64

@@ -1,4 +1,4 @@
-"""Tests of her2jax.input_pipeline on a tiny prepared dataset (16 px, patients of 1 to 4 slices)."""
+"""Tests of her2jax.data.pipeline on a tiny prepared dataset (16 px, patients of 1 to 4 slices)."""
 from __future__ import annotations
 
 import ast
@@ -38,9 +38,9 @@ class Lazy:
 
 
 tf, tfds = Lazy("tensorflow"), Lazy("tensorflow_datasets")
-input_pipeline = Lazy("her2jax.input_pipeline")
-augment, records, sampling = (Lazy(f"her2jax.input.{name}")
-                              for name in ("augment", "records", "sampling"))
+input_pipeline = Lazy("her2jax.data.pipeline")
+augment, records, sampling = (Lazy(f"her2jax.data.{name}")
+                              for name in ("augment_host", "records", "sampling"))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # tumour slices per patient: 10 training patients (every third HER2+, each with one slice, so
 # 4 of 23 training slices are positive), then 2 validation patients
@@ -353,7 +353,7 @@ TWO_DEVICES = """
 import sys
 import jax, numpy as np
 from jax.sharding import Mesh
-from her2jax import input_pipeline
+from her2jax.data import pipeline as input_pipeline
 batch = next(input_pipeline.train_iterator(sys.argv[1], global_batch_size=4, seed=0, augment={}))
 mesh = Mesh(np.array(jax.devices()), ("data",))
 image = input_pipeline.to_global(batch, mesh)["image"]

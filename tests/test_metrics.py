@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
-from her2jax import metrics
+from her2jax.analysis import metrics
 
 SEEDS = range(25)
 
@@ -225,8 +225,8 @@ def test_weighted_auc_equals_auc_of_the_repeated_data():
     positive_counts, negative_counts = rng.integers(0, 4, (5, 9)), rng.integers(0, 4, (5, 14))
     positive_counts[:, 0] += 1
     negative_counts[:, 0] += 1
-    ours = metrics._mann_whitney_auc(positive, negative, positive_counts.astype(float),
-                                     negative_counts.astype(float))
+    ours = metrics.mann_whitney_auc(positive, negative, positive_counts.astype(float),
+                                    negative_counts.astype(float))
     for row in range(5):
         scores = np.r_[np.repeat(positive, positive_counts[row]),
                        np.repeat(negative, negative_counts[row])]

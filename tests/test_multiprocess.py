@@ -10,10 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+from test_train import prepared
 
 from conftest import write_cohort
-from her2jax import distributed, input_pipeline
-from test_train import prepared
+from her2jax import distributed
+from her2jax.data import pipeline as input_pipeline
 
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 

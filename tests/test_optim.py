@@ -11,9 +11,9 @@ from flax import nnx
 from sklearn.utils.class_weight import compute_class_weight
 
 from her2jax import models
-from her2jax.losses import class_weights_from_counts, cross_entropy
-from her2jax.optim import (create_optimizer, decay_mask, learning_rate_multipliers,
-                           learning_rate_schedule)
+from her2jax.training.losses import class_weights_from_counts, cross_entropy
+from her2jax.training.optim import (create_optimizer, decay_mask, learning_rate_multipliers,
+                                    learning_rate_schedule)
 
 
 def test_schedule_follows_the_formula():

@@ -10,9 +10,9 @@ import numpy as np
 from flax import nnx
 
 from her2jax import models
-from her2jax.optim import create_optimizer
-from her2jax.steps import (data_mesh, make_eval_step, make_train_step, normalize_images,
-                           split_model)
+from her2jax.training.optim import create_optimizer
+from her2jax.training.steps import (data_mesh, make_eval_step, make_train_step, normalize_images,
+                                    split_model)
 
 
 def fixed_batch(n: int = 8, size: int = 32) -> dict:
@@ -53,9 +53,9 @@ TWO_DEVICES = textwrap.dedent("""
     import jax, numpy as np, jax.numpy as jnp
     from flax import nnx
     from her2jax import models
-    from her2jax.optim import create_optimizer
-    from her2jax.augmentation import DEFAULT_AUGMENT, Augment
-    from her2jax.steps import data_mesh, make_train_step, split_model
+    from her2jax.training.optim import create_optimizer
+    from her2jax.data.augment_options import DEFAULT_AUGMENT, Augment
+    from her2jax.training.steps import data_mesh, make_train_step, split_model
 
     def fixed_batch(n=8, size=32):
         rng = np.random.default_rng(0)
@@ -117,7 +117,8 @@ def test_train_step_augments_on_the_device_exactly_as_augment_batch():
     plain step's on the images as they came; without seeds it refuses, naming the fix."""
     import pytest
 
-    from her2jax.augmentation import DEFAULT_AUGMENT, Augment, augment_batch
+    from her2jax.data.augment_options import DEFAULT_AUGMENT, Augment
+    from her2jax.data.augment import augment_batch
 
     augment = Augment.from_mapping(DEFAULT_AUGMENT)
     batch = fixed_batch()

@@ -15,8 +15,11 @@ from etils.epath import backend as backend_lib
 from etils.epath import gpath
 
 from configs import resnet
-from her2jax import input_pipeline, run_log, train, weights
+from her2jax.data import pipeline as input_pipeline
+from her2jax.models import weights
 from her2jax.run_folder import RunFolder
+from her2jax.training import loop as train
+from her2jax.training import run_log
 
 HER2JAX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "her2jax")
 

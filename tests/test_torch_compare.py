@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from her2jax import models
-from her2jax.weights import load_pretrained
+from her2jax.models.weights import load_pretrained
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import torch_compare  # noqa: E402

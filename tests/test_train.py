@@ -18,7 +18,10 @@ import pytest
 from configs import resnet, vit
 from conftest import write_cohort
 from data_prep import prepare
-from her2jax import evaluate, input_pipeline, steps, train
+from her2jax.analysis import evaluation
+from her2jax.data import pipeline as input_pipeline
+from her2jax.training import loop as train
+from her2jax.training import steps
 
 
 def prepared(folder: str, *extra: str) -> str:
@@ -199,7 +202,7 @@ def test_relaunch_with_another_model_refuses_and_leaves_the_run_intact(dataset, 
     assert 'model.kwargs.attention "dual" -> (absent)' in message
     assert "use another --workdir" in message and len(message) < 1500
     assert_untouched(workdir, config_bytes, listing)
-    result = evaluate.evaluate_run(workdir, split="validation", samples=20, progress=False)
+    result = evaluation.evaluate_run(workdir, split="validation", samples=20, progress=False)
     assert result["model"] == "resnet18"
 
 
@@ -235,7 +238,7 @@ def test_relaunch_may_extend_the_run_and_records_the_change(dataset, finished_ru
 
 
 def test_runs_from_before_augment_on_relaunch_and_switching_it_is_refused(dataset, finished_run,
-                                                                        tmp_path):
+                                                                          tmp_path):
     """A config.json written before input.augment_on existed relaunches with the default
     ('host', what those runs did) as no change; moving the augmentation to the device is another
     experiment (other random draws): refused."""
@@ -280,7 +283,7 @@ def test_invalid_values_fail_before_anything_is_written(dataset, tmp_path, key, 
 TWO_DEVICE_RESUME = """
 import sys, torchvision, jax
 from configs import resnet, vit
-from her2jax import train
+from her2jax.training import loop as train
 assert len(jax.devices()) == 2
 config = resnet.get_config("resnet18,runlocal")
 config.data_dir, config.batch_size, config.eval.batch_size = sys.argv[1], 4, 3
@@ -369,7 +372,7 @@ def test_ctrl_c_writes_a_checkpoint_and_a_second_one_stops_at_once(dataset, tmp_
 
 
 def test_nan_outputs_at_an_evaluation_stop_the_run_naming_the_step(dataset, tmp_path,
-                                                                  monkeypatch):
+                                                                   monkeypatch):
     """Parameters can diverge in an update whose loss was still finite: the evaluation's NaN
     outputs then stop the run with the step, not a metric library's complaint."""
     _, data_dir = dataset

@@ -6,13 +6,13 @@ import sys
 
 import numpy as np
 import pytest
-
 import timm
 import torch
 from flax import nnx
 from safetensors.torch import save_file as save_torch_safetensors
 
-from her2jax import convert, models, weights
+from her2jax import convert, models
+from her2jax.models import weights
 from test_resnet import randomised, torch_logits
 
 

@@ -6,100 +6,21 @@ any heavy work starts. Reading images happens later, in worker processes (`data_
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 
-from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
+from data_prep.sources import breastdcedl, manifest
+from data_prep.sources.cases import Case, Listing, cohort_reason, parse_label, reject_duplicates
 from her2jax.errors import InvalidSetting, MissingInput
 
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One patient, ready to be read.
-
-    phases: paths of the pre, early and late phase (NIfTI file or DICOM series folder).
-    mask: tumour mask path, or None when only `box` is known.
-    box: tumour box (z0, z1, y0, y1, x0, x1), voxel indices, inclusive; used when mask is None.
-    stored_zyx: the NIfTI arrays were written (z, y, x) with an identity affine (BreastDCEDL).
-    spacing: real (z, y, x) spacing in mm when the files' headers do not carry it, else None.
-    split: train, validation, test or external; None lets the seeded split rule decide.
-    tumour_range: the metadata's own first and last tumour slice (z0, z1), when a mask is given
-        too: the mask wins, a disagreement is recorded in the report.
-    """
-
-    patient_id: str
-    label: int
-    cohort: str
-    phases: tuple[str, str, str]
-    mask: str | None = None
-    box: tuple[int, int, int, int, int, int] | None = None
-    stored_zyx: bool = False
-    spacing: tuple[float, float, float] | None = None
-    split: str | None = None
-    tumour_range: tuple[int, int] | None = None
-
-
-@dataclasses.dataclass
-class Listing:
-    """What a source holds: good cases, per-patient problems, and notes for the report.
-
-    excluded: rows left out by rule, not errors ({patient_id, reason}): a patient without a HER2
-        status, a cohort not selected. Counted by reason in the report.
-    release: which release of a known dataset the source is (e.g. "mincrop"), or None.
-    layout: how its NIfTI arrays are stored: "breastdcedl" ((z, y, x), identity affine) or
-        "standard" (each file's own header geometry).
-    phase_rules: patient id -> how its pre/early/late files were chosen, where a rule chose.
-    """
-
-    kind: str
-    cases: list[Case]
-    problems: list[BadCaseError] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    excluded: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    release: str | None = None
-    layout: str = "standard"
-    phase_rules: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def exclude(self, patient_id: str, reason: str) -> None:
-        self.excluded.append({"patient_id": patient_id, "reason": reason})
-
-    def excluded_counts(self) -> dict[str, int]:
-        return dict(sorted(collections.Counter(e["reason"] for e in self.excluded).items()))
-
-
-def parse_label(patient_id: str, path: str, raw: str | None) -> int:
-    """Accepts 0/1 (also '0.0'/'1.0') and HER2-/HER2+ / negative/positive."""
-    text = (raw or "").strip().lower()
-    if text in ("", "nan", "na", "none"):
-        raise BadCaseError(patient_id, path, "missing HER2 label")
-    aliases = {"her2-": 0, "her2+": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1}
-    if text in aliases:
-        return aliases[text]
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value not in (0.0, 1.0):
-        raise BadCaseError(patient_id, path, f"invalid HER2 label {raw!r} (expected 0 or 1)")
-    return int(value)
-
-
-def reject_duplicates(listing: Listing, path: str) -> None:
-    """Moves every patient whose id occurs more than once into problems: neither copy is trusted."""
-    counts = collections.Counter(case.patient_id for case in listing.cases)
-    duplicated = {pid for pid, n in counts.items() if n > 1}
-    for pid in sorted(duplicated):
-        listing.problems.append(BadCaseError(pid, path, f"duplicate patient id ({counts[pid]} rows)"))
-    listing.cases = [case for case in listing.cases if case.patient_id not in duplicated]
+__all__ = ["Case", "Listing", "cohort_reason", "list_cases", "locate", "parse_label",
+           "reject_duplicates"]
 
 
 def locate(source: str) -> tuple[str, str | None]:
     """(folder, manifest file name or None) of a `--source`, checked before anything is written:
     a `.csv` file is a manifest; a folder must hold `manifest.csv` or a BreastDCEDL metadata CSV."""
-    from data_prep.sources import breastdcedl
-
     if "://" in source:
         raise InvalidSetting(f"--source {source}: preparation reads local files; copy the cohort "
                              f"here first (e.g. gcloud storage rsync -r {source} DIR)")
@@ -125,8 +46,6 @@ def list_cases(source: str, params: PrepParams) -> Listing:
     A `.csv` file, or a folder holding `manifest.csv`, is a manifest; any other folder is read as
     the BreastDCEDL layout (metadata CSV plus NIfTI files anywhere below it).
     """
-    from data_prep.sources import breastdcedl, manifest
-
     if not os.path.exists(source):
         raise MissingInput(f"source {source} does not exist")
     if os.path.isfile(source):
@@ -149,7 +68,3 @@ def list_cases(source: str, params: PrepParams) -> Listing:
         listing.cases = [dataclasses.replace(c, split="external", cohort=params.external)
                          for c in listing.cases]
     return listing
-
-
-def cohort_reason(cohort: str, selected: tuple[str, ...]) -> str:
-    return f"cohort {cohort} not selected (--cohorts {','.join(selected)})"

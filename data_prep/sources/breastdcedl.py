@@ -36,7 +36,7 @@ import re
 
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
-from data_prep.sources import Case, Listing, cohort_reason, parse_label, reject_duplicates
+from data_prep.sources.cases import Case, Listing, cohort_reason, parse_label, reject_duplicates
 from her2jax.errors import InvalidSetting, MissingInput
 
 NAMING = {
@@ -148,7 +148,7 @@ def list_cases(source: str, params: PrepParams) -> Listing:
         if rules:
             listing.notes.append(
                 "phase files: " + "; ".join(f"{n} patients {PHASE_RULES[rule]}"
-                                             for rule, n in sorted(rules.items())))
+                                            for rule, n in sorted(rules.items())))
     return listing
 
 

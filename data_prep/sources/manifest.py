@@ -15,7 +15,7 @@ import re
 
 from data_prep.errors import BadCaseError
 from data_prep.params import SPLITS, PrepParams
-from data_prep.sources import Case, Listing, parse_label, reject_duplicates
+from data_prep.sources.cases import Case, Listing, parse_label, reject_duplicates
 from her2jax.errors import BadInput
 
 REQUIRED_COLUMNS = ("patient_id", "label", "pre", "early", "late")

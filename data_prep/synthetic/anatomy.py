@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
-from data_prep.synthetic.planted import PlantedParams, _sigmoid, xy_spacing_mm
+from data_prep.synthetic.planted import PlantedParams, sigmoid, xy_spacing_mm
 
 UINT16_MAX = 65535.0
 
@@ -224,7 +224,7 @@ def _tumour(p: PlantedParams, g: _Grid, interior: np.ndarray, centres: list[floa
     if not crop.any():
         centre = np.clip(np.round([cz, cy, cx]).astype(int) - lo, 0, np.array(rho.shape) - 1)
         crop[tuple(centre)] = True
-    rim = _sigmoid((rho_eff - p.necrotic_fraction) / RIM_WIDTH).astype(np.float32)
+    rim = sigmoid((rho_eff - p.necrotic_fraction) / RIM_WIDTH).astype(np.float32)
     texture = _smooth_field(rho.shape, (0.7, 1.0, 1.0), rng)
     mask = np.zeros(interior.shape, dtype=bool)
     mask[box] = crop

@@ -147,7 +147,7 @@ class PlantedParams:
         return SITES[self.site].times_s
 
 
-def _sigmoid(x: float | np.ndarray) -> float | np.ndarray:
+def sigmoid(x: float | np.ndarray) -> float | np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
@@ -163,7 +163,7 @@ def washout_rate_from_latent(z: float) -> float:
 
 def necrotic_fraction_from_latent(z: float) -> float:
     """Necrotic core radius as a fraction of the tumour radius: 0.75 sigmoid(1.5 z - 0.5)."""
-    return NECROSIS_MAX * float(_sigmoid(NECROSIS_SLOPE * z + NECROSIS_OFFSET))
+    return NECROSIS_MAX * float(sigmoid(NECROSIS_SLOPE * z + NECROSIS_OFFSET))
 
 
 def oracle_score(params: PlantedParams) -> float:
@@ -257,7 +257,7 @@ def sample_clinical(her2: int, rng: np.random.Generator) -> dict[str, object]:
     hr = int(rng.random() < 0.6)
     pcr = int(rng.random() < 0.3)
     age = int(np.clip(round(rng.normal(50.0, 10.0)), 25, 75))
-    menopause = int(rng.random() < float(_sigmoid((age - 50.0) / 3.0)))
+    menopause = int(rng.random() < float(sigmoid((age - 50.0) / 3.0)))
     race = rng.choice(3, p=[0.72, 0.15, 0.13])
     return {
         "pCR": pcr,

@@ -7,8 +7,6 @@ Inputs are NHWC float images; outputs are logits (batch, num_classes). `model.tr
 `model.eval()` switch BatchNorm statistics, dropout and stochastic depth.
 """
 from her2jax.models.registry import create, names, register
-from her2jax.models import resnet  # noqa: F401  (registers the ResNets)
-from her2jax.models import vit  # noqa: F401  (registers the ViTs)
 
 __all__ = ["create", "from_config", "names", "register"]
 

@@ -35,6 +35,7 @@ from flax import nnx
 from her2jax.errors import InvalidSetting
 from her2jax.models.attention import KINDS, Identity, make_attention
 from her2jax.models.layers import conv_general_dilated, max_pool
+from her2jax.models.presets import DUAL_ATTENTION, TRIPLE_HEAD
 from her2jax.models.registry import register
 
 PLACEMENTS = ("last", "stages", "blocks")
@@ -299,8 +300,7 @@ def dual_attention_resnet34(*, num_classes: int, rngs: nnx.Rngs, **options: Any)
     """The third-party reading of the study's model: ResNet-34, squeeze-excite (r=16) then CBAM
     spatial attention on the layer4 map (attention 'dual', placement 'last'), global average
     pool, dropout 0.5, linear. `options` override these defaults."""
-    defaults = {"attention": "dual", "placement": "last", "reduction": 16, "dropout": 0.5}
-    return ResNet(34, num_classes=num_classes, rngs=rngs, **(defaults | options))
+    return ResNet(34, num_classes=num_classes, rngs=rngs, **(DUAL_ATTENTION | options))
 
 
 @register("triple_head_dual_attention_resnet18")
@@ -308,9 +308,7 @@ def triple_head_dual_attention_resnet18(*, num_classes: int, rngs: nnx.Rngs,
                                         **options: Any) -> ResNet:
     """ResNet-18 with the triple head on layer2/3/4, each head with its own 'dual' attention
     (squeeze-excite r=16, then CBAM spatial), dropout 0.5, logits averaged. `options` override."""
-    defaults = {"attention": "dual", "placement": "last", "reduction": 16, "dropout": 0.5,
-                "head": "triple", "head_combine": "mean"}
-    return ResNet(18, num_classes=num_classes, rngs=rngs, **(defaults | options))
+    return ResNet(18, num_classes=num_classes, rngs=rngs, **(TRIPLE_HEAD | options))
 
 
 def from_torchvision(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

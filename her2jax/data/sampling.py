@@ -15,8 +15,8 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-import tensorflow as tf
 
+from her2jax.data.tensorflow_host import tf
 from her2jax.errors import BadInput, InvalidSetting
 
 BALANCE_MODES = ("none", "class", "patient")

@@ -1,5 +1,5 @@
 """Training augmentation of one uint8 (H, W, 3) image, on the host in tf.data (the default,
-`input.augment_on='host'`; `her2jax.augmentation` has the options and the on-device form).
+`input.augment_on='host'`; `her2jax.data.augment` has the options and the on-device form).
 
 Every random draw is stateless, from a seed pair given per example, so an example's augmentation
 depends only on (training seed, its position in the stream). The steps, in order (x is the image
@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import math
 
-import tensorflow as tf
-
-# The options live beside the on-device form (no TensorFlow there); re-exported here.
-from her2jax.augmentation import (  # noqa: F401
-    CROP_ATTEMPTS, DEFAULT_AUGMENT, DEFAULT_CROP_RATIO, Augment)
+from her2jax.data.augment_options import CROP_ATTEMPTS, Augment
+from her2jax.data.tensorflow_host import tf
 
 
 def apply(augment: Augment, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

@@ -74,7 +74,7 @@ from her2jax.errors import InvalidSetting
 from her2jax.models.attention import SpatialAttention
 from her2jax.models.resnet import ResNet
 from her2jax.models.vit import VisionTransformer
-from her2jax.steps import normalize_images
+from her2jax.training.steps import normalize_images
 
 HEAD_FUSIONS = ("mean", "max", "min")
 COLORMAPS = ("jet", "inferno")

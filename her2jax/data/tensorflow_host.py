@@ -1,4 +1,6 @@
-"""Parts of the input pipeline (`her2jax.input_pipeline` is the API): the only TensorFlow users.
+"""TensorFlow and TFDS for the input pipeline (`her2jax.data.pipeline` is the API), imported here
+only, so that the environment is set before TensorFlow loads: the only TensorFlow users in
+`her2jax` are the modules of `her2jax.data` that import this one (not `her2jax.data.augment`).
 
 TensorFlow stays on the host CPU: the accelerators belong to JAX, and a TensorFlow that saw a GPU
 would reserve its memory.
@@ -9,8 +11,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 
 try:
     tf.config.set_visible_devices([], "GPU")
 except RuntimeError:  # TensorFlow already initialised its devices elsewhere in this process
     pass
+
+__all__ = ["tf", "tfds"]

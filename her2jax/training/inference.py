@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from her2jax import distributed, steps
+from her2jax import distributed
+from her2jax.training import steps
 
 SPLIT_COLUMNS = ("patient_id", "cohort", "slice_index", "label", "probability")
 
@@ -73,7 +74,7 @@ class Predictor:
         `batch_size` is the global batch, rounded up to a multiple of the devices; `progress`
         is called with the number of real slices of each batch.
         """
-        from her2jax import input_pipeline
+        from her2jax.data import pipeline as input_pipeline
 
         # a missing split is refused by eval_batches (MissingSplit)
         columns: dict[str, list] = {key: [] for key in (*SPLIT_COLUMNS, "valid")}

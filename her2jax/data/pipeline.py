@@ -1,10 +1,11 @@
 """Input pipeline: prepared TFRecords -> numpy batches on each host -> global jax.Arrays.
 
-The only module of `her2jax` that uses TensorFlow (tf.data on the host CPU, in `her2jax.input`).
+TensorFlow (tf.data on the host CPU) is used only here and in the modules of `her2jax.data` that
+import `her2jax.data.tensorflow_host`.
 
 Training stream of one process (`train_iterator`):
-    epoch e = the process's share (see `her2jax.input.records`), its files in an order drawn from
-    (seed, e), [balanced: rejection of examples, see `her2jax.input.sampling`], shuffled with a
+    epoch e = the process's share (see `her2jax.data.records`), its files in an order drawn from
+    (seed, e), [balanced: rejection of examples, see `her2jax.data.sampling`], shuffled with a
     seed drawn from (seed, e); epochs follow one another without end;
     -> example t of the stream is decoded and augmented with the stateless seed (seed, t)
        (augment_on="device": decoded only, the seed pair sent along for the train step)
@@ -26,17 +27,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from her2jax.augmentation import check_augment_on
+from her2jax.data import records, sampling
+from her2jax.data.augment_host import apply
+from her2jax.data.augment_options import DEFAULT_AUGMENT, Augment, check_augment_on
+from her2jax.data.records import (MissingSplit, class_counts, open_dataset, preparation_metadata,
+                                  require_split)
+from her2jax.data.tensorflow_host import tf, tfds
 from her2jax.distributed import to_global
-from her2jax.input import records, sampling
-from her2jax.input.augment import DEFAULT_AUGMENT, Augment, apply
-from her2jax.input.records import (MissingSplit, class_counts, open_dataset,
-                                   preparation_metadata, require_split)
-
-import tensorflow as tf  # noqa: E402  (after her2jax.input, which keeps it off the GPU)
-import tensorflow_datasets as tfds  # noqa: E402
-
-from her2jax.errors import InvalidSetting  # noqa: E402
+from her2jax.errors import InvalidSetting
 
 __all__ = ["DEFAULT_AUGMENT", "MissingSplit", "class_counts", "eval_batches", "open_dataset",
            "preparation_metadata", "read_examples", "require_split", "to_global",
@@ -53,16 +51,16 @@ def train_iterator(data_dir: str, *, split: str = "train", global_batch_size: in
     """Endless shuffled training batches of this process: {"image": uint8 (b, H, W, 3),
     "label": int32 (b,)} with b = global_batch_size // process_count.
 
-    augment: options of `her2jax.input.augment.Augment.from_mapping` (None or {}: none).
+    augment: options of `her2jax.data.augment.Augment.from_mapping` (None or {}: none).
     balance: "none", "class" (labels equally often) or "patient" (every patient equally often,
-        whatever its slice count); both by rejection sampling, see `her2jax.input.sampling`.
+        whatever its slice count); both by rejection sampling, see `her2jax.data.sampling`.
     process_index, process_count: default to jax's, read at call time (after
         `jax.distributed.initialize`).
     start_step: the first batch is the one an uninterrupted iterator yields at this step.
     shuffle_buffer: records (still encoded) in the shuffle buffer of each epoch.
     augment_on: "host" augments here; "device" leaves the images as read and adds
         "augment_seed": uint32 (b, 2), each example's seed pair, for the train step to augment
-        with (`her2jax.augmentation.augment_batch`, `steps.make_train_step(augment=...)`).
+        with (`her2jax.data.augment.augment_batch`, `steps.make_train_step(augment=...)`).
     """
     process_index, process_count = _processes(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, process_count)

@@ -25,7 +25,7 @@ import numpy as np
 AGGREGATIONS = ("median", "mean", "max")
 
 
-def _binary_labels(labels: Sequence | np.ndarray, name: str = "labels") -> np.ndarray:
+def binary_labels(labels: Sequence | np.ndarray, name: str = "labels") -> np.ndarray:
     """`labels` as a 1-D int64 array of 0/1; anything else is an error."""
     array = np.asarray(labels)
     if array.ndim != 1:
@@ -36,7 +36,7 @@ def _binary_labels(labels: Sequence | np.ndarray, name: str = "labels") -> np.nd
     return array.astype(np.int64)
 
 
-def _scores(scores: Sequence | np.ndarray, size: int, name: str = "scores") -> np.ndarray:
+def checked_scores(scores: Sequence | np.ndarray, size: int, name: str = "scores") -> np.ndarray:
     """`scores` as a 1-D float64 array of length `size` without NaN."""
     array = np.asarray(scores, dtype=np.float64)
     if array.ndim != 1 or array.size != size:
@@ -94,8 +94,8 @@ def aggregate_patients(patient_ids: Sequence, probabilities: np.ndarray, labels:
         raise ValueError("patient_ids, probabilities and labels must have the same length, got "
                          f"{ids.size}, {probs.size} and {np.asarray(labels).size}")
     ids = ids[keep]
-    probs = _scores(probs[keep], ids.size, "probabilities")
-    slice_labels = _binary_labels(np.asarray(labels)[keep])
+    probs = checked_scores(probs[keep], ids.size, "probabilities")
+    slice_labels = binary_labels(np.asarray(labels)[keep])
     if ids.size == 0:
         return [], np.zeros(0, np.float64), np.zeros(0, np.int64)
 
@@ -121,7 +121,7 @@ def aggregate_patients(patient_ids: Sequence, probabilities: np.ndarray, labels:
     return unique.tolist(), patient_probs, low
 
 
-def _mann_whitney_auc(positive: np.ndarray, negative: np.ndarray,
+def mann_whitney_auc(positive: np.ndarray, negative: np.ndarray,
                       positive_weights: np.ndarray, negative_weights: np.ndarray) -> np.ndarray:
     """Weighted Mann-Whitney AUC for each row of the weight matrices.
 
@@ -153,12 +153,12 @@ def roc_auc(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray) -> flo
     This equals sklearn.metrics.roc_auc_score (the trapezoidal area under the full ROC curve).
     Returns NaN, without a warning, when fewer than two classes are present.
     """
-    y = _binary_labels(labels)
-    s = _scores(scores, y.size)
+    y = binary_labels(labels)
+    s = checked_scores(scores, y.size)
     positive, negative = s[y == 1], s[y == 0]
     if positive.size == 0 or negative.size == 0:
         return math.nan
-    return float(_mann_whitney_auc(positive, negative, np.ones((1, positive.size)),
+    return float(mann_whitney_auc(positive, negative, np.ones((1, positive.size)),
                                    np.ones((1, negative.size)))[0])
 
 
@@ -171,8 +171,8 @@ def roc_curve(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray,
     so the curve starts at (0, 0) and ends at (1, 1). Where a class is absent its rate is NaN;
     unlike sklearn this raises no warning.
     """
-    y = _binary_labels(labels)
-    s = _scores(scores, y.size)
+    y = binary_labels(labels)
+    s = checked_scores(scores, y.size)
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     last_of_each = np.flatnonzero(np.r_[s[1:] != s[:-1], True]) if y.size else np.zeros(0, int)
@@ -198,8 +198,8 @@ def threshold_metrics(labels: Sequence | np.ndarray, scores: Sequence | np.ndarr
     present (sklearn's balanced_accuracy_score instead averages the recall of the classes
     present). Counts are returned as int under "tp", "fp", "tn", "fn".
     """
-    y = _binary_labels(labels)
-    predicted = _scores(scores, y.size) >= threshold
+    y = binary_labels(labels)
+    predicted = checked_scores(scores, y.size) >= threshold
     tp = int(np.sum(predicted & (y == 1)))
     fp = int(np.sum(predicted & (y == 0)))
     tn = int(np.sum(~predicted & (y == 0)))
@@ -233,8 +233,8 @@ def bootstrap_auc_ci(labels: Sequence | np.ndarray, scores: Sequence | np.ndarra
         raise ValueError(f"samples must be at least 1, got {samples}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    y = _binary_labels(labels)
-    s = _scores(scores, y.size)
+    y = binary_labels(labels)
+    s = checked_scores(scores, y.size)
     positive, negative = s[y == 1], s[y == 0]
     if positive.size == 0 or negative.size == 0:
         return math.nan, math.nan
@@ -244,7 +244,7 @@ def bootstrap_auc_ci(labels: Sequence | np.ndarray, scores: Sequence | np.ndarra
                                       size=samples)
     negative_counts = rng.multinomial(negative.size, np.full(negative.size, 1.0 / negative.size),
                                       size=samples)
-    aucs = _mann_whitney_auc(positive, negative, positive_counts.astype(np.float64),
+    aucs = mann_whitney_auc(positive, negative, positive_counts.astype(np.float64),
                              negative_counts.astype(np.float64))
     alpha = 1.0 - level
     low, high = np.quantile(aucs, [alpha / 2.0, 1.0 - alpha / 2.0])
@@ -258,7 +258,7 @@ def majority_baseline(labels: Sequence | np.ndarray) -> dict:
     Ties go to the negative class. Its scores are constant, so its AUC is 0.5 (NaN when a class
     is absent, as for `roc_auc`); accuracy is NaN for no labels.
     """
-    y = _binary_labels(labels)
+    y = binary_labels(labels)
     positives = int(y.sum())
     majority = int(positives > y.size - positives)
     return {
@@ -285,7 +285,7 @@ def patient_report(patient_ids: Sequence, probabilities: np.ndarray, labels: np.
     ids, patient_probs, patient_labels = aggregate_patients(
         patient_ids, probabilities, labels, method=method, valid=valid)
     keep = (np.ones(len(patient_ids), bool) if valid is None else np.asarray(valid, bool))
-    slice_labels = _binary_labels(np.asarray(labels)[keep])
+    slice_labels = binary_labels(np.asarray(labels)[keep])
     slice_probs = np.asarray(probabilities, np.float64)[keep]
     low, high = bootstrap_auc_ci(patient_labels, patient_probs, samples=samples, level=level,
                                  seed=seed)

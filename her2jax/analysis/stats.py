@@ -1,7 +1,7 @@
 """Inference on patient-level scores: DeLong AUC variance and paired test, Youden threshold,
 calibration.
 
-`her2jax.metrics` reports an AUC with a bootstrap interval; this module adds the analytic
+`her2jax.analysis.metrics` reports an AUC with a bootstrap interval; this module adds the analytic
 (DeLong) variance of the AUC, the DeLong test that compares two models scored on the same
 patients, the operating point that maximises Youden's J, and reliability-diagram bins.
 
@@ -22,7 +22,7 @@ and Ty those of the y among themselves,
 because a midrank is #{smaller} + (#{equal, itself included} + 1) / 2, so Tz_i - Tx_i counts
 the negatives below x_i plus half of those equal to it.
 
-Conventions follow `her2jax.metrics`: labels are 0/1 (1 = HER2-positive), a higher score means
+Conventions follow `her2jax.analysis.metrics`: labels are 0/1 (1 = HER2-positive), a higher score means
 more likely positive, an undefined quantity (a class absent, a variance from one sample, ...)
 is NaN, never an exception or a warning, and everything is plain numpy (the normal
 distribution comes from the standard library).
@@ -35,7 +35,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from her2jax.metrics import _binary_labels, _scores
+from her2jax.analysis.metrics import binary_labels, checked_scores
 
 
 def _midranks(values: np.ndarray) -> np.ndarray:
@@ -71,8 +71,8 @@ def delong_placements(labels: Sequence | np.ndarray, scores: Sequence | np.ndarr
         NaN and the placements of the other class are NaN (there is nothing to place them
         against), without a warning.
     """
-    y = _binary_labels(labels)
-    s = _scores(scores, y.size)
+    y = binary_labels(labels)
+    s = checked_scores(scores, y.size)
     positive, negative = s[y == 1], s[y == 0]
     m, n = positive.size, negative.size
     if m == 0 or n == 0:
@@ -139,13 +139,13 @@ def delong_paired_test(labels: Sequence | np.ndarray, scores_a: Sequence | np.nd
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    y = _binary_labels(labels)
+    y = binary_labels(labels)
     lengths = (y.size, np.asarray(scores_a).size, np.asarray(scores_b).size)
     if len(set(lengths)) != 1:
         raise ValueError("labels, scores_a and scores_b must have the same length, got "
                          f"{lengths[0]}, {lengths[1]} and {lengths[2]}")
-    s_a = _scores(scores_a, y.size, "scores_a")
-    s_b = _scores(scores_b, y.size, "scores_b")
+    s_a = checked_scores(scores_a, y.size, "scores_a")
+    s_b = checked_scores(scores_b, y.size, "scores_b")
     auc_a, v10_a, v01_a = delong_placements(y, s_a)
     auc_b, v10_b, v01_b = delong_placements(y, s_b)
     m, n = v10_a.size, v01_a.size
@@ -191,8 +191,8 @@ def youden_threshold(labels: Sequence | np.ndarray, scores: Sequence | np.ndarra
     Returns:
         the threshold as a float; NaN, without a warning, when a class is absent.
     """
-    y = _binary_labels(labels)
-    s = _scores(scores, y.size)
+    y = binary_labels(labels)
+    s = checked_scores(scores, y.size)
     positives = int(y.sum())
     negatives = y.size - positives
     if positives == 0 or negatives == 0:
@@ -235,8 +235,8 @@ def calibration_bins(labels: Sequence | np.ndarray, probabilities: Sequence | np
     if int(bins) != bins or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins}")
     bins = int(bins)
-    y = _binary_labels(labels)
-    p = _scores(probabilities, y.size, "probabilities")
+    y = binary_labels(labels)
+    p = checked_scores(probabilities, y.size, "probabilities")
     if p.size and (p.min() < 0.0 or p.max() > 1.0):
         raise ValueError("probabilities must lie in [0, 1], found values in "
                          f"[{p.min()}, {p.max()}]")

@@ -21,15 +21,18 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from her2jax import (distributed, inference, input_pipeline, metrics, models, optim, steps,
-                     weights)
-from her2jax.augmentation import AUGMENT_ON, Augment
+from her2jax import distributed, models
+from her2jax.analysis import metrics
+from her2jax.data import pipeline as input_pipeline
+from her2jax.data.augment_options import AUGMENT_ON, Augment
+from her2jax.data.sampling import BALANCE_MODES
 from her2jax.errors import BadInput, InvalidSetting, TrainingDiverged
-from her2jax.input.sampling import BALANCE_MODES
-from her2jax.losses import class_weights_from_counts
-from her2jax.optim import learning_rate_schedule
+from her2jax.models import weights
 from her2jax.run_folder import RunFolder
-from her2jax.run_log import RunLog
+from her2jax.training import inference, optim, steps
+from her2jax.training.losses import class_weights_from_counts
+from her2jax.training.optim import learning_rate_schedule
+from her2jax.training.run_log import RunLog
 
 DTYPES = ("float32", "bfloat16")
 # Keys a relaunch in the same run folder may change: how long to train (extending a run; the

@@ -13,10 +13,9 @@ import json
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from etils import epath
 
+from her2jax.data.tensorflow_host import tf, tfds
 from her2jax.errors import InvalidSetting
 
 INDEX_BATCH = 1024

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from her2jax import metrics
+from her2jax.analysis import metrics
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)
 

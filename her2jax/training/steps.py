@@ -10,8 +10,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from her2jax.augmentation import Augment, augment_batch
-from her2jax.losses import cross_entropy
+from her2jax.data.augment import augment_batch
+from her2jax.data.augment_options import Augment
+from her2jax.training.losses import cross_entropy
 
 # ImageNet statistics: the pretrained networks expect them, and the 8-bit RGB fusion exists so
 # that those networks apply.
