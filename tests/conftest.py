@@ -3,9 +3,23 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+# One JAX compilation cache for the whole session: the test processes and every command they
+# start (training, evaluation, sweeps on each backend) compile a model's steps once, not once per
+# process. Created here in the first process (the xdist controller), inherited by the workers and
+# their subprocesses through the environment, removed when the session ends. JAX keys an entry by
+# the program, its devices and its flags, so a cached executable is the one a compile would give;
+# the size limit turns on JAX's file lock, so that concurrent processes read whole entries only.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="her2jax-test-jax-cache-")
+    os.environ["HER2JAX_TEST_OWNS_JAX_CACHE"] = str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # torchvision (through torch._dynamo and triton) crashes the process when it is imported after
 # TensorFlow, the other way round works: the reference models load first in every test process.
@@ -82,3 +96,23 @@ def cohort(tmp_path):
     folder = str(tmp_path / "cohort")
     rows = write_cohort(folder)
     return folder, rows
+
+
+def pytest_unconfigure(config):
+    """The process that created the session's compilation cache removes it."""
+    if os.environ.get("HER2JAX_TEST_OWNS_JAX_CACHE") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# The files that take longest (pytest --durations, 2 cores), scheduled first: with
+# `--dist loadfile` each worker takes the next file as it finishes one, so long files at the end
+# of the order would leave one worker alone with them. The order changes no result.
+LONGEST_FIRST = ("test_train.py", "test_tpu_standin.py", "test_demo.py", "test_slurm.py",
+                 "test_gpu_script.py", "test_sweep.py", "test_steps.py", "test_torch_compare.py",
+                 "test_evaluate.py", "test_vit.py", "test_resnet.py", "test_multiprocess.py",
+                 "test_scaling_bench.py", "test_layers.py", "test_gpu_vit_script.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files keep order
