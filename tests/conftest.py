@@ -102,17 +102,3 @@ def pytest_unconfigure(config):
     """The process that created the session's compilation cache removes it."""
     if os.environ.get("HER2JAX_TEST_OWNS_JAX_CACHE") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-
-
-# The files that take longest (pytest --durations, 2 cores), scheduled first: with
-# `--dist loadfile` each worker takes the next file as it finishes one, so long files at the end
-# of the order would leave one worker alone with them. The order changes no result.
-LONGEST_FIRST = ("test_train.py", "test_tpu_standin.py", "test_demo.py", "test_slurm.py",
-                 "test_gpu_script.py", "test_sweep.py", "test_steps.py", "test_torch_compare.py",
-                 "test_evaluate.py", "test_vit.py", "test_resnet.py", "test_multiprocess.py",
-                 "test_scaling_bench.py", "test_layers.py", "test_gpu_vit_script.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files keep order
