@@ -188,10 +188,11 @@ class RunFolder:
         config = self.config()
         preparation = self.preparation()
         mesh = mesh or steps.data_mesh()
-        model = models.from_config(config, preparation["image_size"])
+        # shapes only: the checkpoint supplies every value, so nothing is initialised or compiled
+        model = nnx.eval_shape(lambda: models.from_config(config, preparation["image_size"]))
         _, _, params, rest = steps.split_model(model)
         state = {"params": params, "rest": rest,
-                 "opt_state": optim.from_config(config, params).init(params)}
+                 "opt_state": jax.eval_shape(optim.from_config(config, params).init, params)}
         kind = "best" if checkpoint == "best" else "checkpoints"
         label = str(checkpoint)
         manager = ocp.CheckpointManager(self.checkpoints(kind))

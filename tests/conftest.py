@@ -15,11 +15,14 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # their subprocesses through the environment, removed when the session ends. JAX keys an entry by
 # the program, its devices and its flags, so a cached executable is the one a compile would give;
 # the size limit turns on JAX's file lock, so that concurrent processes read whole entries only.
+# Every compile is kept, the small ones too: a model's initialisation is dozens of eager random
+# ops of ~0.1-0.3 s each, which every process that builds a model would otherwise compile again.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="her2jax-test-jax-cache-")
     os.environ["HER2JAX_TEST_OWNS_JAX_CACHE"] = str(os.getpid())
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # torchvision (through torch._dynamo and triton) crashes the process when it is imported after
 # TensorFlow, the other way round works: the reference models load first in every test process.

@@ -32,7 +32,7 @@ from her2jax.data.augment_host import apply
 from her2jax.data.augment_options import DEFAULT_AUGMENT, Augment, check_augment_on
 from her2jax.data.records import (MissingSplit, class_counts, open_dataset, preparation_metadata,
                                   require_split)
-from her2jax.data.tensorflow_host import tf, tfds
+from her2jax.data.tensorflow_host import as_written, tf, tfds
 from her2jax.distributed import to_global
 from her2jax.errors import InvalidSetting
 
@@ -77,16 +77,18 @@ def train_iterator(data_dir: str, *, split: str = "train", global_batch_size: in
     epoch, skip = sampling.resume_position(start, share_size, probabilities,
                                            seeds[sampling.ACCEPT])
 
+    @as_written
     def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
         dataset = _shuffled_pieces(pieces, seeds[sampling.SHUFFLE], epoch)
         if probabilities is not None:
             keep = sampling.kept(tf.constant(probabilities), seeds[sampling.ACCEPT], epoch)
-            dataset = dataset.filter(lambda position, record: keep[position])
+            dataset = dataset.filter(as_written(lambda position, record: keep[position]))
         return dataset.shuffle(shuffle_buffer,
                                seed=sampling.epoch_shuffle_seed(seeds[sampling.SHUFFLE], epoch))
 
     features = builder.info.features
 
+    @as_written
     def example(index: tf.Tensor, position_and_record: tuple[tf.Tensor, tf.Tensor]
                 ) -> dict[str, tf.Tensor]:
         parsed = records.parse(features, position_and_record[1])
@@ -124,6 +126,7 @@ def eval_batches(data_dir: str, *, split: str, global_batch_size: int,
     batches = math.ceil(largest_share / local_batch)
     features = builder.info.features
 
+    @as_written
     def example(position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
         return dict(records.parse(features, record), valid=tf.constant(True))
 

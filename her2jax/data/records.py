@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from her2jax.data.tensorflow_host import tf, tfds
+from her2jax.data.tensorflow_host import as_written, tf, tfds
 from her2jax.errors import InvalidSetting
 
 INDEX_BATCH = 1024
@@ -93,6 +93,7 @@ def piece_columns(pieces: list[Piece]) -> tuple[tf.Tensor, ...]:
             tf.constant([p.offset for p in pieces], tf.int64))
 
 
+@as_written
 def read_piece(path: tf.Tensor, skip: tf.Tensor, take: tf.Tensor, offset: tf.Tensor
                ) -> tf.data.Dataset:
     """(position in the share, serialized record) for each record of one piece."""
@@ -122,6 +123,7 @@ def read_index(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.nd
     features = builder.info.features
     skip = tfds.decode.SkipDecoding()
 
+    @as_written
     def labels_and_ids(position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
         example = features.deserialize_example(record, decoders={"image": skip, "mask": skip})
         return {"label": tf.cast(example["label"], tf.int32), "patient_id": example["patient_id"]}
