@@ -66,7 +66,7 @@ TWO_DEVICES = textwrap.dedent("""
         return {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32),
                 "augment_seed": jnp.asarray(seeds)}
 
-    def run(devices, augment=None):
+    def run(devices, augment):
         model = models.create("resnet18", num_classes=2, dropout=0.0, rngs=nnx.Rngs(0))
         graph, _, params, rest = split_model(model)
         optimizer = create_optimizer(params, learning_rate=1e-3, warmup_steps=0,
@@ -81,27 +81,26 @@ TWO_DEVICES = textwrap.dedent("""
         return losses, norms
 
     assert len(jax.devices()) == 2
-    one_losses, one_norms = run(jax.devices()[:1])
-    two_losses, two_norms = run(jax.devices())
+    # the step with its augmentation, each device augmenting its half of the batch from the
+    # per-example seeds: the same images as on one device, so the same losses
+    augment = Augment.from_mapping(DEFAULT_AUGMENT)
+    one_losses, one_norms = run(jax.devices()[:1], augment)
+    two_losses, two_norms = run(jax.devices(), augment)
     # the first step starts from the same parameters: loss and gradient agree to float noise;
     # after it, Adam's division by sqrt(v) turns last-bit differences of near-zero gradients
     # (another reduction order) into parameter moves of up to lr, so the second step is looser
     np.testing.assert_allclose(two_losses[0], one_losses[0], rtol=1e-4)
     np.testing.assert_allclose(two_norms[0], one_norms[0], rtol=1e-4)
-    np.testing.assert_allclose(two_losses[1], one_losses[1], rtol=1e-3)
-    # augmentation in the step, each device augmenting its half of the batch: the same images
-    # (per-example seeds), so the same losses; not those of the unaugmented step
-    augment = Augment.from_mapping(DEFAULT_AUGMENT)
-    one_augmented, _ = run(jax.devices()[:1], augment)
-    two_augmented, _ = run(jax.devices(), augment)
-    np.testing.assert_allclose(two_augmented[0], one_augmented[0], rtol=1e-3)
-    assert abs(one_augmented[0] - one_losses[0]) > 1e-3
-    print("ok", one_losses, one_augmented)
+    np.testing.assert_allclose(two_losses[1], one_losses[1], rtol=2e-3)   # 4.7e-4 measured
+    print("ok", one_losses, two_losses)
 """)
 
 
 def test_two_devices_give_the_loss_of_one():
-    """Also with the augmentation in the step."""
+    """The step with its on-device augmentation, the widest form: the plain step's two-device
+    loss is checked by test_scaling_bench (first loss) and test_train (a run resumed onto two
+    devices), and that augmentation changes the loss by test_train_step_augments_on_the_device_
+    exactly_as_augment_batch."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu", PYTHONPATH=root)
