@@ -21,6 +21,7 @@ from etils import epath
 
 from her2jax.errors import TrainingDiverged
 from her2jax.run_folder import RunFolder
+from her2jax.training.events import EventWriter
 
 
 class RunLog:
@@ -36,11 +37,9 @@ class RunLog:
         self._lines: str | None = None      # the metrics file's text, kept when remote
         self._events = None                 # local folder of the event files, when remote
         if enabled:
-            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-
             if self._remote:
                 self._events = epath.Path(tempfile.mkdtemp(prefix="her2jax_events_"))
-            self._writer = SummaryWriter(str(self._events or self.run.tensorboard))
+            self._writer = EventWriter(self._events or self.run.tensorboard)
 
     def write_config(self, config) -> None:
         if self.enabled:
