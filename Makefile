@@ -29,7 +29,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-dev.txt
 setup: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q tests
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q --durations=20 tests
 
 demo: setup
 	$(PY) -m her2jax.demo --out demo_out

@@ -22,7 +22,6 @@ import tempfile
 from typing import Any, Iterator
 
 import numpy as np
-import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 import data_prep
@@ -30,6 +29,7 @@ from data_prep import normalization, pipeline, report, splits
 from data_prep.errors import BadCaseError
 from data_prep.params import DATASET_VERSION, PrepParams
 from data_prep.sources import Case, list_cases
+from her2jax.data.tensorflow_host import tfds
 from her2jax.errors import BadInput, InvalidSetting, MissingInput
 
 LABEL_NAMES = ("HER2-", "HER2+")

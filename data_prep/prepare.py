@@ -155,9 +155,8 @@ def prepare_dataset(source: str, data_dir: str, params: PrepParams, *, workers: 
             f"the training split and an external set has none; add --fit_from <the prepared "
             f"training dataset> (or --like RUN, which sets it)")
 
-    import tensorflow_datasets as tfds
-
     from data_prep.her2_dce import Her2Dce, config_for
+    from her2jax.data.tensorflow_host import tfds
 
     tfds.disable_progress_bar()  # ours show patients; TFDS's would show examples and shards
     logging.getLogger("absl").setLevel(logging.ERROR)  # "custom data configuration" notices

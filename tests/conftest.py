@@ -8,6 +8,7 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")   # no Keras import (her2jax.data.tensorflow_host)
 
 # One JAX compilation cache for the whole session: the test processes and every command they
 # start (training, evaluation, sweeps on each backend) compile a program once, not once per

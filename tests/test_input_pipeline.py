@@ -409,3 +409,15 @@ def test_no_other_her2jax_module_imports_tensorflow():
     direct = {path for path in package.rglob("*.py")
               if "import tensorflow" in path.read_text()}
     assert direct == {data / "tensorflow_host.py"}, direct
+
+
+def test_the_input_pipeline_loads_no_keras():
+    """TensorFlow's import would load Keras 3 (and scikit-learn) unless tensorflow_host tells it
+    otherwise: a fresh process that builds nothing but imports the pipeline has neither."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    probe = ("import sys; import her2jax.data.pipeline; "
+             "print(sorted(m for m in ('keras', 'sklearn', 'tensorflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "['tensorflow']", done.stdout

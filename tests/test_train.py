@@ -281,7 +281,7 @@ def test_invalid_values_fail_before_anything_is_written(dataset, tmp_path, key, 
 
 
 TWO_DEVICE_RESUME = """
-import sys, torchvision, jax
+import sys, jax
 from configs import resnet, vit
 from her2jax.training import loop as train
 assert len(jax.devices()) == 2

@@ -9,6 +9,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# TensorFlow's import loads Keras 3 eagerly (and scikit-learn with it where that is installed:
+# 1.5-3 s in every process) unless told to use the legacy `tf_keras` package; that one is not
+# installed, so TensorFlow then loads no Keras at all. Nothing here uses tf.keras. A value the
+# user set is kept.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
