@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
     # where the augmentation runs: host (tf.data, on the CPU) | device (in the jitted train step,
     # on the accelerator: the host only decodes; for fast accelerators, see README)
     config.input.augment_on = "host"
+    # where training reads its data: tfrecord (tf.data on the host, every step) | device (both
+    # splits read once and kept on the accelerator, batches drawn there; needs augment_on=device;
+    # see README "Data on the devices")
+    config.input.source = "tfrecord"
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 200

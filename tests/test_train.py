@@ -20,8 +20,9 @@ from conftest import write_cohort
 from data_prep import prepare
 from her2jax.analysis import evaluation
 from her2jax.data import pipeline as input_pipeline
+from her2jax.data import resident
 from her2jax.training import loop as train
-from her2jax.training import steps
+from her2jax.training import inference, steps
 
 
 def prepared(folder: str, *extra: str) -> str:
@@ -84,16 +85,26 @@ def test_run_writes_logs_checkpoints_and_reports(dataset, tmp_path, monkeypatch)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
 
 
-@pytest.mark.parametrize("augment_on", ["host", "device"])
-def test_interrupted_then_resumed_equals_uninterrupted(dataset, tmp_path, monkeypatch, augment_on):
-    """Also with the augmentation in the step (input.augment_on='device': the step gets it)."""
+@pytest.mark.parametrize("augment_on, source", [("host", "tfrecord"), ("device", "tfrecord"),
+                                                ("device", "device")])
+def test_interrupted_then_resumed_equals_uninterrupted(dataset, tmp_path, monkeypatch, augment_on,
+                                                       source):
+    """Also with the augmentation in the step (input.augment_on='device': the step gets it), and
+    with the data resident on the device (input.source='device': no TFRecord is read after the
+    start, neither for training nor for evaluation)."""
     _, data_dir = dataset
 
     def config():
         tiny = tiny_config(data_dir)
-        tiny.input.augment_on = augment_on
+        tiny.input.augment_on, tiny.input.source = augment_on, source
         return tiny
 
+    if source == "device":
+        def not_read(*args, **kwargs):
+            raise AssertionError("a TFRecord read in the step loop")
+
+        monkeypatch.setattr(input_pipeline, "train_iterator", not_read)
+        monkeypatch.setattr(inference.Predictor, "split", not_read)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train.train_and_evaluate(config(), straight)
 
@@ -239,22 +250,26 @@ def test_relaunch_may_extend_the_run_and_records_the_change(dataset, finished_ru
 
 def test_runs_from_before_augment_on_relaunch_and_switching_it_is_refused(dataset, finished_run,
                                                                           tmp_path):
-    """A config.json written before input.augment_on existed relaunches with the default
-    ('host', what those runs did) as no change; moving the augmentation to the device is another
-    experiment (other random draws): refused."""
+    """A config.json written before input.augment_on and input.source existed relaunches with
+    their defaults ('host', 'tfrecord': what those runs did) as no change; moving the
+    augmentation or the data to the device is another experiment (other random draws):
+    refused."""
     _, data_dir = dataset
     workdir, _, _ = run_copy(finished_run, tmp_path)
     path = os.path.join(workdir, "config.json")
     with open(path) as handle:
         recorded = json.load(handle)
-    del recorded["input"]["augment_on"]
+    del recorded["input"]["augment_on"], recorded["input"]["source"]
     with open(path, "w") as handle:
         json.dump(recorded, handle)
     config = three_steps(tiny_config(data_dir))
     config.input.augment_on = "device"
     with pytest.raises(ValueError, match=r'input.augment_on \(absent\) -> "device"'):
         train.train_and_evaluate(config, workdir)
-    config.input.augment_on, config.total_steps = "host", 4
+    config.input.source = "device"       # the data on the device: other draws too
+    with pytest.raises(ValueError, match=r'input.source \(absent\) -> "device"'):
+        train.train_and_evaluate(config, workdir)
+    config.input.augment_on, config.input.source, config.total_steps = "host", "tfrecord", 4
     train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "launches.jsonl")) as handle:
         assert json.loads(handle.readlines()[-1])["changed"] == {"total_steps": [3, 4]}
@@ -266,6 +281,8 @@ def test_runs_from_before_augment_on_relaunch_and_switching_it_is_refused(datase
     ("model.name", "resnet19", "resnet18"),
     ("input.balance", "classes", "none, class, patient"),
     ("input.augment_on", "gpu", "host, device"),
+    ("input.source", "gpu", "tfrecord, device"),
+    ("input.source", "device", "augment_on='device' as well"),
     ("eval_split", "valid", "splits: .*validation"),
     ("model.kwargs.attention", "duel", "choose from .*dual"),
     ("eval.every_steps", 0, "at least 1"),
@@ -277,6 +294,22 @@ def test_invalid_values_fail_before_anything_is_written(dataset, tmp_path, key, 
     workdir = tmp_path / "run"
     with pytest.raises(ValueError, match=valid):
         train.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_data_that_would_not_fit_on_the_device_is_refused_before_anything_is_written(
+        dataset, tmp_path, monkeypatch):
+    _, data_dir = dataset
+    config = tiny_config(data_dir)
+    config.input.source = config.input.augment_on = "device"
+    needed = resident.split_bytes(data_dir, "train") + resident.split_bytes(data_dir, "validation")
+    monkeypatch.setattr(resident, "free_bytes", lambda device: needed)   # only half of it used
+    workdir = tmp_path / "run"
+    with pytest.raises(resident.DoesNotFit) as refused:
+        train.train_and_evaluate(config, str(workdir))
+    message = str(refused.value)
+    assert f"need {needed} bytes" in message and f"{needed} bytes (0.00 GiB) free" in message
+    assert "input.source='tfrecord'" in message and "\n" not in message
     assert not workdir.exists()
 
 

@@ -192,7 +192,7 @@ def _keep_probabilities(builder: tfds.core.DatasetBuilder, split: str, balance: 
         return None
     index = records.read_index(builder, split)
     probabilities = sampling.keep_probabilities(balance, index["label"], index["patient_id"])
-    start, end = records.process_range(len(probabilities), process_index, process_count)
+    start, end = sampling.process_range(len(probabilities), process_index, process_count)
     return probabilities[start:end]
 
 

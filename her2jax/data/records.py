@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from her2jax.data.sampling import process_range
 from her2jax.data.tensorflow_host import as_written, tf, tfds
 from her2jax.errors import InvalidSetting
 
@@ -54,14 +55,6 @@ def require_split(data: str | tfds.core.DatasetBuilder, split: str,
 def preparation_metadata(data_dir: str) -> dict[str, Any]:
     """The dataset's `metadata.json`: `preparation`, `patients`, `counts`, `files`, ..."""
     return json.loads((epath.Path(data_dir) / "metadata.json").read_text())
-
-
-def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """[start, end) of process `process_index`'s share of `num_examples` in canonical order."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
-    return (process_index * num_examples // process_count,
-            (process_index + 1) * num_examples // process_count)
 
 
 def share(paths: list[str], lengths: list[int], process_index: int,

@@ -13,16 +13,25 @@ which is what makes an exact resume cheap.
 from __future__ import annotations
 
 import collections
+import functools
+from typing import Any
 
 import numpy as np
 
-from her2jax.data.tensorflow_host import tf
 from her2jax.errors import BadInput, InvalidSetting
 
 BALANCE_MODES = ("none", "class", "patient")
 # purposes of the seeds derived from the user's seed
 SHUFFLE, ACCEPT, AUGMENT = 0, 1, 2
 EPOCH_BLOCK = 1024  # epochs whose lengths a resume counts per call
+
+
+def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[start, end) of process `process_index`'s share of `num_examples` in canonical order."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+    return (process_index * num_examples // process_count,
+            (process_index + 1) * num_examples // process_count)
 
 
 def derived_seed(seed: int, process_index: int, purpose: int) -> int:
@@ -49,17 +58,27 @@ def keep_probabilities(balance: str, labels: np.ndarray,
     return np.array([smallest / sizes[group] for group in groups.tolist()], np.float64)
 
 
-def kept(probabilities: tf.Tensor, seed: int | tf.Tensor, epoch: tf.Tensor | int) -> tf.Tensor:
+def _tf() -> Any:
+    """TensorFlow, imported when the TFRecord stream needs it: the rest of this module (seeds,
+    weights, shares) serves the device-resident source too, where TensorFlow may be absent."""
+    from her2jax.data.tensorflow_host import tf
+
+    return tf
+
+
+def kept(probabilities: Any, seed: Any, epoch: Any) -> Any:
     """Which examples epoch `epoch` keeps: bool (n,), u(e, i) < p_i. The same op eagerly (to count
     an epoch's length) and inside tf.data (to filter), so both agree exactly."""
+    tf = _tf()
     uniform = tf.random.stateless_uniform(
         tf.shape(probabilities), seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)]),
         dtype=tf.float64)
     return uniform < probabilities
 
 
-def epoch_shuffle_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+def epoch_shuffle_seed(seed: int, epoch: Any) -> Any:
     """The shuffle seed of one epoch, an int64 drawn from (seed, epoch)."""
+    tf = _tf()
     return tf.random.stateless_uniform(
         [], seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]),
         minval=None, maxval=None, dtype=tf.int64)
@@ -76,11 +95,12 @@ def resume_position(start_element: int, share_size: int, probabilities: np.ndarr
         raise BadInput("this process's share of the split is empty")
     if probabilities is None:
         return divmod(start_element, share_size)
+    tf = _tf()
     probabilities = tf.constant(probabilities, tf.float64)
     first, remaining = 0, start_element
     while True:
-        lengths = _epoch_lengths(probabilities, tf.constant(accept_seed, tf.int64),
-                                 tf.range(first, first + EPOCH_BLOCK, dtype=tf.int64)).numpy()
+        lengths = _epoch_lengths()(probabilities, tf.constant(accept_seed, tf.int64),
+                                   tf.range(first, first + EPOCH_BLOCK, dtype=tf.int64)).numpy()
         ends = np.cumsum(lengths)
         if remaining < ends[-1]:
             epoch = int(np.searchsorted(ends, remaining, side="right"))
@@ -88,8 +108,15 @@ def resume_position(start_element: int, share_size: int, probabilities: np.ndarr
         first, remaining = first + EPOCH_BLOCK, remaining - int(ends[-1])
 
 
-@tf.function
-def _epoch_lengths(probabilities: tf.Tensor, seed: tf.Tensor, epochs: tf.Tensor) -> tf.Tensor:
-    return tf.map_fn(lambda epoch: tf.reduce_sum(tf.cast(kept(probabilities, seed, epoch),
-                                                         tf.int64)),
-                     epochs, fn_output_signature=tf.int64)
+@functools.cache
+def _epoch_lengths() -> Any:
+    """(probabilities, seed, epochs) -> each epoch's length, one compiled tf.function."""
+    tf = _tf()
+
+    @tf.function
+    def lengths(probabilities, seed, epochs):
+        return tf.map_fn(lambda epoch: tf.reduce_sum(tf.cast(kept(probabilities, seed, epoch),
+                                                             tf.int64)),
+                         epochs, fn_output_signature=tf.int64)
+
+    return lengths

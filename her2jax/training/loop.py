@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from her2jax import distributed, models
 from her2jax.analysis import metrics
 from her2jax.data import pipeline as input_pipeline
+from her2jax.data import resident
 from her2jax.data.augment_options import AUGMENT_ON, Augment
 from her2jax.data.sampling import BALANCE_MODES
 from her2jax.errors import BadInput, InvalidSetting, TrainingDiverged
@@ -45,7 +46,7 @@ RELAUNCH_KEYS = frozenset({
     "checkpoint.every_steps", "checkpoint.keep", "data_dir", "model.kwargs.attention_kernel"})
 # Keys added after runs may have started, with the value that does what those runs did: absent
 # from a run's config.json and at this value, a key is no difference.
-ADDED_KEYS = {"input.augment_on": "host"}
+ADDED_KEYS = {"input.augment_on": "host", "input.source": "tfrecord"}
 
 
 class ConfigChanged(InvalidSetting):
@@ -82,6 +83,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 "optimizer.accumulation_steps"):
         if flat[key] < 1:
             raise InvalidSetting(f"config.{key} must be at least 1, got {flat[key]}")
+    resident.check_source(config.input.source, config.input.augment_on)
     if not 0 <= config.warmup_steps < config.total_steps:
         raise InvalidSetting(f"config.warmup_steps ({config.warmup_steps}) must be in "
                              f"[0, total_steps ({config.total_steps}))")
@@ -156,10 +158,15 @@ def check_dataset(run: RunFolder, metadata: dict[str, Any]) -> None:
 
 
 def evaluate(predictor: inference.Predictor, config: ml_collections.ConfigDict, split: str,
-             step: int | None = None) -> dict[str, Any]:
-    """Patient-level metrics on `split`: every slice exactly once (the last batch is padded).
+             step: int | None = None, on_device: resident.EvalSplit | None = None
+             ) -> dict[str, Any]:
+    """Patient-level metrics on `split`: every slice exactly once (the last batch is padded),
+    read from the TFRecords or, with `on_device`, from the split resident on the devices.
     NaN/inf outputs (diverged parameters, though the loss logged was finite) stop the run."""
-    rows = predictor.split(config.data_dir, split, batch_size=config.eval.batch_size)
+    if on_device is not None:
+        rows = on_device.probabilities(predictor)
+    else:
+        rows = predictor.split(config.data_dir, split, batch_size=config.eval.batch_size)
     if not np.isfinite(rows["probability"]).all():
         raise TrainingDiverged(
             f"the model's outputs on {split} are NaN/inf"
@@ -180,12 +187,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = run.path
     mesh = steps.data_mesh()
     if config.batch_size % mesh.size:
-        raise InvalidSetting(f"batch_size {config.batch_size} does not split over {mesh.size} devices")
+        raise InvalidSetting(f"batch_size {config.batch_size} does not split over {mesh.size} "
+                             "devices")
     metadata = input_pipeline.preparation_metadata(config.data_dir)
     builder = input_pipeline.open_dataset(config.data_dir)
     for key in ("train_split", "eval_split"):
         input_pipeline.require_split(builder, config[key], f"config.{key}")
     changes = check_relaunch(run, config)
+    layout = None
+    if config.input.source == "device":    # refused here, before anything is read or written
+        layout = resident.choose_layout(
+            resident.split_bytes(config.data_dir, config.train_split),
+            resident.split_bytes(config.data_dir, config.eval_split), mesh.size,
+            min(resident.free_bytes(device) for device in mesh.local_devices))
 
     # ------------------------------------------------------------------ model and optimiser
     model = models.from_config(config, metadata["preparation"]["image_size"])  # checks model.kwargs
@@ -212,6 +226,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     predictor = inference.Predictor(steps.make_eval_step(eval_graph, mesh, dtype=dtype),
                                     None, None, mesh)
 
+    # ------------------------------------------------------------------ data on the devices
+    stream = on_device_eval = None
+    if layout is not None:
+        stream = resident.train_stream(
+            resident.read_split(config.data_dir, config.train_split), mesh,
+            global_batch_size=config.batch_size, seed=config.seed,
+            balance=config.input.balance, layout=layout)
+        on_device_eval = resident.eval_split(
+            resident.read_split(config.data_dir, config.eval_split), mesh,
+            inference.padded_batch_size(config.eval.batch_size, mesh.size))
+
     # ------------------------------------------------------------------ checkpoints
     workdir.mkdir(parents=True, exist_ok=True)
     check_dataset(run, metadata)
@@ -228,6 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.launch(start_step, changes)
     if pretrained:
         log.message(f"pretrained {config.init.pretrained}: {pretrained.summary()}")
+    if layout is not None:
+        log.message(f"data on the devices ({layout}): the train and {config.eval_split} splits")
     if jax.process_count() > 1:
         log.message(f"data parallel over {jax.device_count()} devices in "
                     f"{jax.process_count()} processes")
@@ -256,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              for signum in (signal.SIGTERM, signal.SIGINT)}
 
     # ------------------------------------------------------------------ train loop
-    iterator = input_pipeline.train_iterator(
+    iterator = None if stream is not None else input_pipeline.train_iterator(
         config.data_dir, split=config.train_split, global_batch_size=config.batch_size,
         seed=config.seed, augment=config.input.augment.to_dict(), balance=config.input.balance,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -265,7 +292,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending: list[dict[str, jax.Array]] = []
     try:
         for step in range(start_step + 1, config.total_steps + 1):
-            batch = input_pipeline.to_global(next(iterator), mesh)
+            if stream is not None:
+                batch = stream.batch(step - 1)
+            else:
+                batch = input_pipeline.to_global(next(iterator), mesh)
             params, rest, opt_state, step_metrics = train_step(
                 state["params"], state["rest"], state["opt_state"], batch)
             state = {"params": params, "rest": rest, "opt_state": opt_state}
@@ -276,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pending = []
             if step % config.eval.every_steps == 0 or step == config.total_steps:
                 report = evaluate(predictor.with_state(state["params"], state["rest"]),
-                                  config, config.eval_split, step)
+                                  config, config.eval_split, step, on_device_eval)
                 log.evaluation(step, config.eval_split, report)
                 if np.isfinite(report["auc"]):
                     best.save(step, args=ocp.args.StandardSave(state),
