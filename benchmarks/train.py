@@ -4,6 +4,7 @@ pipeline ever limits training.
     python benchmarks/train.py --data_dir DATASET [--config configs/resnet.py:resnet18]
                                [--batch 32] [--steps 30] [--repeats 3]
                                [--input_only] [--no_augment] [--augment_on host|device]
+                               [--source tfrecord|device]
 
 Three measurements per repeat, each after a warm-up (compilation excluded):
   input      a fresh train_iterator with the config's augmentation alone (host tf.data),
@@ -14,7 +15,8 @@ Prints medians (images/s) and the end-to-end rate as a fraction of each of the o
 --input_only measures the input alone (no model is built: e.g. under `taskset` to see how the
 host pipeline scales with cores); --no_augment reads without the augmentation (decoding and
 batching alone); --augment_on device moves the augmentation from the input into the step (the
-config's input.augment_on).
+config's input.augment_on); --source device reads the train split once onto the device and draws
+each batch there (input.source=device, augmentation in the step): "input" is then the draw alone.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from her2jax import models  # noqa: E402
 from her2jax.data import pipeline as input_pipeline  # noqa: E402
+from her2jax.data import resident  # noqa: E402
 from her2jax.data.augment_options import AUGMENT_ON, Augment  # noqa: E402
 from her2jax.training import steps  # noqa: E402
 from her2jax.training.optim import create_optimizer  # noqa: E402
@@ -68,25 +71,42 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--no_augment", action="store_true", help="input without augmentation")
     parser.add_argument("--augment_on", default=None, choices=AUGMENT_ON,
                         help="where the augmentation runs (default: the config's)")
+    parser.add_argument("--source", default="tfrecord", choices=resident.SOURCES,
+                        help="where the batches come from (device: augmentation on the device)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     config.data_dir, config.batch_size = args.data_dir, args.batch
     if args.augment_on:
         config.input.augment_on = args.augment_on
+    if args.source == "device":
+        config.input.augment_on = "device"
     size = input_pipeline.preparation_metadata(args.data_dir)["preparation"]["image_size"]
     augment = None if args.no_augment else config.input.augment.to_dict()
 
+    mesh = steps.data_mesh()
+    if args.source == "device":
+        layout = resident.choose_layout(resident.split_bytes(args.data_dir, "train"), 0,
+                                        mesh.size, resident.free_bytes(jax.local_devices()[0]))
+        stream = resident.train_stream(resident.read_split(args.data_dir, "train"), mesh,
+                                       global_batch_size=args.batch, seed=0,
+                                       balance=config.input.balance, layout=layout)
+
     def new_iterator():
+        if args.source == "device":       # batch after batch drawn on the device
+            return (stream.batch(index) for index in range(10**9))
         return input_pipeline.train_iterator(
             args.data_dir, global_batch_size=args.batch, seed=0, augment=augment,
             balance=config.input.balance, augment_on=config.input.augment_on)
+
+    def to_device(batch):
+        return batch if args.source == "device" else input_pipeline.to_global(batch, mesh)
 
     def input_rate() -> float:
         fresh = new_iterator()
         next(fresh), next(fresh)
         return rate(lambda: next(fresh)["image"], 5 * args.steps, args.batch)
 
-    title = (f"{size}x{size} images, batch {args.batch}, augmentation "
+    title = (f"{size}x{size} images, batch {args.batch}, {args.source} source, augmentation "
              f"{'off' if augment is None else 'on the ' + config.input.augment_on}, "
              f"{os.cpu_count()} CPU cores "
              f"({len(os.sched_getaffinity(0))} usable)")
@@ -94,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         results = {"input": [input_rate() for _ in range(args.repeats)]}
         print(f"input alone, {title}")
         return report(results)
-    mesh = steps.data_mesh()
     graph, _, params, rest = steps.split_model(models.from_config(config, size))
     optimizer = create_optimizer(params, learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
     opt_state = optimizer.init(params)
@@ -103,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                                  augment=Augment.from_mapping(augment) if on_device else None)
 
     iterator = new_iterator()
-    batch = input_pipeline.to_global(next(iterator), mesh)
+    batch = to_device(next(iterator))
     state = [params, rest, opt_state]
 
     def compute():
@@ -111,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         return state[0]
 
     def end_to_end():
-        state[:3] = step(*state[:3], input_pipeline.to_global(next(iterator), mesh))[:3]
+        state[:3] = step(*state[:3], to_device(next(iterator)))[:3]
         return state[0]
 
     compute(), end_to_end()  # compile

@@ -144,3 +144,53 @@ def test_class_weights_are_sklearns_balanced_weights():
                                rtol=1e-6)
     with pytest.raises(ValueError, match="every class"):
         class_weights_from_counts(np.array([10, 0]))
+
+
+class Tiny(nnx.Module):
+    """A linear classifier of 4x4 images: a train step that compiles in a moment."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(48, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear(x.reshape(x.shape[0], -1))
+
+
+def test_one_compiled_step_serves_every_learning_rate_decay_beta_and_smoothing():
+    """The loop's train step takes optim.HYPERPARAMETERS as arguments: two runs that differ in all
+    of them lower to the same program, and each trains as the step with its values built in."""
+    from configs import resnet
+    from her2jax.training import optim, steps
+
+    def config(learning_rate, weight_decay, b1, b2, smoothing):
+        c = resnet.get_config("resnet18,runlocal")
+        c.optimizer.learning_rate, c.optimizer.weight_decay = learning_rate, weight_decay
+        c.optimizer.b1, c.optimizer.b2, c.loss.label_smoothing = b1, b2, smoothing
+        c.warmup_steps, c.total_steps = 1, 5
+        return c
+
+    graph, _, params, rest = steps.split_model(Tiny(nnx.Rngs(0)))
+    mesh = steps.data_mesh()
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.integers(0, 255, (4, 4, 4, 3), np.uint8)),
+             "label": jnp.asarray([0, 1, 1, 0], jnp.int32)}
+    first, second = config(1e-2, 0.05, 0.9, 0.999, 0.0), config(3e-3, 0.3, 0.8, 0.99, 0.1)
+    assert set(optim.hyperparameters(first)) == set(optim.HYPERPARAMETERS)
+    step = steps.make_train_step(graph, optim.factory(first, params), mesh)
+    opt_state = optim.factory(first, params)(optim.hyperparameters(first)).init(params)
+    assert jax.tree.structure(opt_state) == jax.tree.structure(
+        optim.from_config(first, params).init(params))      # checkpoints keep their layout
+    hyper = {"first": {k: np.float32(v) for k, v in optim.hyperparameters(first).items()},
+             "second": {k: np.float32(v) for k, v in optim.hyperparameters(second).items()}}
+    texts = {name: step.lower(params, rest, opt_state, batch, values).as_text()
+             for name, values in hyper.items()}
+    assert texts["first"] == texts["second"]
+    for name, c in (("first", first), ("second", second)):
+        built_in = steps.make_train_step(graph, optim.from_config(c, params), mesh,
+                                         label_smoothing=c.loss.label_smoothing)
+        a = b = (params, rest, optim.from_config(c, params).init(params))
+        for _ in range(3):
+            a = step(*jax.tree.map(jnp.copy, a), batch, hyper[name])[:3]
+            b = built_in(*jax.tree.map(jnp.copy, b), batch)[:3]
+        for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0]), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)

@@ -40,3 +40,7 @@ def test_input_alone_and_side_by_side(cohort, tmp_path, capsys):
     assert list(moved) == ["input", "step", "end-to-end"] and min(map(min, moved.values())) > 0
     out = capsys.readouterr().out
     assert "augmentation on the device" in out and "end-to-end / input = " in out
+    resident = bench.main(common + ["--source", "device"])
+    assert list(resident) == ["input", "step", "end-to-end"]
+    assert min(map(min, resident.values())) > 0
+    assert "device source, augmentation on the device" in capsys.readouterr().out

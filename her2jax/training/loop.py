@@ -207,8 +207,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.init.pretrained:
         pretrained = weights.load_pretrained(model, config.init.pretrained)
     train_graph, eval_graph, params, rest = steps.split_model(model)
-    optimizer = optim.from_config(config, params)
-    opt_state = optimizer.init(params)
+    # the learning rate, weight decay, betas and label smoothing are arguments of the compiled
+    # step: runs that differ only in them (a learning-rate sweep) share one executable
+    hyper = {key: np.float32(value) for key, value in optim.hyperparameters(config).items()}
+    optimizer = optim.factory(config, params)
+    opt_state = optimizer(hyper).init(params)
     schedule = learning_rate_schedule(config.optimizer.learning_rate, config.warmup_steps,
                                       config.total_steps)
     class_weights = None
@@ -220,8 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dtype = jnp.dtype(config.dtype)
     on_device = config.input.augment_on == "device"
     train_step = steps.make_train_step(
-        train_graph, optimizer, mesh, dtype=dtype, label_smoothing=config.loss.label_smoothing,
-        class_weights=class_weights,
+        train_graph, optimizer, mesh, dtype=dtype, class_weights=class_weights,
         augment=Augment.from_mapping(config.input.augment.to_dict()) if on_device else None)
     predictor = inference.Predictor(steps.make_eval_step(eval_graph, mesh, dtype=dtype),
                                     None, None, mesh)
@@ -243,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = {"params": params, "rest": rest, "opt_state": opt_state}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = distributed.replicate(state, mesh)
+    hyper = distributed.replicate(hyper, mesh)
     latest, best = run.managers(config.checkpoint.keep)
     start_step = latest.latest_step() or 0
     if start_step > config.total_steps:
@@ -297,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             else:
                 batch = input_pipeline.to_global(next(iterator), mesh)
             params, rest, opt_state, step_metrics = train_step(
-                state["params"], state["rest"], state["opt_state"], batch)
+                state["params"], state["rest"], state["opt_state"], batch, hyper)
             state = {"params": params, "rest": rest, "opt_state": opt_state}
             pending.append(step_metrics)
             if step % config.log_every_steps == 0 or step == config.total_steps:

@@ -15,15 +15,19 @@ NEW_PART_NAMES = frozenset({"fc", "head", "heads", "head_weights", "attention", 
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token"})
 
 
-def learning_rate_schedule(base: float, warmup_steps: int, total_steps: int,
+def learning_rate_schedule(base: float | Any, warmup_steps: int, total_steps: int,
                            final_fraction: float = 0.0) -> optax.Schedule:
     """lr(t) = base t / warmup for t < warmup, then
-    base (f + (1 - f) (1 + cos(pi (t - warmup) / (total - warmup))) / 2), f = final_fraction."""
+    base (f + (1 - f) (1 + cos(pi (t - warmup) / (total - warmup))) / 2), f = final_fraction.
+
+    `base` multiplies a schedule of peak 1, so it may be a traced array (a compiled step that
+    takes the learning rate as an argument)."""
     if total_steps <= warmup_steps:
         raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=base, warmup_steps=warmup_steps, decay_steps=total_steps,
-        end_value=base * final_fraction)
+    unit = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=1.0, warmup_steps=warmup_steps, decay_steps=total_steps,
+        end_value=final_fraction)
+    return lambda count: base * unit(count)
 
 
 def _names(path) -> list[str]:
@@ -75,6 +79,35 @@ def create_optimizer(params: Any, *, learning_rate: float, warmup_steps: int, to
     if accumulation_steps > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=accumulation_steps)
     return optimizer
+
+
+# The settings a compiled train step takes as arguments rather than constants
+# (`hyperparameters`, `factory`): runs that differ only in them share one executable.
+HYPERPARAMETERS = ("learning_rate", "weight_decay", "b1", "b2", "label_smoothing")
+
+
+def hyperparameters(config: Any) -> dict[str, float]:
+    """The run's values of HYPERPARAMETERS (`config.optimizer.*`, `config.loss.label_smoothing`)."""
+    values = {key: float(config.optimizer[key]) for key in HYPERPARAMETERS[:4]}
+    values["label_smoothing"] = float(config.loss.label_smoothing)
+    return values
+
+
+def factory(config: Any, params: Any) -> Any:
+    """hyper -> `create_optimizer` with the config's other settings and the learning rate, weight
+    decay and betas of `hyper` (scalars, traced inside a compiled step). The optimiser state has
+    the structure of `from_config`'s."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+    def build(hyper: Any) -> optax.GradientTransformation:
+        return create_optimizer(
+            shapes, learning_rate=hyper["learning_rate"], warmup_steps=config.warmup_steps,
+            total_steps=config.total_steps, weight_decay=hyper["weight_decay"],
+            grad_clip_norm=config.optimizer.grad_clip_norm or None, b1=hyper["b1"],
+            b2=hyper["b2"], backbone_multiplier=config.optimizer.backbone_multiplier,
+            accumulation_steps=config.optimizer.accumulation_steps)
+
+    return build
 
 
 def from_config(config: Any, params: Any) -> optax.GradientTransformation:

@@ -37,18 +37,28 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.Stat
     return train_graph, eval_graph, params, rest
 
 
-def make_train_step(train_graph: nnx.GraphDef, optimizer: optax.GradientTransformation,
+def make_train_step(train_graph: nnx.GraphDef,
+                    optimizer: optax.GradientTransformation | Callable[[Any], Any],
                     mesh: Mesh, *, dtype: jnp.dtype = jnp.float32, label_smoothing: float = 0.0,
                     class_weights: jax.Array | None = None,
                     augment: Augment | None = None) -> Callable:
     """(params, rest, opt_state, batch) -> (params, rest, opt_state, metrics), jitted with the
     batch sharded over 'data' and everything else replicated; params, rest, opt_state donated.
 
+    optimizer: a GradientTransformation, or a function of `hyper` returning one
+        (`optim.factory`): the step is then (params, rest, opt_state, batch, hyper), `hyper` a
+        dict of scalars (`optim.hyperparameters`, label_smoothing among them) passed as
+        arguments, so one compiled step serves every value of them.
+
     augment: augmentation done here, on the device, before the normalisation: each image with
     its batch["augment_seed"] pair (`input_pipeline.train_iterator(augment_on="device")`)."""
     on_device = augment is not None and augment.active
 
-    def step(params, rest, opt_state, batch):
+    with_hyper = callable(optimizer)
+
+    def step(params, rest, opt_state, batch, hyper=None):
+        tx = optimizer(hyper) if with_hyper else optimizer
+        smoothing = hyper["label_smoothing"] if with_hyper else label_smoothing
         model = nnx.merge(train_graph, params, rest)
         images = batch["image"]
         if on_device:
@@ -59,21 +69,22 @@ def make_train_step(train_graph: nnx.GraphDef, optimizer: optax.GradientTransfor
 
         def loss_fn(model):
             logits = model(normalize_images(images, dtype))
-            loss = cross_entropy(logits, batch["label"], label_smoothing=label_smoothing,
+            loss = cross_entropy(logits, batch["label"], label_smoothing=smoothing,
                                  class_weights=class_weights)
             return loss, logits
 
         # nnx.value_and_grad differentiates the Params and carries the BatchNorm updates out
         (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
         return params, new_rest, opt_state, metrics
 
     replicated, sharded = NamedSharding(mesh, PartitionSpec()), batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(replicated, replicated, replicated, sharded),
+    return jax.jit(step, in_shardings=(replicated, replicated, replicated, sharded)
+                   + ((replicated,) if with_hyper else ()),
                    out_shardings=(replicated, replicated, replicated, replicated),
                    donate_argnums=(0, 1, 2))
 
