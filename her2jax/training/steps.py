@@ -41,7 +41,7 @@ def make_train_step(train_graph: nnx.GraphDef,
                     optimizer: optax.GradientTransformation | Callable[[Any], Any],
                     mesh: Mesh, *, dtype: jnp.dtype = jnp.float32, label_smoothing: float = 0.0,
                     class_weights: jax.Array | None = None,
-                    augment: Augment | None = None) -> Callable:
+                    augment: Augment | None = None, members: bool = False) -> Callable:
     """(params, rest, opt_state, batch) -> (params, rest, opt_state, metrics), jitted with the
     batch sharded over 'data' and everything else replicated; params, rest, opt_state donated.
 
@@ -51,8 +51,15 @@ def make_train_step(train_graph: nnx.GraphDef,
         arguments, so one compiled step serves every value of them.
 
     augment: augmentation done here, on the device, before the normalisation: each image with
-    its batch["augment_seed"] pair (`input_pipeline.train_iterator(augment_on="device")`)."""
+    its batch["augment_seed"] pair (`input_pipeline.train_iterator(augment_on="device")`).
+
+    members: K runs in one program (with an `optimizer` function of `hyper`): every argument
+        has a leading member axis (parameters, states, `hyper` values (K,), the batch (K, B,
+        ...) sharded over 'data' along B), member k computing what the step without members
+        computes for its slice; metrics are (K,)."""
     on_device = augment is not None and augment.active
+    if members and not callable(optimizer):
+        raise ValueError("members need the optimizer as a function of hyper (optim.factory)")
 
     with_hyper = callable(optimizer)
 
@@ -83,6 +90,9 @@ def make_train_step(train_graph: nnx.GraphDef,
         return params, new_rest, opt_state, metrics
 
     replicated, sharded = NamedSharding(mesh, PartitionSpec()), batch_sharding(mesh)
+    if members:
+        step = jax.vmap(step)
+        sharded = NamedSharding(mesh, PartitionSpec(None, "data"))
     return jax.jit(step, in_shardings=(replicated, replicated, replicated, sharded)
                    + ((replicated,) if with_hyper else ()),
                    out_shardings=(replicated, replicated, replicated, replicated),
