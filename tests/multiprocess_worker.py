@@ -1,7 +1,9 @@
 """One process of the two-process training test (tests/test_multiprocess.py):
     python tests/multiprocess_worker.py PORT PROCESS_ID DATA_DIR WORKDIR OUT
 trains two steps with its peer over gloo, then writes what it holds to OUT/process_<id>.npz and
-OUT/process_<id>.json."""
+OUT/process_<id>.json; then draws batches of the device-resident source, replicated and sharded,
+and evaluates its validation split with a model-free step, writing its rows of both to
+OUT/resident_<id>.npz."""
 from __future__ import annotations
 
 import json
@@ -44,6 +46,37 @@ def main(port: str, process_id: str, data_dir: str, workdir: str, out: str) -> N
         json.dump({"kind": kind, "process_index": jax.process_index(),
                    "process_count": jax.process_count(), "devices": jax.device_count(),
                    "report": report, "step": restored.step}, handle, default=float)
+    resident_rows(data_dir, os.path.join(out, f"resident_{process_id}.npz"))
+
+
+def resident_rows(data_dir: str, path: str) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from her2jax import distributed
+    from her2jax.data import resident
+    from her2jax.training import inference, steps
+
+    mesh = steps.data_mesh()
+    host = resident.read_split(data_dir, "train")
+    arrays = {}
+    for layout in ("replicated", "sharded"):
+        stream = resident.train_stream(host, mesh, global_batch_size=4, seed=1, balance="none",
+                                       layout=layout)
+        arrays[layout] = np.stack([distributed.local_rows(stream.batch(i)["image"])
+                                   for i in range(12)])
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    step = jax.jit(lambda p, r, b: jnp.mean(b["image"].astype(jnp.float32), axis=(1, 2, 3)),
+                   in_shardings=(None, None, sharded), out_shardings=sharded)
+    predictor = inference.Predictor(step, None, None, mesh)
+    on_device = resident.eval_split(resident.read_split(data_dir, "validation"), mesh, 2)
+    for name, rows in (("device", on_device.probabilities(predictor)),
+                       ("tfrecord", predictor.split(data_dir, "validation", batch_size=2))):
+        arrays[f"eval_{name}"] = rows["probability"]
+        arrays[f"eval_{name}_slices"] = rows["slice_index"]
+    np.savez(path, **arrays)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,33 @@ def test_evaluation_gathers_every_slice_from_both_processes(two_process_run):
         [(1, "train"), (2, "train"), (2, "validation")]   # process 0 alone writes
 
 
+def test_the_device_resident_source_across_two_processes(two_process_run):
+    """Replicated, the two processes' rows make up the one-device stream's batches; sharded,
+    each process draws epochs of its own half of the split; the resident evaluation gathers the
+    rows the TFRecord path does."""
+    from her2jax.data import resident
+    from her2jax.training import steps
+
+    data_dir, _, out = two_process_run
+    first, second = (np.load(os.path.join(out, f"resident_{i}.npz")) for i in range(2))
+    host = resident.read_split(data_dir, "train")
+    alone = resident.train_stream(host, steps.data_mesh(), global_batch_size=4, seed=1,
+                                  balance="none", layout="replicated")
+    expected = np.stack([np.asarray(alone.batch(i)["image"]) for i in range(12)])
+    np.testing.assert_array_equal(
+        np.concatenate([first["replicated"], second["replicated"]], axis=1), expected)
+    index = {image.tobytes(): i for i, image in enumerate(host["image"])}
+    n = len(host["image"])
+    for p, rows in enumerate((first["sharded"], second["sharded"])):
+        drawn = [index[image.tobytes()] for image in rows.reshape(-1, *rows.shape[2:])]
+        share = list(range(p * n // 2, (p + 1) * n // 2))
+        assert sorted(drawn[:len(share)]) == share, (p, drawn)
+    for rows in (first, second):
+        np.testing.assert_array_equal(rows["eval_device"], rows["eval_tfrecord"])
+        np.testing.assert_array_equal(rows["eval_device_slices"], rows["eval_tfrecord_slices"])
+        assert len(rows["eval_device"]) == len(resident.read_split(data_dir, "validation")["label"])
+
+
 def test_allgather_rows_is_the_identity_in_one_process():
     rows = distributed.allgather_rows({"id": np.array([b"a", b"bb"], dtype=object),
                                        "p": np.array([0.1, 0.2]), "v": np.array([True, False])})
