@@ -5,6 +5,9 @@ a first Ctrl-C writes a checkpoint and exits with 143 or 130 (a second Ctrl-C st
 relaunch may change only the keys in `her2jax.training.loop.RELAUNCH_KEYS` (e.g. total_steps,
 to extend the run); any other change is refused.
 
+`--pack KEY=V1,V2` (repeatable) trains the product of the values as one pack: one compiled step
+for every member, each in its own run folder WORKDIR/<key>=<value>-... (see README "Packed runs").
+
 Several processes (hosts of a TPU pod slice, SLURM tasks, or explicit flags) run the same
 command; see `her2jax.distributed` for what `--multihost` detects. Two processes on one machine:
     python -m her2jax.main ... --coordinator_address 127.0.0.1:12345 --num_processes 2 --process_id 0
@@ -21,6 +24,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/<family>.py:<variant>[,runlocal]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs); local path or gs://")
+flags.DEFINE_multi_string("pack", [], "KEY=V1,V2,...: train the product of these values as one "
+                          "pack (one compiled step), each member in WORKDIR/<key>=<value>-...; "
+                          "KEY one of her2jax.training.loop.PACK_KEYS; needs "
+                          "input.source=device")
 flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"],
                   "start jax.distributed: auto (when the environment describes several "
                   "processes), on (always; Cloud TPU pod slices), off")
@@ -97,7 +104,10 @@ def main(argv: list[str]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     try:
-        train.train_and_evaluate(config, FLAGS.workdir)
+        if FLAGS.pack:
+            train.train_pack(*train.pack_members(config, FLAGS.workdir, FLAGS.pack))
+        else:
+            train.train_and_evaluate(config, FLAGS.workdir)
     except train.StopRequested as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)     # not 0: a sweep must not take a stopped run for finished

@@ -180,11 +180,87 @@ def evaluate(predictor: inference.Predictor, config: ml_collections.ConfigDict, 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last
     validation report."""
+    return train_pack([config], [workdir])[0]
+
+
+# Keys whose values may differ between the members of a pack: arguments of the compiled step
+# (optim.HYPERPARAMETERS) and the seed (each member's initialisation, data order, augmentation
+# and dropout draws).
+PACK_KEYS = ("seed", "optimizer.learning_rate", "optimizer.weight_decay", "optimizer.b1",
+             "optimizer.b2", "loss.label_smoothing")
+
+
+def check_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]) -> None:
+    """Refuses members that differ outside PACK_KEYS (naming the first such key), the TFRecord
+    source, and two members in one run folder."""
+    if len({str(RunFolder(w).path) for w in workdirs}) < len(workdirs):
+        raise InvalidSetting("two members of the pack share a run folder")
+    if configs[0].input.source != "device":
+        raise InvalidSetting("a pack draws its members' batches on the device: set "
+                             "input.source=device and input.augment_on=device")
+    first = _flat(json.loads(configs[0].to_json()))
+    for config in configs[1:]:
+        other = _flat(json.loads(config.to_json()))
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key) and key not in PACK_KEYS:
+                raise InvalidSetting(
+                    f"{key} differs between members of the pack ({first.get(key)!r}, "
+                    f"{other.get(key)!r}): it cannot vary inside one compiled program; only "
+                    f"{', '.join(PACK_KEYS)} can")
+
+
+def pack_members(config: ml_collections.ConfigDict, workdir: str, specs: list[str]
+                 ) -> tuple[list[ml_collections.ConfigDict], list[str]]:
+    """The members of `--pack KEY=V1,V2,...` (each flag one key; members are the product of the
+    flags, in order): their configs and run folders WORKDIR/<key>=<value>-... (the last part of
+    each key, e.g. learning_rate=0.001-seed=1)."""
+    import copy
+    import itertools
+
+    axes = []
+    for spec in specs:
+        key, equals, values = spec.partition("=")
+        key = key.strip().removeprefix("config.")
+        if not equals or not values.strip():
+            raise InvalidSetting(f"--pack {spec!r}: expected KEY=VALUE,VALUE,...")
+        if key not in PACK_KEYS:
+            raise InvalidSetting(f"--pack {key}: cannot vary inside one compiled program; "
+                                 f"one of {', '.join(PACK_KEYS)}")
+        kind = type(_flat(config.to_dict())[key])
+        try:
+            axes.append((key, [kind(value.strip()) for value in values.split(",")]))
+        except ValueError:
+            raise InvalidSetting(f"--pack {spec!r}: values of {key} must be {kind.__name__}s")\
+                from None
+    if len({key for key, _ in axes}) < len(axes):
+        raise InvalidSetting("--pack: a key given twice")
+    configs, workdirs = [], []
+    for values in itertools.product(*[values for _, values in axes]):
+        member = copy.deepcopy(config)
+        member.update_from_flattened_dict(dict(zip([key for key, _ in axes], values)))
+        configs.append(member)
+        name = "-".join(f"{key.rpartition('.')[2]}={value:g}" if isinstance(value, float)
+                        else f"{key.rpartition('.')[2]}={value}"
+                        for (key, _), value in zip(axes, values))
+        workdirs.append(str(RunFolder(workdir).path / name))
+    return configs, workdirs
+
+
+def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
+               ) -> list[dict[str, Any]]:
+    """Trains K runs, `configs[k]` in `workdirs[k]`, and returns each one's last validation
+    report. K = 1 is one run; K > 1 a pack: one compiled step trains every member (parameters,
+    optimiser states and hyper-parameters stacked on a member axis), members differing only in
+    PACK_KEYS (`check_pack`). Every member has an ordinary run folder and resumes from it."""
     # ------------------------------------------------------------------ set up
     # every check comes before the first write: a refused launch leaves the run folder as it was
-    check_config(config)
-    run = RunFolder(workdir)
-    workdir = run.path
+    for config in configs:
+        check_config(config)
+    packed = len(configs) > 1
+    if packed:
+        check_pack(configs, workdirs)
+    config = configs[0]          # the settings every member shares
+    runs = [RunFolder(workdir) for workdir in workdirs]
     mesh = steps.data_mesh()
     if config.batch_size % mesh.size:
         raise InvalidSetting(f"batch_size {config.batch_size} does not split over {mesh.size} "
@@ -193,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     builder = input_pipeline.open_dataset(config.data_dir)
     for key in ("train_split", "eval_split"):
         input_pipeline.require_split(builder, config[key], f"config.{key}")
-    changes = check_relaunch(run, config)
+    changes = [check_relaunch(run, member) for run, member in zip(runs, configs)]
     layout = None
     if config.input.source == "device":    # refused here, before anything is read or written
         layout = resident.choose_layout(
@@ -201,19 +277,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             resident.split_bytes(config.data_dir, config.eval_split), mesh.size,
             min(resident.free_bytes(device) for device in mesh.local_devices))
 
-    # ------------------------------------------------------------------ model and optimiser
-    model = models.from_config(config, metadata["preparation"]["image_size"])  # checks model.kwargs
-    pretrained = None
-    if config.init.pretrained:
-        pretrained = weights.load_pretrained(model, config.init.pretrained)
-    train_graph, eval_graph, params, rest = steps.split_model(model)
+    # ------------------------------------------------------------------ models and optimiser
+    states, pretrained = [], []
+    for member in configs:
+        model = models.from_config(member, metadata["preparation"]["image_size"])  # checks kwargs
+        pretrained.append(weights.load_pretrained(model, member.init.pretrained)
+                          if member.init.pretrained else None)
+        train_graph, eval_graph, params, rest = steps.split_model(model)
+        states.append({"params": params, "rest": rest})
     # the learning rate, weight decay, betas and label smoothing are arguments of the compiled
-    # step: runs that differ only in them (a learning-rate sweep) share one executable
-    hyper = {key: np.float32(value) for key, value in optim.hyperparameters(config).items()}
-    optimizer = optim.factory(config, params)
-    opt_state = optimizer(hyper).init(params)
-    schedule = learning_rate_schedule(config.optimizer.learning_rate, config.warmup_steps,
-                                      config.total_steps)
+    # step: runs that differ only in them (a learning-rate sweep, a pack) share one executable
+    hypers = [{key: np.float32(value) for key, value in optim.hyperparameters(member).items()}
+              for member in configs]
+    optimizer = optim.factory(config, states[0]["params"])
+    for state, hyper in zip(states, hypers):
+        state["opt_state"] = optimizer(hyper).init(state["params"])
+    schedules = [learning_rate_schedule(member.optimizer.learning_rate, member.warmup_steps,
+                                        member.total_steps) for member in configs]
     class_weights = None
     if config.loss.class_weights:
         counts = input_pipeline.class_counts(config.data_dir, config.train_split)
@@ -224,52 +304,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     on_device = config.input.augment_on == "device"
     train_step = steps.make_train_step(
         train_graph, optimizer, mesh, dtype=dtype, class_weights=class_weights,
-        augment=Augment.from_mapping(config.input.augment.to_dict()) if on_device else None)
+        augment=Augment.from_mapping(config.input.augment.to_dict()) if on_device else None,
+        members=packed)
     predictor = inference.Predictor(steps.make_eval_step(eval_graph, mesh, dtype=dtype),
                                     None, None, mesh)
 
     # ------------------------------------------------------------------ data on the devices
-    stream = on_device_eval = None
+    streams, on_device_eval = [], None
     if layout is not None:
-        stream = resident.train_stream(
-            resident.read_split(config.data_dir, config.train_split), mesh,
-            global_batch_size=config.batch_size, seed=config.seed,
-            balance=config.input.balance, layout=layout)
+        train_split = resident.read_split(config.data_dir, config.train_split)
+        streams = [resident.train_stream(train_split, mesh, global_batch_size=config.batch_size,
+                                         seed=member.seed, balance=config.input.balance,
+                                         layout=layout) for member in configs]
         on_device_eval = resident.eval_split(
             resident.read_split(config.data_dir, config.eval_split), mesh,
             inference.padded_batch_size(config.eval.batch_size, mesh.size))
 
     # ------------------------------------------------------------------ checkpoints
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_dataset(run, metadata)
-    state = {"params": params, "rest": rest, "opt_state": opt_state}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = distributed.replicate(state, mesh)
-    hyper = distributed.replicate(hyper, mesh)
-    latest, best = run.managers(config.checkpoint.keep)
-    start_step = latest.latest_step() or 0
+    managers, logs, start_steps = [], [], []
+    for run in runs:
+        run.path.mkdir(parents=True, exist_ok=True)
+        check_dataset(run, metadata)
+        managers.append(run.managers(config.checkpoint.keep))
+        start_steps.append(managers[-1][0].latest_step() or 0)
+    if len(set(start_steps)) > 1:
+        raise InvalidSetting(
+            "the members of the pack stopped at different steps (" + ", ".join(
+                f"{run.path}: {step}" for run, step in zip(runs, start_steps))
+            + "); resume each alone to the same step, or start the pack in new run folders")
+    start_step = start_steps[0]
     if start_step > config.total_steps:
-        raise InvalidSetting(f"{workdir} has a checkpoint at step {start_step}, past total_steps "
-                             f"{config.total_steps}; set --config.total_steps={start_step} or more")
-    log = RunLog(workdir, config.total_steps, enabled=jax.process_index() == 0)
-    log.write_config(config)
-    log.launch(start_step, changes)
-    if pretrained:
-        log.message(f"pretrained {config.init.pretrained}: {pretrained.summary()}")
+        raise InvalidSetting(f"{runs[0].path} has a checkpoint at step {start_step}, past "
+                             f"total_steps {config.total_steps}; set "
+                             f"--config.total_steps={start_step} or more")
+    for run, member, member_changes, member_pretrained in zip(runs, configs, changes, pretrained):
+        log = RunLog(run.path, config.total_steps, enabled=jax.process_index() == 0,
+                     label=f"[{run.path.name}] " if packed else "")
+        logs.append(log)
+        log.write_config(member)
+        log.launch(start_step, member_changes)
+        if member_pretrained:
+            log.message(f"pretrained {member.init.pretrained}: {member_pretrained.summary()}")
     if layout is not None:
-        log.message(f"data on the devices ({layout}): the train and {config.eval_split} splits")
+        logs[0].message(f"data on the devices ({layout}): the train and {config.eval_split} "
+                        "splits" + (f", {len(configs)} runs in one step" if packed else ""))
     if jax.process_count() > 1:
-        log.message(f"data parallel over {jax.device_count()} devices in "
-                    f"{jax.process_count()} processes")
+        logs[0].message(f"data parallel over {jax.device_count()} devices in "
+                        f"{jax.process_count()} processes")
+    states = [distributed.replicate(state, mesh) for state in states]
     if start_step:
         # restored onto this run's mesh, whatever number of devices wrote it
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                             sharding=replicated), state)
-        state = latest.restore(start_step, args=ocp.args.StandardRestore(target))
-        log.message(f"resumed from step {start_step}")
+        for k, (latest, _) in enumerate(managers):
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                 sharding=replicated), states[k])
+            states[k] = latest.restore(start_step, args=ocp.args.StandardRestore(target))
+            logs[k].message(f"resumed from step {start_step}")
+    if packed:
+        state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        hyper = distributed.replicate(jax.tree.map(lambda *xs: np.stack(xs), *hypers), mesh)
+    else:
+        state, hyper = states[0], distributed.replicate(hypers[0], mesh)
+
+    def member_state(k: int) -> dict[str, Any]:
+        return jax.tree.map(lambda x: x[k], state) if packed else state
 
     def save(step: int) -> None:
-        latest.save(step, args=ocp.args.StandardSave(state), force=True)
+        for k, (latest, _) in enumerate(managers):
+            latest.save(step, args=ocp.args.StandardSave(member_state(k)), force=True)
 
     stop: dict[str, Any] = {"requested": None}     # the signal that asked to stop
     several = jax.process_count() > 1
@@ -286,34 +388,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              for signum in (signal.SIGTERM, signal.SIGINT)}
 
     # ------------------------------------------------------------------ train loop
-    iterator = None if stream is not None else input_pipeline.train_iterator(
+    iterator = None if streams else input_pipeline.train_iterator(
         config.data_dir, split=config.train_split, global_batch_size=config.batch_size,
         seed=config.seed, augment=config.input.augment.to_dict(), balance=config.input.balance,
         process_index=jax.process_index(), process_count=jax.process_count(),
         start_step=start_step, augment_on=config.input.augment_on)
-    report: dict[str, Any] = {}
+
+    def next_batch(step: int) -> dict[str, jax.Array]:
+        if not streams:
+            return input_pipeline.to_global(next(iterator), mesh)
+        if not packed:
+            return streams[0].batch(step - 1)
+        batches = [stream.batch(step - 1) for stream in streams]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+    reports: list[dict[str, Any]] = [{} for _ in configs]
     pending: list[dict[str, jax.Array]] = []
     try:
         for step in range(start_step + 1, config.total_steps + 1):
-            if stream is not None:
-                batch = stream.batch(step - 1)
-            else:
-                batch = input_pipeline.to_global(next(iterator), mesh)
             params, rest, opt_state, step_metrics = train_step(
-                state["params"], state["rest"], state["opt_state"], batch, hyper)
+                state["params"], state["rest"], state["opt_state"], next_batch(step), hyper)
             state = {"params": params, "rest": rest, "opt_state": opt_state}
             pending.append(step_metrics)
             if step % config.log_every_steps == 0 or step == config.total_steps:
-                log.train(step, jax.device_get(pending), float(schedule(step - 1)),
-                          config.batch_size)
+                fetched = jax.device_get(pending)
+                for k, log in enumerate(logs):
+                    mine = [jax.tree.map(lambda x: x[k], m) for m in fetched] if packed \
+                        else fetched
+                    with _member_named(runs[k] if packed else None):
+                        log.train(step, mine, float(schedules[k](step - 1)), config.batch_size)
                 pending = []
             if step % config.eval.every_steps == 0 or step == config.total_steps:
-                report = evaluate(predictor.with_state(state["params"], state["rest"]),
-                                  config, config.eval_split, step, on_device_eval)
-                log.evaluation(step, config.eval_split, report)
-                if np.isfinite(report["auc"]):
-                    best.save(step, args=ocp.args.StandardSave(state),
-                              metrics={"patient_auc": report["auc"]}, force=True)
+                for k, (log, (_, best)) in enumerate(zip(logs, managers)):
+                    mine = member_state(k)
+                    with _member_named(runs[k] if packed else None):
+                        reports[k] = evaluate(predictor.with_state(mine["params"], mine["rest"]),
+                                              config, config.eval_split, step, on_device_eval)
+                    log.evaluation(step, config.eval_split, reports[k])
+                    if np.isfinite(reports[k]["auc"]):
+                        best.save(step, args=ocp.args.StandardSave(mine),
+                                  metrics={"patient_auc": reports[k]["auc"]}, force=True)
             if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
                 save(step)
             if stop["requested"] or (several and reached_preemption_sync_point(step)):
@@ -325,7 +439,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not several:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-        latest.wait_until_finished()
-        best.wait_until_finished()
-        log.close()
-    return report
+        for (latest, best), log in zip(managers, logs):
+            latest.wait_until_finished()
+            best.wait_until_finished()
+            log.close()
+    return reports
+
+
+class _member_named:
+    """Puts the member's run folder before a TrainingDiverged raised inside (packs only)."""
+
+    def __init__(self, run: RunFolder | None):
+        self.run = run
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if self.run is not None and isinstance(error, TrainingDiverged):
+            raise TrainingDiverged(f"{self.run.path}: {error}") from None
+        return False

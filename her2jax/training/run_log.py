@@ -25,8 +25,11 @@ from her2jax.training.events import EventWriter
 
 
 class RunLog:
-    def __init__(self, workdir: epath.Path, total_steps: int, enabled: bool = True):
+    def __init__(self, workdir: epath.Path, total_steps: int, enabled: bool = True,
+                 label: str = ""):
+        """label: put before every printed line (the member of a pack)."""
         self.workdir = workdir
+        self.label = label
         self.run = RunFolder(workdir)
         self.total_steps = total_steps
         self.enabled = enabled
@@ -62,7 +65,7 @@ class RunLog:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            print(text, file=sys.stderr, flush=True)
+            print(f"{self.label}{text}", file=sys.stderr, flush=True)
 
     def _append(self, record: dict[str, Any]) -> None:
         """One JSON line; `elapsed_seconds` counts from this process's start of the run."""
@@ -113,8 +116,8 @@ class RunLog:
                 self._writer.add_scalar(f"train/{key}", value, step)
         speed = "-" if rate is None else f"{rate:.1f}"
         eta = f"{(self.total_steps - step) * batch_size / rate / 60:.1f} min" if rate else "-"
-        print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f}  lr {learning_rate:.2e}"
-              f"  {speed} img/s  eta {eta}", file=sys.stderr, flush=True)
+        print(f"{self.label}step {step}/{self.total_steps}  loss {record['loss']:.4f}  "
+              f"lr {learning_rate:.2e}  {speed} img/s  eta {eta}", file=sys.stderr, flush=True)
 
     def evaluation(self, step: int, split: str, report: dict[str, Any]) -> None:
         if not self.enabled:
@@ -126,7 +129,7 @@ class RunLog:
                 self._writer.add_scalar(f"{split}/{key}", value, step)
         self._writer.flush()
         self._upload_events()
-        print(f"step {step}  {split}: patient AUC {report['auc']:.3f} "
+        print(f"{self.label}step {step}  {split}: patient AUC {report['auc']:.3f} "
               f"[{report['auc_ci_low']:.3f}, {report['auc_ci_high']:.3f}]  accuracy "
               f"{report['accuracy']:.3f}  ({report['patients']} patients, "
               f"{report['aggregation']} of slices)", file=sys.stderr, flush=True)
