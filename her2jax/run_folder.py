@@ -19,6 +19,7 @@ JAX nor TensorFlow; `restore` imports JAX, Flax and orbax when called.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -168,11 +169,20 @@ class RunFolder:
         one best by validation patient AUC."""
         import orbax.checkpoint as ocp
 
+        # Each manager commits from a background thread behind barriers named by the step; two
+        # managers saving one step at once (the latest and the best; the members of a pack) need
+        # their own barrier names, or one's process 0 pairs with the other's process 1.
+        folder = hashlib.sha256(str(self.path).encode()).hexdigest()[:12]
+
+        def options(kind: str, **kwargs: Any) -> Any:
+            return ocp.CheckpointManagerOptions(
+                create=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=f"her2jax-{kind}-{folder}"), **kwargs)
+
         latest = ocp.CheckpointManager(self.checkpoints("checkpoints"),
-                                       options=ocp.CheckpointManagerOptions(
-                                           max_to_keep=keep, create=True))
-        best = ocp.CheckpointManager(self.checkpoints("best"), options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m["patient_auc"], best_mode="max", create=True))
+                                       options=options("latest", max_to_keep=keep))
+        best = ocp.CheckpointManager(self.checkpoints("best"), options=options(
+            "best", max_to_keep=1, best_fn=lambda m: m["patient_auc"], best_mode="max"))
         return latest, best
 
     def restore(self, checkpoint: str | int = "best", mesh: Any = None) -> Restored:

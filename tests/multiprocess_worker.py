@@ -1,9 +1,9 @@
 """One process of the two-process training test (tests/test_multiprocess.py):
     python tests/multiprocess_worker.py PORT PROCESS_ID DATA_DIR WORKDIR OUT
 trains two steps with its peer over gloo, then writes what it holds to OUT/process_<id>.npz and
-OUT/process_<id>.json; then draws batches of the device-resident source, replicated and sharded,
-and evaluates its validation split with a model-free step, writing its rows of both to
-OUT/resident_<id>.npz."""
+OUT/process_<id>.json, and the keys of orbax's background barriers to OUT/barriers_<id>.json;
+then draws batches of the device-resident source, replicated and sharded, and evaluates its
+validation split with a model-free step, writing its rows of both to OUT/resident_<id>.npz."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,10 @@ def main(port: str, process_id: str, data_dir: str, workdir: str, out: str) -> N
     config.eval.every_steps = 2
     config.eval.batch_size = 3      # 2 per process after rounding up to the device count
     config.checkpoint.every_steps = 2
+    barriers = record_barriers()
     report = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(out, f"barriers_{process_id}.json"), "w") as handle:
+        json.dump(barriers, handle)
     restored = RunFolder(workdir).restore("latest")
     leaves = jax.tree.leaves(nnx.state(restored.model, nnx.Param))
     np.savez(os.path.join(out, f"process_{process_id}.npz"),
@@ -47,6 +50,26 @@ def main(port: str, process_id: str, data_dir: str, workdir: str, out: str) -> N
                    "process_count": jax.process_count(), "devices": jax.device_count(),
                    "report": report, "step": restored.step}, handle, default=float)
     resident_rows(data_dir, os.path.join(out, f"resident_{process_id}.npz"))
+
+
+def record_barriers() -> list[str]:
+    """The keys of the coordination-service barriers that orbax's background threads enter, in
+    the order this process entered them (the list fills as training runs)."""
+    from orbax.checkpoint._src.multihost import multihost
+
+    keys: list[str] = []
+    original = multihost.get_barrier_sync_fn
+
+    def recording(**kwargs):
+        sync = original(**kwargs)
+
+        def fn(*, key, timeout_ms):
+            keys.append(key)
+            return sync(key=key, timeout_ms=timeout_ms)
+        return fn
+
+    multihost.get_barrier_sync_fn = recording
+    return keys
 
 
 def resident_rows(data_dir: str, path: str) -> None:

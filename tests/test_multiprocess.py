@@ -29,7 +29,8 @@ def free_port() -> int:
 def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
     folder = str(root / "cohort")
-    write_cohort(folder, patients=12)
+    # a validation split with both classes: its AUC is defined, so the best manager saves too
+    write_cohort(folder, patients=12, splits=[0, 0, 0, 2, 2, 1, 0, 0, 0, 0, 2, 1])
     data_dir = prepared(folder)
     workdir, out = str(root / "run"), str(root / "out")
     os.makedirs(out)
@@ -62,6 +63,19 @@ def test_both_processes_hold_the_same_parameters(two_process_run):
     assert len(first.files) == len(second.files) > 50
     for key in first.files:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+def test_each_checkpoint_manager_keeps_its_own_barriers(two_process_run):
+    # the latest and best managers both save step 2 from background threads at once: a barrier
+    # key the two shared could pair one manager's process 0 with the other's process 1 (seen
+    # as a coordination-service abort under load), so every commit barrier is distinct
+    _, _, out = two_process_run
+    keys = [json.load(open(os.path.join(out, f"barriers_{i}.json"))) for i in range(2)]
+    assert sorted(keys[0]) == sorted(keys[1])     # the same barriers, in either order
+    commits = [key for key in keys[0] if "async_write_complete" in key]
+    assert len(commits) == 2, keys[0]            # step 2 saved by the latest and best managers
+    assert len(set(commits)) == 2, commits
+    assert len({key for key in keys[0] if "set_value_start" in key}) == 2, keys[0]
 
 
 def test_evaluation_gathers_every_slice_from_both_processes(two_process_run):
