@@ -1,5 +1,7 @@
 """Evaluate a trained run on a split: `python -m her2jax.evaluate --workdir RUN [--split test]
-[--data_dir PATH] [--checkpoint best|latest|STEP] [--out DIR]`.
+[--data_dir PATH] [--checkpoint best|latest|STEP] [--out DIR]`. `--workdir RUN1 RUN2 ...`
+evaluates several runs in one process (the members of a pack), each as if alone; a run that
+fails is reported and the others go on (exit code 1 if any failed).
 
 Writes under RUN/eval/<split>/ (RUN/eval/<split>_<checkpoint>/ for a checkpoint other than the
 best, e.g. eval/test_latest, eval/test_6, so the best one's results stay; or --out):
@@ -41,7 +43,8 @@ def _checkpoint(text: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m her2jax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="run folder (python -m her2jax.main)")
+    parser.add_argument("--workdir", required=True, nargs="+",
+                        help="run folder(s) (python -m her2jax.main)")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--data_dir", help="prepared dataset (default: the run's own)")
     parser.add_argument("--checkpoint", default="best", type=_checkpoint,
@@ -61,27 +64,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out and len(args.workdir) > 1:
+        print("error: --out needs a single --workdir", file=sys.stderr)
+        return 2
     try:
         from her2jax import distributed
 
         distributed.initialize(args.multihost)
-        result = evaluate_run(args.workdir, split=args.split, data_dir=args.data_dir,
-                              checkpoint=args.checkpoint, out=args.out,
-                              aggregation=args.aggregation, samples=args.bootstrap,
-                              seed=args.seed, batch_size=args.batch_size,
-                              progress=not args.quiet)
-    except (UserError, OSError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    patient = result["patient"]
-    rates = patient["at_validation_threshold"]
-    print(f"{result['split']}: patient AUC {format_number(patient['auc'])} "
-          f"[{format_number(patient['auc_ci_low'])}, {format_number(patient['auc_ci_high'])}]  "
-          f"sensitivity {format_number(rates['sensitivity'])}  specificity "
-          f"{format_number(rates['specificity'])}  ({result['patients']} patients)")
-    print(epath.Path(args.out) if args.out else
-          RunFolder(args.workdir).eval_dir(args.split, args.checkpoint))
-    return 0
+    failed = 0
+    for workdir in args.workdir:
+        try:
+            result = evaluate_run(workdir, split=args.split, data_dir=args.data_dir,
+                                  checkpoint=args.checkpoint, out=args.out,
+                                  aggregation=args.aggregation, samples=args.bootstrap,
+                                  seed=args.seed, batch_size=args.batch_size,
+                                  progress=not args.quiet)
+        except (UserError, OSError) as error:
+            print(f"error: {error}" if len(args.workdir) == 1 else f"error: {workdir}: {error}",
+                  file=sys.stderr)
+            failed += 1
+            continue
+        patient = result["patient"]
+        rates = patient["at_validation_threshold"]
+        print(f"{result['split']}: patient AUC {format_number(patient['auc'])} "
+              f"[{format_number(patient['auc_ci_low'])}, "
+              f"{format_number(patient['auc_ci_high'])}]  sensitivity "
+              f"{format_number(rates['sensitivity'])}  specificity "
+              f"{format_number(rates['specificity'])}  ({result['patients']} patients)")
+        print(epath.Path(args.out) if args.out else
+              RunFolder(workdir).eval_dir(args.split, args.checkpoint))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

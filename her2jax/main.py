@@ -7,6 +7,9 @@ to extend the run); any other change is refused.
 
 `--pack KEY=V1,V2` (repeatable) trains the product of the values as one pack: one compiled step
 for every member, each in its own run folder WORKDIR/<key>=<value>-... (see README "Packed runs").
+`--member '{"workdir": "RUN2", "config": {"seed": 1, "optimizer.learning_rate": 3e-4}}'`
+(repeatable) packs the command's own run (WORKDIR, with its config) with further members, each
+in its own folder with its config changed by the keys given: what `launch.sweep --pack` runs.
 
 Several processes (hosts of a TPU pod slice, SLURM tasks, or explicit flags) run the same
 command; see `her2jax.distributed` for what `--multihost` detects. Two processes on one machine:
@@ -28,6 +31,9 @@ flags.DEFINE_multi_string("pack", [], "KEY=V1,V2,...: train the product of these
                           "pack (one compiled step), each member in WORKDIR/<key>=<value>-...; "
                           "KEY one of her2jax.training.loop.PACK_KEYS; needs "
                           "input.source=device")
+flags.DEFINE_multi_string("member", [], "JSON {\"workdir\": ..., \"config\": {KEY: VALUE}}: "
+                          "another member of a pack with this run (repeatable); KEYs among "
+                          "her2jax.training.loop.PACK_KEYS; needs input.source=device")
 flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"],
                   "start jax.distributed: auto (when the environment describes several "
                   "processes), on (always; Cloud TPU pod slices), off")
@@ -104,8 +110,12 @@ def main(argv: list[str]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     try:
+        if FLAGS.pack and FLAGS.member:
+            raise app.UsageError("--pack and --member are two ways to name a pack: give one")
         if FLAGS.pack:
             train.train_pack(*train.pack_members(config, FLAGS.workdir, FLAGS.pack))
+        elif FLAGS.member:
+            train.train_pack(*train.listed_members(config, FLAGS.workdir, FLAGS.member))
         else:
             train.train_and_evaluate(config, FLAGS.workdir)
     except train.StopRequested as stop:

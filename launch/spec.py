@@ -83,6 +83,8 @@ class Sweep:
     data: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     pivot: tuple[str, str] | None = None     # (rows, columns) of the paper's ablation table
     description: str = ""
+    # runs per pack (`launch.packs`) when `launch.sweep --pack` is not given; None: unpacked
+    pack: int | None = None
 
     def __post_init__(self) -> None:
         names = [run.name for run in self.runs]

@@ -52,6 +52,7 @@ from etils import epath
 
 from her2jax.errors import InvalidSetting, ToolFailed, UserError
 from her2jax.run_folder import RunFolder
+from launch import packs
 from launch.spec import Run, Sweep
 
 BACKENDS = ("local", "slurm", "tpu")
@@ -131,8 +132,11 @@ def train_command(run: Run, workdir: str, data_dir: str | None, python: str = "p
     return command + list(extra)
 
 
-def evaluate_command(workdir: str, python: str = "python") -> list[str]:
-    return [python, "-m", "her2jax.evaluate", "--workdir", workdir, "--split", "test", "--quiet"]
+def evaluate_command(workdir: str | Sequence[str], python: str = "python") -> list[str]:
+    """The test evaluation of a run, or of several in one process (a pack's members)."""
+    workdirs = [workdir] if isinstance(workdir, str) else list(workdir)
+    return [python, "-m", "her2jax.evaluate", "--workdir", *workdirs, "--split", "test",
+            "--quiet"]
 
 
 def prepare_command(source: str, data_root: str, options: dict[str, Any],
@@ -166,8 +170,11 @@ class Plan:
     def __init__(self, sweep: Sweep, sweep_dir: str, *, source: str | None,
                  only: str | None = None, settings: dict[str, Any] | None = None,
                  python: str = "python", data_root: str | None = None,
-                 extra_train: Sequence[str] = ()):
+                 extra_train: Sequence[str] = (), pack: int | None = None):
         self.sweep = sweep
+        self.pack = pack
+        if pack is not None:
+            packs.check_settings(settings or {})
         self.sweep_dir = sweep_dir.rstrip("/")
         self.source = source
         self.python = python
@@ -195,10 +202,28 @@ class Plan:
         return f"{self.sweep_dir}/runs/{run.name}"
 
     def commands(self, run: Run) -> dict[str, list[str]]:
-        workdir = self.workdir(run)
-        return {"train": train_command(run, workdir, self.datasets.get(run.data), self.python,
-                                       self.extra_train),
-                "evaluate": evaluate_command(workdir, self.python)}
+        """The run's commands when it trains alone (in a packed sweep: a pack of one)."""
+        return self.job_commands(packs.Job((run,)))
+
+    def job_commands(self, job: packs.Job) -> dict[str, list[str]]:
+        """{"train": the job's training command, "evaluate": its runs' test evaluation (one
+        process for all the members of a pack)}."""
+        first = job.runs[0]
+        extra = list(self.extra_train)
+        if self.pack is not None:
+            extra += packs.device_flags()
+            extra += [packs.member_flag(run, self.workdir(run)) for run in job.runs[1:]]
+        train = train_command(first, self.workdir(first), self.datasets.get(first.data),
+                              self.python, extra)
+        return {"train": train, "evaluate": evaluate_command(
+            [self.workdir(run) for run in job.runs], self.python)}
+
+    def jobs(self, runs: Sequence[Run], read_steps: bool = True) -> list[packs.Job]:
+        """`runs` as the processes that train them: packs of at most --pack runs (members of a
+        pack stopped at one checkpoint step, read from the run folders unless `read_steps` is
+        False: the TPU backend's bucket is the workers', not the launcher's), or one run each."""
+        return packs.group(runs, self.pack, (lambda run: latest_step(self.workdir(run)))
+                           if read_steps else (lambda run: 0))
 
     def prepare_commands(self) -> dict[str, list[str]]:
         return {variant: prepare_command(self.source, self.data_root, self.sweep.data[variant],
@@ -245,6 +270,19 @@ def is_finished(workdir: str) -> bool:
     return RunFolder(workdir).evaluated("test")
 
 
+def latest_step(workdir: str) -> int:
+    """The step of the run's latest committed checkpoint (0: none)."""
+    folder = epath.Path(workdir) / "checkpoints"
+    if not folder.exists():
+        return 0
+    return max((int(path.name) for path in folder.iterdir() if path.name.isdigit()), default=0)
+
+
+def job_script(commands: dict[str, list[str]]) -> str:
+    """One bash line: train, then evaluate."""
+    return f"{shlex.join(commands['train'])} && {shlex.join(commands['evaluate'])}"
+
+
 # ---------------------------------------------------------------- local backend
 
 def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
@@ -264,12 +302,17 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
                   f"(log {entry.get('log')})", file=out)
         else:
             todo.append(run)
+    jobs = plan.jobs(todo)
     if dry_run:
         for variant, command in plan.prepare_commands().items():
             print(f"prepare {variant}: {shlex.join(command)}", file=out)
-        for run in todo:
-            for step, command in plan.commands(run).items():
-                print(f"{step} {run.name}: {shlex.join(command)}", file=out)
+        for job in jobs:
+            commands = plan.job_commands(job)
+            if job.packed:
+                print(f"pack {job.name}: {len(job.runs)} runs, one process: "
+                      f"{', '.join(run.name for run in job.runs)}", file=out)
+            for step, command in commands.items():
+                print(f"{step} {job.name}: {shlex.join(command)}", file=out)
         return manifest
     write_manifest(plan.sweep_dir, manifest)
     needed = {run.data for run in todo if run.data}
@@ -286,8 +329,8 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
             raise ToolFailed(f"preparing data variant {variant} failed:\n"
                              f"{result.stderr[-3000:]}")
     parallel = max(1, min(parallel, len(devices)) if devices else parallel)
-    running: list[tuple[subprocess.Popen, Run, Any, float]] = []
-    queue = list(todo)
+    running: list[tuple[subprocess.Popen, packs.Job, Any, float]] = []
+    queue = list(jobs)
     free = list(range(parallel))
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
@@ -295,13 +338,14 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
                    out)
     except (KeyboardInterrupt, SystemExit):
         # the launcher is stopped: pass the signal on, so that every run writes its checkpoint
-        for process, run, _, _ in running:
+        for process, job, _, _ in running:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-        for process, run, _, _ in running:
+        for process, job, _, _ in running:
             process.wait()
-            entries[run.name].update(status=STOPPED, returncode=process.returncode)
-            print(f"{STOPPED}: {run.name} (a relaunch resumes it)", file=out, flush=True)
+            for run in job.runs:
+                entries[run.name].update(status=STOPPED, returncode=process.returncode)
+                print(f"{STOPPED}: {run.name} (a relaunch resumes it)", file=out, flush=True)
         write_manifest(plan.sweep_dir, manifest)
         raise
     finally:
@@ -309,42 +353,47 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
     return manifest
 
 
-def _run_queue(plan: Plan, manifest: dict[str, Any], entries: dict[str, Any], queue: list[Run],
-               running: list, free: list[int], devices: Sequence[str], cpu_threads: int | None,
-               parallel: int, out) -> None:
-    """Starts queued runs as slots free up and records each one's end, until all are done."""
+def _run_queue(plan: Plan, manifest: dict[str, Any], entries: dict[str, Any],
+               queue: list[packs.Job], running: list, free: list[int], devices: Sequence[str],
+               cpu_threads: int | None, parallel: int, out) -> None:
+    """Starts queued jobs (runs, packs) as slots free up and records the end of each of their
+    runs, until all are done."""
     while queue or running:
         while queue and free:
-            run = queue.pop(0)
+            job = queue.pop(0)
             slot = free.pop(0)
-            running.append((*_start(plan, run, entries[run.name], slot, devices, cpu_threads,
-                                    parallel), slot))
+            running.append((*_start(plan, job, entries, slot, devices, cpu_threads, parallel),
+                            slot))
             write_manifest(plan.sweep_dir, manifest)
-            print(f"started: {run.name}", file=out, flush=True)
+            print(f"started: {job.name}" + (f" ({len(job.runs)} runs: "
+                                            f"{', '.join(r.name for r in job.runs)})"
+                                            if job.packed else ""), file=out, flush=True)
         time.sleep(0.2)
         for item in list(running):
-            process, run, started, slot = item
+            process, job, started, slot = item
             if process.poll() is None:
                 continue
             running.remove(item)
             free.append(slot)
-            entry = entries[run.name]
-            entry["returncode"] = process.returncode
-            entry["finished"] = _now()
-            entry["seconds"] = round(time.perf_counter() - started, 1)
-            if process.returncode == 0 and is_finished(entry["workdir"]):
-                entry["status"] = FINISHED
-            else:
-                entry["status"] = STOPPED if process.returncode in STOP_CODES else FAILED
+            for run in job.runs:
+                entry = entries[run.name]
+                entry["returncode"] = process.returncode
+                entry["finished"] = _now()
+                entry["seconds"] = round(time.perf_counter() - started, 1)
+                if is_finished(entry["workdir"]) and (process.returncode == 0 or job.packed):
+                    entry["status"] = FINISHED
+                else:
+                    entry["status"] = STOPPED if process.returncode in STOP_CODES else FAILED
+                print(f"{entry['status']}: {run.name} ({entry['seconds']} s)"
+                      + (f", log {entry['log']}" if entry["status"] == FAILED else "")
+                      + (" (a relaunch resumes it)" if entry["status"] == STOPPED else ""),
+                      file=out, flush=True)
             write_manifest(plan.sweep_dir, manifest)
-            print(f"{entry['status']}: {run.name} ({entry['seconds']} s)"
-                  + (f", log {entry['log']}" if entry["status"] == FAILED else "")
-                  + (" (a relaunch resumes it)" if entry["status"] == STOPPED else ""),
-                  file=out, flush=True)
 
 
-def _start(plan: Plan, run: Run, entry: dict[str, Any], slot: int, devices: Sequence[str],
-           cpu_threads: int | None, parallel: int) -> tuple[subprocess.Popen, Run, float]:
+def _start(plan: Plan, job: packs.Job, entries: dict[str, Any], slot: int,
+           devices: Sequence[str], cpu_threads: int | None, parallel: int
+           ) -> tuple[subprocess.Popen, packs.Job, float]:
     env = dict(os.environ)
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = str(devices[slot])
@@ -356,17 +405,24 @@ def _start(plan: Plan, run: Run, entry: dict[str, Any], slot: int, devices: Sequ
                    XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
                               f"{'false' if threads == 1 else 'true'} "
                               f"intra_op_parallelism_threads={threads}").strip())
-    log = epath.Path(entry["workdir"]) / "launch.log"
+    first = entries[job.runs[0].name]
+    # one log per process: a run's own folder, or for a pack SWEEP_DIR/packs/<pack>.log
+    log = (epath.Path(plan.sweep_dir) / "packs" / f"{job.name}.log" if job.packed
+           else epath.Path(first["workdir"]) / "launch.log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    commands = plan.commands(run)
-    script = f"{shlex.join(commands['train'])} && {shlex.join(commands['evaluate'])}"
-    entry.update(status=RUNNING, started=_now(), log=str(log))
+    commands = plan.job_commands(job)
+    for run in job.runs:
+        entries[run.name].update(status=RUNNING, started=_now(), log=str(log))
+        if job.packed:
+            entries[run.name].update(pack=job.name, commands={
+                "train": shlex.join(commands["train"]),
+                "evaluate": shlex.join(evaluate_command(plan.workdir(run), plan.python))})
     handle = open(os.fspath(log), "a")     # a local file: the local backend runs here
     # its own process group: a signal to the launcher is passed on to the run's whole group
-    process = subprocess.Popen(["bash", "-c", script], stdout=handle, stderr=subprocess.STDOUT,
-                               env=env, start_new_session=True)
+    process = subprocess.Popen(["bash", "-c", job_script(commands)], stdout=handle,
+                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
     handle.close()
-    return process, run, time.perf_counter()
+    return process, job, time.perf_counter()
 
 
 # ---------------------------------------------------------------- SLURM backend
@@ -375,16 +431,17 @@ def slurm_scripts(plan: Plan, *, repo: str, partition: str | None = None,
                   time_limit: str = "24:00:00", gpus_per_task: int = 0, cpus_per_task: int = 8,
                   nodes: int = 1, max_parallel: int | None = None,
                   setup: str = "source .venv/bin/activate",
-                  tasks: Sequence[int] | None = None,
+                  tasks: Sequence[tuple[int, packs.Job]] | None = None,
                   prepare: Sequence[str] | None = None) -> dict[str, str]:
     """{'prepare.sbatch': ..., 'runs.sbatch': ...} (prepare only when data is needed).
 
     Each command is a bash array (`TRAIN=(python -m ... --workdir '/a b/...')`, run as
     `"${TRAIN[@]}"`): every argument reaches the program as the launcher wrote it, whatever
     characters the paths hold. Training runs as a job step (`srun`), so `scancel --signal=TERM`
-    reaches it: it writes its checkpoint and a resubmission resumes it. `tasks`: the array
-    indices to run (default all; a relaunch leaves out the finished runs); `prepare`: the data
-    variants to prepare (default all; a relaunch leaves out those prepared already)."""
+    reaches it: it writes its checkpoint and a resubmission resumes it. `tasks`: (array index,
+    job) pairs, a job one run or a pack (default `slurm_todo`'s for every run; a relaunch leaves
+    out the finished runs); `prepare`: the data variants to prepare (default all; a relaunch
+    leaves out those prepared already)."""
     logs = f"{plan.sweep_dir}/slurm"
     header = ["#!/bin/bash"]
 
@@ -409,8 +466,10 @@ def slurm_scripts(plan: Plan, *, repo: str, partition: str | None = None,
             lines.append(f"# data variant {variant} -> {plan.datasets[variant]}")
             lines.append(shlex.join(command))
         scripts["prepare.sbatch"] = "\n".join(lines) + "\n"
-    indices = list(range(len(plan.runs))) if tasks is None else sorted(tasks)
-    array = array_spec(indices) + (f"%{max_parallel}" if max_parallel else "")
+    if tasks is None:
+        tasks = _tasks(plan, plan.runs)
+    array = array_spec(sorted(index for index, _ in tasks)) + \
+        (f"%{max_parallel}" if max_parallel else "")
     extra = [_directive("array", array), _directive("output", f"{logs}/%x_%A_%a.out")]
     if nodes > 1:
         extra += [_directive("nodes", nodes), _directive("ntasks-per-node", 1)]
@@ -418,16 +477,17 @@ def slurm_scripts(plan: Plan, *, repo: str, partition: str | None = None,
         extra.append(_directive("gpus-per-task", gpus_per_task))
     lines = header + directives(f"her2jax-{plan.sweep.name}", extra) + body_start
     lines.append('case "$SLURM_ARRAY_TASK_ID" in')
-    for index, run in enumerate(plan.runs):
-        steps = plan.commands(run)
-        lines.append(f"  {index}) RUN={shlex.quote(run.name)}; "
-                     f"WORKDIR={shlex.quote(plan.workdir(run))}")
+    for index, job in sorted(tasks, key=lambda task: task[0]):
+        steps = plan.job_commands(job)
+        lines.append(f"  {index}) RUN={shlex.quote(job.name)}; WORKDIRS=("
+                     + " ".join(shlex.quote(plan.workdir(run)) for run in job.runs) + ")")
         lines.append(f"     TRAIN=({shlex.join(steps['train'])})")
         lines.append(f"     EVALUATE=({shlex.join(steps['evaluate'])}) ;;")
     lines.append('  *) echo "no run for task $SLURM_ARRAY_TASK_ID"; exit 1 ;;')
     lines.append("esac")
-    lines.append('if [ -f "$WORKDIR/eval/test/metrics.json" ]; then '
-                 'echo "$RUN finished, skipped"; exit 0; fi')
+    lines.append('finished=1; for folder in "${WORKDIRS[@]}"; do '
+                 '[ -f "$folder/eval/test/metrics.json" ] || finished=0; done')
+    lines.append('if [ "$finished" = 1 ]; then echo "$RUN finished, skipped"; exit 0; fi')
     # a job step: one process per node (her2jax.main reads SLURM's environment for
     # jax.distributed), and the step is what `scancel --signal` and time limits signal
     lines.append('srun "${TRAIN[@]}"')
@@ -463,11 +523,21 @@ def array_spec(indices: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def slurm_todo(plan: Plan) -> tuple[list[int], list[str]]:
-    """(array indices of the runs not finished, data variants those runs need that are not
-    prepared yet): what a (re)submission has left to do."""
-    tasks = [i for i, run in enumerate(plan.runs) if not is_finished(plan.workdir(run))]
-    needed = sorted({plan.runs[i].data for i in tasks if plan.runs[i].data})
+def _tasks(plan: Plan, runs: Sequence[Run]) -> list[tuple[int, packs.Job]]:
+    """(array index, job) for `runs`: unpacked, a run keeps its index in the sweep (a
+    resubmission runs the same task numbers); packed, the packs are numbered from 0."""
+    if plan.pack is None:
+        index = {run.name: i for i, run in enumerate(plan.runs)}
+        return [(index[run.name], packs.Job((run,))) for run in runs]
+    return list(enumerate(plan.jobs(runs)))
+
+
+def slurm_todo(plan: Plan) -> tuple[list[tuple[int, packs.Job]], list[str]]:
+    """((array index, job) for the runs not finished, data variants those runs need that are
+    not prepared yet): what a (re)submission has left to do."""
+    runs = [run for run in plan.runs if not is_finished(plan.workdir(run))]
+    tasks = _tasks(plan, runs)
+    needed = sorted({run.data for run in runs if run.data})
     prepare = [v for v in needed
                if not (epath.Path(plan.datasets[v]) / "metadata.json").exists()]
     return tasks, prepare
@@ -578,12 +648,13 @@ def tpu_steps(plan: Plan, *, name: str, zone: str, accelerator: str, version: st
             steps.append((None, ssh(f"cd her2jax && {shlex.join(command)}", worker="0")))
         steps.append((None, ssh(f"gcloud storage rsync -r {TPU_DATA} "
                                 f"{shlex.quote(plan.data_root)}", worker="0")))
-    for run in plan.runs:
-        run_commands = plan.commands(run)
-        steps.append((f"train {run.name}",
-                      ssh(f"cd her2jax && {shlex.join(run_commands['train'])}")))
-        steps.append((f"evaluate {run.name}",
-                      ssh(f"cd her2jax && {shlex.join(run_commands['evaluate'])} "
+    for job in plan.jobs(plan.runs, read_steps=False):
+        job_commands = plan.job_commands(job)
+        names = ",".join(run.name for run in job.runs)
+        steps.append((f"train {names}",
+                      ssh(f"cd her2jax && {shlex.join(job_commands['train'])}")))
+        steps.append((f"evaluate {names}",
+                      ssh(f"cd her2jax && {shlex.join(job_commands['evaluate'])} "
                           f"--multihost=on")))
     if delete:
         steps.append((None, f"{tpu} tpu-vm delete {name} {where} --quiet"))
@@ -607,25 +678,29 @@ def run_tpu(plan: Plan, steps: Sequence[tuple[str | None, str]], repo: str) -> N
     entries = {entry["name"]: entry for entry in manifest["runs"]}
     upload_manifest(plan.sweep_dir, manifest)
     for label, command in steps:
-        kind, _, name = (label or "").partition(" ")
+        kind, _, label_names = (label or "").partition(" ")
+        names = label_names.split(",") if label_names else []     # a pack's members
         print(f"$ {command}", file=sys.stderr, flush=True)
         if "# wait" in command:
             _wait_until_active(command.split("#")[0].strip())
             continue
         if kind == "train":
-            entries[name].update(status=RUNNING, started=_now())
+            for name in names:
+                entries[name].update(status=RUNNING, started=_now())
             upload_manifest(plan.sweep_dir, manifest)
         try:
             subprocess.run(["bash", "-c", command], check=True)
         except subprocess.CalledProcessError as error:
-            if name:
+            for name in names:
                 entries[name].update(returncode=error.returncode, finished=_now(),
                                      status=STOPPED if error.returncode in STOP_CODES
                                      else FAILED)
+            if names:
                 upload_manifest(plan.sweep_dir, manifest)
             raise
         if kind == "evaluate":
-            entries[name].update(status=FINISHED, finished=_now(), returncode=0)
+            for name in names:
+                entries[name].update(status=FINISHED, finished=_now(), returncode=0)
             upload_manifest(plan.sweep_dir, manifest)
 
 
@@ -683,6 +758,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help="run names matching this glob (or containing it)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (repeatable)")
+    parser.add_argument("--pack", help="K: train runs that differ only in seed, learning rate, "
+                        "weight decay, betas, label smoothing or dropout together, at most K "
+                        "in one process (one compiled step; every run draws its batches on the "
+                        "device); off: one process per run (default: the sweep's own choice)")
     parser.add_argument("--dry_run", action="store_true", help="print, run nothing")
     parser.add_argument("--retry_failed", action="store_true")
     parser.add_argument("--python", help="interpreter in the commands (default: local, this "
@@ -736,8 +815,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
                       "tpu": ".venv/bin/python"}[args.backend]
     python = args.python or default_python
     extra = ["--multihost=on"] if args.backend == "tpu" else []
+    pack = packs.parse_pack(args.pack if args.pack is not None else sweep.pack)
     return Plan(sweep, sweep_dir, source=source, only=args.only, settings=settings,
-                python=python, extra_train=extra)
+                python=python, extra_train=extra, pack=pack)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -751,7 +831,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
         print(f"sweep {plan.sweep.name}: {len(plan.runs)} runs, {len(plan.datasets)} data "
-              f"variants, in {plan.sweep_dir}", file=sys.stderr)
+              f"variants, in {plan.sweep_dir}"
+              + (f"; packs of at most {plan.pack}" if plan.pack else ""), file=sys.stderr)
         if args.backend == "local":
             manifest = run_local(plan, retry_failed=args.retry_failed, parallel=args.parallel,
                                  devices=[d for d in args.devices.split(",") if d],
@@ -766,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"all {len(plan.runs)} runs are finished: nothing to submit "
                       f"(python -m launch.collect {shlex.quote(plan.sweep_dir)})")
                 return 0
-            finished = len(plan.runs) - len(tasks)
+            finished = len(plan.runs) - sum(len(job.runs) for _, job in tasks)
             if finished:
                 print(f"{finished} of {len(plan.runs)} runs finished already: submitting the "
                       f"other {len(tasks)}", file=sys.stderr)

@@ -180,3 +180,26 @@ def test_models_give_the_same_logits_and_gradients_with_and_without_rewrites(
         scale = max(float(np.max(np.abs(off_grads[key]))), 1e-6)
         np.testing.assert_allclose(on_grads[key] / scale, off_grads[key] / scale, atol=2e-4,
                                    err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dropout_with_a_traced_rate_draws_nnx_dropouts_mask(dtype):
+    # a pack passes each member's rate as an array (vmapped): the mask and the scaling must be
+    # nnx.Dropout's for the same key and rate, member by member
+    x = jax.random.normal(jax.random.key(0), (6, 32), dtype)
+    keep = jnp.array([1.0 - 0.0, 1.0 - 0.25, 1.0 - 0.6], jnp.float32)
+
+    def traced(keep, key):
+        module = layers.Dropout(0.5, rngs=nnx.Rngs(dropout=key))
+        with layers.dropout_keep(keep):
+            return module(x, deterministic=False)
+
+    got = jax.jit(jax.vmap(traced))(keep, jax.vmap(jax.random.key)(jnp.arange(3)))
+    for k, rate in enumerate([0.0, 0.25, 0.6]):
+        expected = nnx.Dropout(rate, rngs=nnx.Rngs(dropout=jax.random.key(k)))(
+            x, deterministic=False)
+        np.testing.assert_array_equal(np.asarray(got[k], np.float32),
+                                      np.asarray(expected, np.float32))
+        assert got.dtype == dtype
+    model = models.create("resnet18", attention="dual", dropout=0.3, rngs=nnx.Rngs(0))
+    assert layers.dropout_rates(model) == {0.3}

@@ -166,15 +166,16 @@ def test_slurm_dry_run_line_by_line(sweep_file, capsys):
         [ -f .venv/bin/activate ] || {{ echo "no .venv in $PWD: run make setup there first" >&2; exit 1; }}
         source .venv/bin/activate
         case "$SLURM_ARRAY_TASK_ID" in
-          0) RUN={run0}; WORKDIR=/scratch/sw/runs/{run0}
+          0) RUN={run0}; WORKDIRS=(/scratch/sw/runs/{run0})
              TRAIN=({train(run0, "none")})
              EVALUATE=(python -m her2jax.evaluate --workdir /scratch/sw/runs/{run0} --split test --quiet) ;;
-          1) RUN={run1}; WORKDIR=/scratch/sw/runs/{run1}
+          1) RUN={run1}; WORKDIRS=(/scratch/sw/runs/{run1})
              TRAIN=({train(run1, "dual")})
              EVALUATE=(python -m her2jax.evaluate --workdir /scratch/sw/runs/{run1} --split test --quiet) ;;
           *) echo "no run for task $SLURM_ARRAY_TASK_ID"; exit 1 ;;
         esac
-        if [ -f "$WORKDIR/eval/test/metrics.json" ]; then echo "$RUN finished, skipped"; exit 0; fi
+        finished=1; for folder in "${{WORKDIRS[@]}}"; do [ -f "$folder/eval/test/metrics.json" ] || finished=0; done
+        if [ "$finished" = 1 ]; then echo "$RUN finished, skipped"; exit 0; fi
         srun "${{TRAIN[@]}}"
         "${{EVALUATE[@]}}"
 
@@ -288,9 +289,9 @@ def test_a_run_stopped_by_a_signal_is_resumed_by_the_next_launch(sweep_file, tmp
         os.makedirs(data_dir)
         open(os.path.join(data_dir, "metadata.json"), "w").close()
     codes = iter([143, 1])
-    monkeypatch.setattr(sweep, "_start", lambda plan, run, entry, *rest: (
-        entry.update(status="running", log="x.log")
-        or subprocess.Popen(["bash", "-c", f"exit {next(codes)}"]), run, 0.0))
+    monkeypatch.setattr(sweep, "_start", lambda plan, job, entries, *rest: (
+        entries[job.runs[0].name].update(status="running", log="x.log")
+        or subprocess.Popen(["bash", "-c", f"exit {next(codes)}"]), job, 0.0))
     assert sweep.main(args) == 0
     (entry,) = sweep.read_manifest(sweep_dir)["runs"]
     assert entry["status"] == "stopped" and entry["returncode"] == 143
@@ -316,8 +317,8 @@ def test_stopping_the_launcher_stops_every_run_it_started(sweep_file, tmp_path, 
     started = []
     real_sleep = time.sleep
 
-    def start(plan, run, entry, *rest):
-        entry.update(status="running", log="x.log")
+    def start(plan, job, entries, *rest):
+        entries[job.runs[0].name].update(status="running", log="x.log")
         # a stand-in for `train && evaluate`: exits 143 on SIGTERM, as training does once its
         # handler is set (the marker says it is)
         marker = tmp_path / f"ready{len(started)}"
@@ -325,7 +326,7 @@ def test_stopping_the_launcher_stops_every_run_it_started(sweep_file, tmp_path, 
             ["bash", "-c", f"trap 'exit 143' TERM; touch {marker}; sleep 60 & wait $!"],
             start_new_session=True)
         started.append((process, marker))
-        return process, run, 0.0
+        return process, job, 0.0
 
     def interrupted(seconds):
         for _ in range(500):                 # Ctrl-C once both runs are under way
@@ -405,7 +406,7 @@ def test_local_parallel_runs_get_their_own_devices_and_threads(sweep_file, tmp_p
                   f"&& echo '{{}}' > {workdir}/eval/test/metrics.json")
         return {"train": ["bash", "-c", record], "evaluate": ["true"]}
 
-    plan.commands = commands
+    plan.job_commands = lambda job: commands(job.runs[0])
     manifest = sweep.run_local(plan, parallel=2, devices=["3", "5"], cpu_threads=4)
     assert [r["status"] for r in manifest["runs"]] == ["finished", "finished"]
     seen = sorted(open(os.path.join(plan.workdir(run), "env")).read().split()[0]

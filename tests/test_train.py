@@ -419,10 +419,10 @@ def test_nan_outputs_at_an_evaluation_stop_the_run_naming_the_step(dataset, tmp_
 
 def test_a_pack_trains_each_member_as_its_run_alone_and_resumes_exactly(
         dataset, tmp_path, monkeypatch):
-    """Two members differing in seed, learning rate and label smoothing, trained as one pack: each
-    equals its run trained alone (parameters within 1e-5 of their global norm, the same
-    validation figures at every evaluation), has an ordinary run folder, and a pack stopped by
-    SIGTERM resumes to the same parameters bit for bit.
+    """Two members differing in seed, learning rate, label smoothing and dropout, trained as one
+    pack: each equals its run trained alone (parameters within 1e-5 of their global norm, the
+    same validation figures at every evaluation), has an ordinary run folder, and a pack stopped
+    by SIGTERM resumes to the same parameters bit for bit.
 
     A ViT: the batched program rounds differently from the single one (1e-7 in the loss), and
     ResNet-18 on 16-pixel slices in batches of 4 (BatchNorm over 4 values per channel at
@@ -430,15 +430,16 @@ def test_a_pack_trains_each_member_as_its_run_alone_and_resumes_exactly(
     only a model whose training is not chaotic at this size can show the equality."""
     _, data_dir = dataset
 
-    def member(seed, learning_rate, smoothing):
+    def member(seed, learning_rate, smoothing, dropout):
         config = vit.get_config("tiny4,runlocal")
+        config.model.kwargs.dropout = dropout
         config.data_dir, config.batch_size, config.eval.batch_size = data_dir, 4, 3
         config.input.source = config.input.augment_on = "device"
         config.seed, config.optimizer.learning_rate = seed, learning_rate
         config.loss.label_smoothing = smoothing
         return config
 
-    configs = [member(0, 1e-3, 0.0), member(1, 3e-3, 0.1)]
+    configs = [member(0, 1e-3, 0.0, 0.1), member(1, 3e-3, 0.1, 0.4)]
     packed = [str(tmp_path / "pack" / name) for name in ("a", "b")]
     reports = train.train_pack(configs, packed)
     alone = [str(tmp_path / name) for name in ("a_alone", "b_alone")]

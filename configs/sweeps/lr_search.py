@@ -2,7 +2,8 @@
 dual-attention ResNet-18; the points are drawn from a fixed seed, so the same runs (and names)
 come back in every session.
 
-    --sweep configs/sweeps/lr_search.py[:POINTS]        (default 24 points, one seed each)
+    --sweep configs/sweeps/lr_search.py[:POINTS]        (default 24 points, one seed each;
+                                                         packs of 8 unless --pack says)
 """
 import numpy as np
 
@@ -21,4 +22,5 @@ def get_sweep(arg=None):
             "loss.label_smoothing": round(float(rng.uniform(0.0, 0.2)), 2)})
     return Sweep("lr_search", runs=runs_of(points),
                  data={"q98": {"normalization": "per_channel_clip_q98"}},
-                 description="random search: learning rate, weight decay, dropout, smoothing")
+                 description="random search: learning rate, weight decay, dropout, smoothing",
+                 pack=8)        # every point differs only in packable keys: packs of 8

@@ -11,4 +11,5 @@ def get_sweep(arg=None):
             "q98_n4": {"normalization": "per_channel_clip_q98", "n4": True}}
     runs = product(axis("config", ["configs/resnet.py:resnet18"]),
                    axis("data", ["q98", "q98_n4"]), seeds(int(arg or 3)))
-    return Sweep("n4", runs=runs, data=data, description="N4 off / on (per-channel q98)")
+    return Sweep("n4", runs=runs, data=data, description="N4 off / on (per-channel q98)",
+                 pack=8)        # the seeds of each variant train as one pack

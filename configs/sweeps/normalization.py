@@ -15,4 +15,5 @@ def get_sweep(arg=None):
         axis("data", strategies),
         seeds(int(arg or 3)))
     return Sweep("normalization", runs=runs, data=data, pivot=("data", "config"),
-                 description="8-bit normalisation strategy x model")
+                 description="8-bit normalisation strategy x model",
+                 pack=8)        # the seeds of a strategy and model train as one pack

@@ -25,6 +25,8 @@ function is traced, from HER2JAX_REWRITES:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from collections.abc import Sequence
 from functools import partial
@@ -183,3 +185,48 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
         return _max_pool(x, window, stride, padding)
     return nnx.max_pool(x, (window, window), strides=(stride, stride),
                         padding=((padding, padding), (padding, padding)))
+
+
+# ---------------------------------------------------------------- dropout with a traced rate
+
+_KEEP: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "her2jax_dropout_keep", default=None)
+
+
+@contextlib.contextmanager
+def dropout_keep(keep: jax.Array | None):
+    """Inside, every `Dropout` of a model that is called keeps each value with probability `keep`
+    (a float32 scalar, traced in a compiled step: the members of a pack each have their own)
+    instead of 1 - its own rate; None leaves the modules' rates. Give keep as float32(1 - rate)
+    computed on the host, as nnx.Dropout computes it, for the same scaling to the last bit."""
+    token = _KEEP.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP.reset(token)
+
+
+class Dropout(nnx.Dropout):
+    """nnx.Dropout whose keep probability may be given as an array (`dropout_keep`): the same
+    mask and scaling as nnx.Dropout for the same key and rate."""
+
+    def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None):
+        keep = _KEEP.get()
+        if keep is None:
+            return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
+        if self.deterministic if deterministic is None else deterministic:
+            return inputs
+        source = rngs if rngs is not None else self.rngs
+        key = source[self.rng_collection]() if isinstance(source, nnx.Rngs) else \
+            source() if isinstance(source, nnx.RngStream) else source
+        shape = [1 if dim in self.broadcast_dims else size
+                 for dim, size in enumerate(inputs.shape)]
+        mask = jnp.broadcast_to(jax.random.bernoulli(key, p=keep, shape=shape), inputs.shape)
+        return jax.lax.select(mask, inputs / jnp.asarray(keep, inputs.dtype),
+                              jnp.zeros_like(inputs))
+
+
+def dropout_rates(model: nnx.Module) -> set[float]:
+    """The rates of the model's dropout modules."""
+    return {float(module.rate) for _, module in nnx.iter_modules(model)
+            if isinstance(module, nnx.Dropout)}

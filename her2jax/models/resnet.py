@@ -34,7 +34,7 @@ from flax import nnx
 
 from her2jax.errors import InvalidSetting
 from her2jax.models.attention import KINDS, Identity, make_attention
-from her2jax.models.layers import conv_general_dilated, max_pool
+from her2jax.models.layers import Dropout, conv_general_dilated, max_pool
 from her2jax.models.presets import DUAL_ATTENTION, TRIPLE_HEAD
 from her2jax.models.registry import register
 
@@ -160,7 +160,7 @@ class Head(nnx.Module):
                  dropout: float, rngs: nnx.Rngs, dtype: jnp.dtype):
         self.attention = make_attention(attention, channels, reduction=reduction, rngs=rngs,
                                         dtype=dtype)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
         self.fc = nnx.Linear(channels, num_classes, dtype=dtype, param_dtype=jnp.float32,
                              rngs=rngs)
 
@@ -220,7 +220,7 @@ class ResNet(nnx.Module):
         self.head_combine = head_combine
         if head == "single":
             self.attention = attention_at("last", channels[-1])
-            self.dropout = nnx.Dropout(dropout, rngs=rngs)
+            self.dropout = Dropout(dropout, rngs=rngs)
             self.fc = nnx.Linear(channels[-1], num_classes, dtype=dtype,
                                  param_dtype=jnp.float32, rngs=rngs)
             return

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from her2jax.errors import BadInput, InvalidSetting
+from her2jax.models.layers import Dropout
 from her2jax.models.registry import register
 
 DEPTH = 12
@@ -256,7 +257,7 @@ class VisionTransformer(nnx.Module):
             self.norm = _layer_norm(width, self.dtype, rngs)
         else:
             self.fc_norm = _layer_norm(width, self.dtype, rngs)
-        self.head_drop = nnx.Dropout(dropout, rngs=rngs)
+        self.head_drop = Dropout(dropout, rngs=rngs)
         self.head = _linear(width, num_classes, self.dtype, rngs)
 
     def position_embedding(self, grid: tuple[int, int]) -> jax.Array:

@@ -29,10 +29,12 @@ from her2jax.data.augment_options import AUGMENT_ON, Augment
 from her2jax.data.sampling import BALANCE_MODES
 from her2jax.errors import BadInput, InvalidSetting, TrainingDiverged
 from her2jax.models import weights
+from her2jax.models.layers import dropout_rates
 from her2jax.run_folder import RunFolder
 from her2jax.training import inference, optim, steps
 from her2jax.training.losses import class_weights_from_counts
 from her2jax.training.optim import learning_rate_schedule
+from her2jax.training.pack_keys import PACK_KEYS
 from her2jax.training.run_log import RunLog
 
 DTYPES = ("float32", "bfloat16")
@@ -183,13 +185,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return train_pack([config], [workdir])[0]
 
 
-# Keys whose values may differ between the members of a pack: arguments of the compiled step
-# (optim.HYPERPARAMETERS) and the seed (each member's initialisation, data order, augmentation
-# and dropout draws).
-PACK_KEYS = ("seed", "optimizer.learning_rate", "optimizer.weight_decay", "optimizer.b1",
-             "optimizer.b2", "loss.label_smoothing")
-
-
 def check_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]) -> None:
     """Refuses members that differ outside PACK_KEYS (naming the first such key), the TFRecord
     source, and two members in one run folder."""
@@ -226,7 +221,7 @@ def pack_members(config: ml_collections.ConfigDict, workdir: str, specs: list[st
         if key not in PACK_KEYS:
             raise InvalidSetting(f"--pack {key}: cannot vary inside one compiled program; "
                                  f"one of {', '.join(PACK_KEYS)}")
-        kind = type(_flat(config.to_dict())[key])
+        kind = type(_flat(config.to_dict()).get(key, 0.0))
         try:
             axes.append((key, [kind(value.strip()) for value in values.split(",")]))
         except ValueError:
@@ -243,6 +238,37 @@ def pack_members(config: ml_collections.ConfigDict, workdir: str, specs: list[st
                         else f"{key.rpartition('.')[2]}={value}"
                         for (key, _), value in zip(axes, values))
         workdirs.append(str(RunFolder(workdir).path / name))
+    return configs, workdirs
+
+
+def listed_members(config: ml_collections.ConfigDict, workdir: str, members: list[str]
+                   ) -> tuple[list[ml_collections.ConfigDict], list[str]]:
+    """The members of `--member JSON ...`: `config` in `workdir` first, then one member per JSON
+    object {"workdir": RUN, "config": {KEY: VALUE, ...}}, `config` with those keys changed."""
+    import copy
+
+    configs, workdirs = [config], [workdir]
+    for text in members:
+        try:
+            member = json.loads(text)
+        except ValueError as error:
+            raise InvalidSetting(f"--member {text!r}: not JSON ({error})") from None
+        if not isinstance(member, dict) or not isinstance(member.get("workdir"), str) or \
+                not isinstance(member.get("config", {}), dict) or \
+                set(member) - {"workdir", "config"}:
+            raise InvalidSetting(f"--member {text!r}: expected {{\"workdir\": RUN, \"config\": "
+                                 f"{{KEY: VALUE, ...}}}}")
+        changed = copy.deepcopy(config)
+        flat = _flat(config.to_dict())
+        for key, value in member.get("config", {}).items():
+            if key not in flat:
+                raise InvalidSetting(f"--member {member['workdir']}: no setting {key!r}")
+        try:
+            changed.update_from_flattened_dict(member.get("config", {}))
+        except (TypeError, ValueError) as error:
+            raise InvalidSetting(f"--member {member['workdir']}: {error}") from None
+        configs.append(changed)
+        workdirs.append(member["workdir"])
     return configs, workdirs
 
 
@@ -278,17 +304,25 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
             min(resident.free_bytes(device) for device in mesh.local_devices))
 
     # ------------------------------------------------------------------ models and optimiser
-    states, pretrained = [], []
+    states, pretrained, rates = [], [], []
     for member in configs:
         model = models.from_config(member, metadata["preparation"]["image_size"])  # checks kwargs
         pretrained.append(weights.load_pretrained(model, member.init.pretrained)
                           if member.init.pretrained else None)
+        rates.append(dropout_rates(model))
         train_graph, eval_graph, params, rest = steps.split_model(model)
         states.append({"params": params, "rest": rest})
-    # the learning rate, weight decay, betas and label smoothing are arguments of the compiled
-    # step: runs that differ only in them (a learning-rate sweep, a pack) share one executable
+    # the learning rate, weight decay, betas, label smoothing and dropout rate are arguments of
+    # the compiled step: runs that differ only in them (a learning-rate sweep, a pack) share one
+    # executable
     hypers = [{key: np.float32(value) for key, value in optim.hyperparameters(member).items()}
               for member in configs]
+    if all(len(rate) == 1 for rate in rates):
+        for hyper, (rate,) in zip(hypers, rates):
+            hyper["dropout_keep"] = np.float32(1.0 - rate)     # as nnx.Dropout rounds it
+    elif packed and len({frozenset(rate) for rate in rates}) > 1:
+        raise InvalidSetting("model.kwargs.dropout differs between members of the pack, but the "
+                             "model has dropout modules of several rates: it cannot vary")
     optimizer = optim.factory(config, states[0]["params"])
     for state, hyper in zip(states, hypers):
         state["opt_state"] = optimizer(hyper).init(state["params"])

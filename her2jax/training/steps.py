@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from her2jax.data.augment import augment_batch
 from her2jax.data.augment_options import Augment
+from her2jax.models.layers import dropout_keep
 from her2jax.training.losses import cross_entropy
 
 # ImageNet statistics: the pretrained networks expect them, and the 8-bit RGB fusion exists so
@@ -47,7 +48,8 @@ def make_train_step(train_graph: nnx.GraphDef,
 
     optimizer: a GradientTransformation, or a function of `hyper` returning one
         (`optim.factory`): the step is then (params, rest, opt_state, batch, hyper), `hyper` a
-        dict of scalars (`optim.hyperparameters`, label_smoothing among them) passed as
+        dict of scalars (`optim.hyperparameters`, label_smoothing among them, and the model's
+        dropout keep probability, 1 - rate, under "dropout_keep" if given) passed as
         arguments, so one compiled step serves every value of them.
 
     augment: augmentation done here, on the device, before the normalisation: each image with
@@ -75,7 +77,9 @@ def make_train_step(train_graph: nnx.GraphDef,
             images = augment_batch(images, batch["augment_seed"], augment)
 
         def loss_fn(model):
-            logits = model(normalize_images(images, dtype))
+            # dropout, when `hyper` has it, is an argument too (a pack's members differ in it)
+            with dropout_keep(hyper.get("dropout_keep") if with_hyper else None):
+                logits = model(normalize_images(images, dtype))
             loss = cross_entropy(logits, batch["label"], label_smoothing=smoothing,
                                  class_weights=class_weights)
             return loss, logits

@@ -1,0 +1,98 @@
+"""Sweeps in packs (`launch.sweep --pack K`, `launch.packs`): how runs are grouped, what a packed
+sweep refuses, and the study's learning-rate search (on 16-pixel slices) trained end to end as
+one pack of 8 and collected run by run."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import write_cohort
+from launch import collect, packs, sweep
+from launch.spec import Run
+from test_evaluate import SPLITS
+
+LR_SEARCH_16 = '''
+from configs.sweeps import lr_search
+def get_sweep(arg=None):
+    sweep = lr_search.get_sweep(arg)
+    sweep.data["q98"]["image_size"] = 16
+    return sweep
+'''
+TINY = ["total_steps=3", "batch_size=4", "warmup_steps=1", "eval.batch_size=4",
+        "eval.every_steps=3", "checkpoint.every_steps=3"]
+
+
+def test_runs_are_grouped_by_what_cannot_vary_and_by_their_checkpoint_step():
+    def run(seed=0, lr=1e-3, attention="dual", data="q98", config="configs/resnet.py:resnet18"):
+        return Run(config, (("model.kwargs.attention", attention),
+                            ("optimizer.learning_rate", lr)), seed, data)
+
+    runs = [run(0), run(1), run(0, attention="none"), run(2, lr=3e-4), run(3),
+            run(0, data="minmax"), run(4), run(5, config="configs/resnet.py:resnet34")]
+    jobs = packs.group(runs, 3)
+    assert [[r.name for r in job.runs] for job in jobs] == [
+        [runs[0].name, runs[1].name, runs[3].name], [runs[2].name], [runs[4].name, runs[6].name],
+        [runs[5].name], [runs[7].name]]
+    assert [job.packed for job in jobs] == [True, False, True, False, False]
+    # members of a pack resume together only from one step: a run stopped elsewhere is apart
+    steps = {runs[1].name: 40}
+    jobs = packs.group(runs[:2] + runs[3:5], 8, lambda r: steps.get(r.name, 0))
+    assert [[r.seed for r in job.runs] for job in jobs] == [[0, 2, 3], [1]]
+    # without packing, a job per run
+    assert [len(job.runs) for job in packs.group(runs, None)] == [1] * len(runs)
+
+
+def test_a_packed_sweep_refuses_what_a_pack_cannot_do(tmp_path):
+    path = tmp_path / "lr.py"
+    path.write_text(LR_SEARCH_16)
+    base = ["--sweep", f"{path}:2", "--source", "unused", "--sweep_dir", str(tmp_path / "s")]
+    with pytest.raises(ValueError, match="--pack 0: a pack holds at least one run"):
+        sweep.build_plan(sweep.parse_args(base + ["--pack", "0"]))
+    with pytest.raises(ValueError, match="a number of runs"):
+        sweep.build_plan(sweep.parse_args(base + ["--pack", "many"]))
+    with pytest.raises(ValueError, match="packed runs need input.source=device"):
+        sweep.build_plan(sweep.parse_args(base + ["--set", "input.source=tfrecord"]))
+    # --pack off: one process per run, the runs' configs as they are
+    plan = sweep.build_plan(sweep.parse_args(base + ["--pack", "off"]))
+    assert plan.pack is None and "input.source" not in " ".join(plan.commands(plan.runs[0])
+                                                                ["train"])
+
+
+def test_lr_search_trains_as_one_pack_and_collects_every_run(tmp_path, capsys):
+    cohort = str(tmp_path / "cohort")
+    write_cohort(cohort, patients=18, splits=SPLITS)
+    path = tmp_path / "lr_search_16.py"
+    path.write_text(LR_SEARCH_16)
+    sweep_dir = str(tmp_path / "sweep")
+    args = ["--sweep", f"{path}:8", "--backend", "local", "--pack", "8", "--source", cohort,
+            "--sweep_dir", sweep_dir, *[item for s in TINY for item in ("--set", s)]]
+    assert sweep.main(args + ["--dry_run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("pack pack8-") == 1 and printed.count("\ntrain ") == 1, printed
+
+    assert sweep.main(args) == 0, capsys.readouterr()
+    capsys.readouterr()
+    manifest = json.load(open(os.path.join(sweep_dir, "manifest.json")))
+    entries = manifest["runs"]
+    assert len(entries) == 8 and {e["status"] for e in entries} == {"finished"}
+    assert len({e["pack"] for e in entries}) == 1          # one process trained them all
+    result = collect.collect(sweep_dir)
+    assert len(result["rows"]) == 8 and not result["missing"]
+    for entry in entries:
+        config = json.load(open(os.path.join(entry["workdir"], "config.json")))
+        # each member trained with its own point of the search
+        for key, value in entry["overrides"].items():
+            node = config
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, key
+        assert config["input"]["source"] == "device"
+        metrics = json.load(open(os.path.join(entry["workdir"], "eval", "test", "metrics.json")))
+        row = next(r for r in result["rows"] if r["configuration"] == entry["group"])
+        assert row["test_auc_mean"] == pytest.approx(metrics["patient"]["auc"], nan_ok=True)
+    # the relaunch finds every run finished and starts nothing
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished, skipped") == 8 and "started" not in out
