@@ -503,6 +503,16 @@ def test_pack_members_and_what_a_pack_refuses(dataset, tmp_path):
         train.train_pack([plain, plain], workdirs[:2])
     with pytest.raises(ValueError, match="share a run folder"):
         train.train_pack(configs[:2], [workdirs[0]] * 2)
+    # --member JSON (what launch.sweep --pack writes): the command's run, then each member's
+    listed, folders = train.listed_members(config, "a", [json.dumps(
+        {"workdir": "b", "config": {"seed": 3, "model.kwargs.dropout": 0.25}})])
+    assert folders == ["a", "b"] and (listed[1].seed, listed[1].model.kwargs.dropout) == (3, 0.25)
+    assert (listed[0].seed, listed[1].batch_size) == (config.seed, config.batch_size)
+    for member, message in (("{", "not JSON"), ('{"config": {}}', "expected"),
+                            ('{"workdir": "b", "config": {"no.such": 1}}', "no setting"),
+                            ('{"workdir": "b", "config": {"seed": "x"}}', "b: ")):
+        with pytest.raises(ValueError, match=message):
+            train.listed_members(config, "a", [member])
     assert not (tmp_path / "p").exists()
 
 
