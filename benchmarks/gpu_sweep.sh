@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Packed sweeps on a GPU machine without TensorFlow (one device call, at most about 6 minutes).
+# Runs from the repository root; writes to $OUT (or benchmarks/gpu_out) gpu_sweep.log and three
+# JSON files. The resident split is a synthetic uint8 array put on the device, in place of the
+# TFRecord read (benchmarks/pack_step.py says so in its first line).
+#   1. a pack of 8 dual-attention ResNet-18 members at 224 px against one run at the same batch
+#      per member (64), bfloat16: aggregate training images/s, compile time per member, MFU
+#      against the H200's dense bfloat16 peak (989 TFLOP/s): pack_resnet18_dual.json;
+#   2. the same for packs of 4 and 16 (where the gain levels off): pack_sizes.json;
+#   3. the dual-attention ResNet-50 alone at batch 256 (bfloat16, 224 px) against PyTorch AMP
+#      bfloat16 channels-last at the same batch: compare_resnet50_dual_b256.json.
+# DRY=1 runs every step in tiny CPU shapes (a check of the script on a machine without GPU).
+set -uo pipefail
+out=${OUT:-benchmarks/gpu_out}
+mkdir -p "$out"
+log="$out/gpu_sweep.log"
+: > "$log"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'devices', jax.devices())" 2>&1 | tee -a "$log"
+if [ "${DRY:-0}" = 1 ]; then
+    pack="--dry_run" sizes="1,2" compare="--dry_run --device cpu --batch 2" limit=240
+else
+    pack="--image_size 224 --batch 64 --steps 20 --repeats 3 --peak_tflops 989" sizes="1,4,16"
+    compare="--device gpu --image_size 224 --batch 256 --steps 10 --warmup 3 --repeats 3"
+    limit=110
+fi
+timeout "$limit" python3 benchmarks/pack_step.py --config configs/resnet.py:resnet18 \
+    --packs 1,8 $pack --json "$out/pack_resnet18_dual.json" 2>&1 | tee -a "$log"
+timeout "$limit" python3 benchmarks/pack_step.py --config configs/resnet.py:resnet18 \
+    --packs "$sizes" $pack --json "$out/pack_sizes.json" 2>&1 | tee -a "$log"
+timeout "$limit" python3 benchmarks/torch_compare.py --models resnet50_dual --dtype bfloat16 \
+    $compare --json "$out/compare_resnet50_dual_b256.json" 2>&1 | grep -v "^WARNING" \
+    | tee -a "$log"
