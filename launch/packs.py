@@ -18,14 +18,21 @@ from her2jax.training.pack_keys import DEVICE_SETTINGS, PACK_KEYS
 from launch.spec import Run
 
 
-def parse_pack(text: str | int | None) -> int | None:
-    """'8' -> 8; 'off' (or None) -> None: runs as configured, one process each."""
+AUTO = "auto"
+
+
+def parse_pack(text: str | int | None) -> int | str | None:
+    """'8' -> 8; 'auto' -> AUTO (as many as fit the device, measured); 'off' (or None) -> None:
+    runs as configured, one process each."""
     if text is None or text == "off":
         return None
+    if text == AUTO:
+        return AUTO
     try:
         size = int(text)
     except ValueError:
-        raise InvalidSetting(f"--pack {text!r}: a number of runs (K >= 1) or 'off'") from None
+        raise InvalidSetting(f"--pack {text!r}: a number of runs (K >= 1), 'auto' or "
+                             f"'off'") from None
     if size < 1:
         raise InvalidSetting(f"--pack {size}: a pack holds at least one run")
     return size
@@ -57,11 +64,12 @@ def pack_key(run: Run) -> tuple[Any, ...]:
     return (run.config, run.data, tuple(key for key, _ in run.overrides), fixed)
 
 
-def group(runs: Sequence[Run], size: int | None,
+def group(runs: Sequence[Run], size: int | Callable[[Run], int] | None,
           step_of: Callable[[Run], int] = lambda run: 0) -> list[Job]:
     """Jobs for `runs` in their order: without packing (`size` None) one per run; otherwise
-    packs of at most `size` runs of one `pack_key` and one checkpoint step (`step_of`: a pack
-    resumes only members stopped at the same step), filled in the order the runs come."""
+    packs of at most `size` runs (or `size(first run of the group)`) of one `pack_key` and one
+    checkpoint step (`step_of`: a pack resumes only members stopped at the same step), filled
+    in the order the runs come."""
     if size is None:
         return [Job((run,)) for run in runs]
     groups: dict[tuple[Any, ...], list[Run]] = {}
@@ -69,7 +77,8 @@ def group(runs: Sequence[Run], size: int | None,
         groups.setdefault((*pack_key(run), step_of(run)), []).append(run)
     jobs = []
     for members in groups.values():
-        jobs += [Job(tuple(members[i:i + size])) for i in range(0, len(members), size)]
+        k = size(members[0]) if callable(size) else size
+        jobs += [Job(tuple(members[i:i + k])) for i in range(0, len(members), k)]
     order = {run.name: i for i, run in enumerate(runs)}
     return sorted(jobs, key=lambda job: order[job.runs[0].name])
 

@@ -170,9 +170,10 @@ class Plan:
     def __init__(self, sweep: Sweep, sweep_dir: str, *, source: str | None,
                  only: str | None = None, settings: dict[str, Any] | None = None,
                  python: str = "python", data_root: str | None = None,
-                 extra_train: Sequence[str] = (), pack: int | None = None):
+                 extra_train: Sequence[str] = (), pack: int | str | None = None):
         self.sweep = sweep
         self.pack = pack
+        self.sizes: dict[Any, int] = {}     # --pack auto: members per pack_key, measured
         if pack is not None:
             packs.check_settings(settings or {})
         self.sweep_dir = sweep_dir.rstrip("/")
@@ -222,8 +223,43 @@ class Plan:
         """`runs` as the processes that train them: packs of at most --pack runs (members of a
         pack stopped at one checkpoint step, read from the run folders unless `read_steps` is
         False: the TPU backend's bucket is the workers', not the launcher's), or one run each."""
-        return packs.group(runs, self.pack, (lambda run: latest_step(self.workdir(run)))
+        def measured(run: Run) -> int:     # `measure_packs`'s; before that, whole groups
+            return self.sizes.get(packs.pack_key(run), len(runs))
+
+        return packs.group(runs, measured if self.pack == packs.AUTO else self.pack,
+                           (lambda run: latest_step(self.workdir(run)))
                            if read_steps else (lambda run: 0))
+
+    def measure_packs(self, runs: Sequence[Run], out=None) -> None:
+        """--pack auto: for each group of `runs` that may share packs, as many members as fit in
+        one local device's free memory beside the resident splits, from the compiled packed
+        step's memory analysis (`her2jax.training.pack_memory`); the data must be prepared."""
+        import jax
+
+        from configs import common
+        from her2jax.data import records, resident
+        from her2jax.training import pack_memory
+
+        free = resident.free_bytes(jax.local_devices()[0])
+        groups: dict[Any, list[Run]] = {}
+        for run in runs:
+            groups.setdefault(packs.pack_key(run), []).append(run)
+        for key, members in groups.items():
+            first = members[0]
+            data_dir = self.datasets.get(first.data)
+            config = common.load(first.config)
+            config.update_from_flattened_dict({**dict(first.overrides), "seed": first.seed,
+                                               **packs.DEVICE_SETTINGS,
+                                               **({"data_dir": data_dir} if data_dir else {})})
+            image_size = records.preparation_metadata(config.data_dir)["preparation"][
+                "image_size"]
+            data = sum(resident.split_bytes(config.data_dir, split)
+                       for split in (config.train_split, config.eval_split))
+            self.sizes[key] = pack_memory.pack_size(config, image_size, free, data,
+                                                    limit=len(members))
+            print(f"pack auto: {self.sizes[key]} of {len(members)} runs like {first.name} "
+                  f"per pack ({free / 2**30:.1f} GiB free, data {data / 2**20:.1f} MiB)",
+                  file=out or sys.stdout, flush=True)
 
     def prepare_commands(self) -> dict[str, list[str]]:
         return {variant: prepare_command(self.source, self.data_root, self.sweep.data[variant],
@@ -302,6 +338,14 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
                   f"(log {entry.get('log')})", file=out)
         else:
             todo.append(run)
+    prepared = all((epath.Path(plan.datasets[run.data]) / "metadata.json").exists()
+                   for run in todo if run.data)
+    if plan.pack == packs.AUTO and dry_run:
+        if prepared:
+            plan.measure_packs(todo, out)
+        else:
+            print("pack auto: measured once the data is prepared; the packs below are whole "
+                  "groups", file=out)
     jobs = plan.jobs(todo)
     if dry_run:
         for variant, command in plan.prepare_commands().items():
@@ -328,6 +372,9 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
         if result.returncode:
             raise ToolFailed(f"preparing data variant {variant} failed:\n"
                              f"{result.stderr[-3000:]}")
+    if plan.pack == packs.AUTO:
+        plan.measure_packs(todo, out)
+        jobs = plan.jobs(todo)
     parallel = max(1, min(parallel, len(devices)) if devices else parallel)
     running: list[tuple[subprocess.Popen, packs.Job, Any, float]] = []
     queue = list(jobs)
@@ -761,7 +808,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pack", help="K: train runs that differ only in seed, learning rate, "
                         "weight decay, betas, label smoothing or dropout together, at most K "
                         "in one process (one compiled step; every run draws its batches on the "
-                        "device); off: one process per run (default: the sweep's own choice)")
+                        "device); auto (local backend): as many as fit this machine's device, "
+                        "measured from the compiled step; off: one process per run (default: "
+                        "the sweep's own choice)")
     parser.add_argument("--dry_run", action="store_true", help="print, run nothing")
     parser.add_argument("--retry_failed", action="store_true")
     parser.add_argument("--python", help="interpreter in the commands (default: local, this "
@@ -816,6 +865,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
     python = args.python or default_python
     extra = ["--multihost=on"] if args.backend == "tpu" else []
     pack = packs.parse_pack(args.pack if args.pack is not None else sweep.pack)
+    if pack == packs.AUTO and args.backend != "local":
+        raise InvalidSetting("--pack auto measures the devices of the machine it runs on: give "
+                             f"--pack K for the {args.backend} backend")
     return Plan(sweep, sweep_dir, source=source, only=args.only, settings=settings,
                 python=python, extra_train=extra, pack=pack)
 
@@ -832,7 +884,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"sweep {plan.sweep.name}: {len(plan.runs)} runs, {len(plan.datasets)} data "
               f"variants, in {plan.sweep_dir}"
-              + (f"; packs of at most {plan.pack}" if plan.pack else ""), file=sys.stderr)
+              + (f"; packs of at most {plan.pack}" if isinstance(plan.pack, int) else
+                 "; packs as large as fit the device" if plan.pack else ""), file=sys.stderr)
         if args.backend == "local":
             manifest = run_local(plan, retry_failed=args.retry_failed, parallel=args.parallel,
                                  devices=[d for d in args.devices.split(",") if d],

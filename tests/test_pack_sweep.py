@@ -96,3 +96,43 @@ def test_lr_search_trains_as_one_pack_and_collects_every_run(tmp_path, capsys):
     assert sweep.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("finished, skipped") == 8 and "started" not in out
+
+
+def test_pack_auto_fits_as_many_members_as_the_measured_memory_allows(
+        tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from her2jax.data import resident
+    from her2jax.training import pack_memory
+
+    cohort = str(tmp_path / "cohort")
+    write_cohort(cohort, patients=12, splits=SPLITS[:12])
+    path = tmp_path / "lr_search_16.py"
+    path.write_text(LR_SEARCH_16)
+    args = ["--sweep", f"{path}:4", "--pack", "auto", "--source", cohort, "--sweep_dir",
+            str(tmp_path / "sweep"), "--set", "batch_size=4"]
+    plan = sweep.build_plan(sweep.parse_args(args))
+    for command in plan.prepare_commands().values():
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    from configs import common
+
+    model = common.load("configs/resnet.py:resnet18")
+    model.batch_size = 4
+    model.input.source = model.input.augment_on = "device"
+    one, two = (pack_memory.step_bytes(model, 16, k) for k in (1, 2))
+    assert 0 < one < two < 2.1 * one           # a member's share, and what the members share
+    data_dir = next(iter(plan.datasets.values()))
+    data = sum(resident.split_bytes(data_dir, split) for split in ("train", "validation"))
+    # room for exactly two members beside the data and the shared part
+    free = int((data + two + (two - one) // 2) / pack_memory.HEADROOM) + 1
+    monkeypatch.setattr(resident, "free_bytes", lambda device: free)
+    capsys.readouterr()
+    assert sweep.main(args + ["--dry_run"]) == 0
+    printed = capsys.readouterr().out
+    assert "pack auto: 2 of 4 runs" in printed, printed
+    assert printed.count("pack pack2-") == 2, printed
+    monkeypatch.setattr(resident, "free_bytes", lambda device: one // 2)
+    assert sweep.main(args + ["--dry_run"]) == 1
+    assert "--pack auto: one run needs about" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="give --pack K for the slurm backend"):
+        sweep.build_plan(sweep.parse_args(args + ["--backend", "slurm"]))

@@ -155,3 +155,28 @@ def test_a_task_cancelled_with_sigterm_resumes_when_the_sweep_is_relaunched(slur
     assert records["resumed"]["JobState"] == "COMPLETED", outputs(sweep_dir)
     resumed = re.findall(r"resumed from step (\d+)", outputs(sweep_dir, tail=0))
     assert resumed == [str(slurm_sweep["stopped_at"])], outputs(sweep_dir)
+
+
+def test_a_packed_sweep_is_one_array_task_per_pack(cluster, tmp_path):
+    """`--pack 2` on SLURM: two seeds of one configuration are one array task, trained by one
+    process as one pack, evaluated together, and collected as two runs."""
+    cohort = str(tmp_path / "cohort")
+    write_cohort(cohort, patients=18, splits=SPLITS)
+    (tmp_path / "seeds.py").write_text(TINY_SWEEP.replace('["none", "dual"]', '["dual"]')
+                                       .replace("seeds(1)", "seeds(2)"))
+    sweep_dir = str(tmp_path / "packed sweep")
+    settings = ["batch_size=4", "warmup_steps=1", "eval.batch_size=4", "total_steps=3",
+                "eval.every_steps=3", "checkpoint.every_steps=3"]
+    args = ["--sweep", str(tmp_path / "seeds.py"), "--backend", "slurm", "--source", cohort,
+            "--sweep_dir", sweep_dir, "--partition", "debug", "--cpus_per_task", "1",
+            "--python", os.path.relpath(sys.executable, REPO), "--repo", REPO, "--pack", "2",
+            *[item for setting in settings for item in ("--set", setting)]]
+    jobs, _ = launch(cluster, args)
+    cluster.wait(list(jobs.values()))
+    script = open(os.path.join(sweep_dir, "slurm", "runs.sbatch")).read()
+    assert "#SBATCH --array=0\n" in script and "--member=" in script
+    assert cluster.job(f"{jobs['runs']}_0")["JobState"] == "COMPLETED", outputs(sweep_dir)
+    assert "2 runs in one step" in outputs(sweep_dir, tail=0)
+    result = collect.collect(sweep_dir)
+    assert len(result["rows"]) == 1 and result["rows"][0]["seeds"] == 2, outputs(sweep_dir)
+    assert not result["missing"]
