@@ -338,10 +338,9 @@ def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
                   f"(log {entry.get('log')})", file=out)
         else:
             todo.append(run)
-    prepared = all((epath.Path(plan.datasets[run.data]) / "metadata.json").exists()
-                   for run in todo if run.data)
     if plan.pack == packs.AUTO and dry_run:
-        if prepared:
+        if all((epath.Path(plan.datasets[run.data]) / "metadata.json").exists()
+               for run in todo if run.data):
             plan.measure_packs(todo, out)
         else:
             print("pack auto: measured once the data is prepared; the packs below are whole "
