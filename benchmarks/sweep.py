@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "sweep.json"), "w") as handle:
-        json.dump({"settings": {k: v for k, v in vars(args).items()}, "rows": rows}, handle,
+        json.dump({"settings": vars(args), "rows": rows}, handle,
                   indent=2)
     with open(os.path.join(args.out, "sweep.md"), "w") as handle:
         handle.write(table + "\n")

@@ -308,10 +308,7 @@ def is_finished(workdir: str) -> bool:
 
 def latest_step(workdir: str) -> int:
     """The step of the run's latest committed checkpoint (0: none)."""
-    folder = epath.Path(workdir) / "checkpoints"
-    if not folder.exists():
-        return 0
-    return max((int(path.name) for path in folder.iterdir() if path.name.isdigit()), default=0)
+    return (RunFolder(workdir).steps() or [0])[-1]
 
 
 def job_script(commands: dict[str, list[str]]) -> str:
