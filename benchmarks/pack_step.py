@@ -1,18 +1,28 @@
 """Packed training steps against one run's, at the same per-member batch: the aggregate training
-images/s of a pack of K members (one vmapped step, `steps.make_train_step(members=True)`) and of
-one run, batches drawn on the device from a resident split, as `input.source=device` trains.
+images/s of a pack of K members (one compiled step, `steps.make_train_step(members=True)`) and
+of one run, batches drawn on the device from a resident split, as `input.source=device` trains.
 No TensorFlow: the resident split is a synthetic uint8 array (random slices and labels) put on
 the device directly, in place of the TFRecord read, so this runs on a machine without it.
 
     python benchmarks/pack_step.py [--config configs/resnet.py:resnet18] [--image_size 224]
-        [--batch 64] [--packs 1,8] [--steps 20] [--repeats 3] [--dtype bfloat16]
-        [--peak_tflops 989] [--json OUT.json] [--dry_run]
+        [--batch 64] [--packs 1,8] [--layouts auto|vmap|map[,...]] [--steps 20] [--repeats 3]
+        [--dtype bfloat16] [--peak_tflops 989] [--val_rows 2048] [--eval_batch 256]
+        [--json OUT.json] [--dry_run]
 
-Per K: compile seconds (tracing, lowering and compiling the step) and per member, the
-median step time over --repeats windows of --steps steps (each step draws its batches on the
-device), aggregate images/s, the ratio to K=1 and, with --peak_tflops, the model FLOP
-utilisation from the compiled step's cost analysis. --dry_run: 16 px, batch 4, 2 steps (a check
-of the script on a CPU).
+Per K, and per member layout for K > 1 (`steps.member_layout_of`: vmap, map, or auto, the
+platform's default):
+- compile seconds (tracing, lowering and compiling the step), also per member;
+- the median step time over --repeats windows of --steps steps (each step draws its batches on
+  the device), aggregate images/s and the ratio to the first K;
+- with --peak_tflops, the model FLOP utilisation: K times one run's step FLOPs, counted by XLA
+  for the CPU (its GPU count leaves out the cuDNN convolutions), over the step time and peak;
+- one validation pass (--val_rows slices at --eval_batch, the compiled evaluation step, one
+  member's parameters; a pack evaluates its members one after another);
+- the share of a run's time in training steps, projected for a run of the config's
+  total_steps with an evaluation every eval.every_steps and at the end: steps / (compiles +
+  steps + K validation passes per evaluation). Process start and the data read are not in it
+  (benchmarks/sweep.py measures them end to end on a CPU).
+--dry_run: 16 px, batch 4, 2 steps, 32 validation slices (a check of the script on a CPU).
 """
 from __future__ import annotations
 
@@ -46,7 +56,7 @@ def synthetic_split(rows: int, size: int, seed: int = 0) -> dict[str, np.ndarray
             "slice_index": np.arange(rows, dtype=np.int32)}
 
 
-def measure(config, k: int, args, mesh, host) -> dict:
+def measure(config, k: int, layout: str, args, mesh, host) -> dict:
     states, hypers = [], []
     for member in range(k):
         config.seed = member
@@ -66,8 +76,10 @@ def measure(config, k: int, args, mesh, host) -> dict:
     hyper = jax.tree.map(stack, *hypers)
     streams = [resident.train_stream(host, mesh, global_batch_size=args.batch, seed=member,
                                      balance="none", layout="replicated") for member in range(k)]
+    eval_graph = steps.split_model(models.from_config(config, args.image_size))[1]
     step = steps.make_train_step(
         graph, factory, mesh, dtype=jnp.dtype(args.dtype), members=k > 1,
+        member_layout=layout,
         augment=Augment.from_mapping(config.input.augment.to_dict()))
     position = [0]
 
@@ -81,10 +93,9 @@ def measure(config, k: int, args, mesh, host) -> dict:
                           hyper).compile()
     compile_seconds = time.perf_counter() - start
     flops = None
-    if args.peak_tflops:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float(cost.get("flops", 0.0)) or None
+    if args.peak_tflops:     # one member's step counted on the CPU (XLA's GPU count omits
+        flops = k * member_flops(graph, factory, states[0], hypers[0],   # the cuDNN calls)
+                                 streams[0].batch(1), args, config)
 
     def run(count):
         nonlocal state
@@ -101,14 +112,79 @@ def measure(config, k: int, args, mesh, host) -> dict:
         run(args.steps)
         times.append((time.perf_counter() - start) / args.steps)
     step_seconds = statistics.median(times)
-    row = {"members": k, "batch_per_member": args.batch,
+    evaluation = evaluation_pass(eval_graph, jax.tree.map(lambda x: x[0] if k > 1 else x, state),
+                                 mesh, args)
+    run_steps = int(config.total_steps)
+    evaluations = len(range(int(config.eval.every_steps), run_steps + 1,
+                            int(config.eval.every_steps))) + 1
+    train_total = run_steps * step_seconds
+    run_total = (compile_seconds + evaluation["compile_seconds"] + train_total
+                 + evaluations * k * evaluation["pass_seconds"])
+    row = {"members": k, "layout": steps.member_layout_of(layout) if k > 1 else "single",
+           "batch_per_member": args.batch,
            "compile_seconds": round(compile_seconds, 2),
            "compile_seconds_per_member": round(compile_seconds / k, 2),
            "step_ms": round(1000 * step_seconds, 2),
-           "images_per_second": round(k * args.batch / step_seconds, 1)}
+           "images_per_second": round(k * args.batch / step_seconds, 1),
+           "eval_compile_seconds": evaluation["compile_seconds"],
+           "eval_pass_seconds": evaluation["pass_seconds"],
+           "eval_images_per_second": evaluation["images_per_second"],
+           "projected_run": {"steps": run_steps, "evaluations": evaluations,
+                             "step_share": round(train_total / run_total, 3),
+                             "seconds": round(run_total, 1)}}
     if flops:
         row["mfu"] = round(flops / step_seconds / (args.peak_tflops * 1e12), 4)
     return row
+
+
+_FLOPS: dict = {}
+
+
+def member_flops(graph, factory, state, hyper, batch, args, config) -> float:
+    """XLA's FLOP count of one run's train step compiled for the CPU (shapes only), cached."""
+    key = (args.image_size, args.batch)
+    if key not in _FLOPS:
+        cpu = jax.devices("cpu")[0]
+        abstract = lambda tree: jax.tree.map(                            # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+        step = steps.make_train_step(graph, factory, steps.data_mesh([cpu]),
+                                     dtype=jnp.dtype(args.dtype),
+                                     augment=Augment.from_mapping(config.input.augment.to_dict()))
+        compiled = step.lower(abstract(state["params"]), abstract(state["rest"]),
+                              abstract(state["opt_state"]), abstract(batch),
+                              abstract(hyper)).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        _FLOPS[key] = float((cost or {}).get("flops", 0.0))
+    return _FLOPS[key]
+
+
+def evaluation_pass(eval_graph, state, mesh, args) -> dict:
+    """Compile the evaluation step, then time one pass over --val_rows synthetic slices."""
+    rng = np.random.default_rng(1)
+    rows = args.val_rows - args.val_rows % args.eval_batch or args.eval_batch
+    images = jax.device_put(rng.integers(0, 256, (rows, args.image_size, args.image_size, 3),
+                                         dtype=np.uint8), steps.batch_sharding(mesh))
+    step = steps.make_eval_step(eval_graph, mesh, dtype=jnp.dtype(args.dtype))
+    start = time.perf_counter()
+    compiled = step.lower(state["params"], state["rest"],
+                          {"image": images[:args.eval_batch]}).compile()
+    compile_seconds = time.perf_counter() - start
+
+    def one_pass():
+        out = [compiled(state["params"], state["rest"], {"image": images[i:i + args.eval_batch]})
+               for i in range(0, rows, args.eval_batch)]
+        jax.block_until_ready(out)
+
+    one_pass()                                      # warm-up
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {"compile_seconds": round(compile_seconds, 2), "pass_seconds": round(seconds, 3),
+            "images_per_second": round(rows / seconds, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,11 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--peak_tflops", type=float, help="the device's dense peak, for MFU")
+    parser.add_argument("--layouts", default="auto",
+                        help="member layouts to measure each K > 1 in (steps.MEMBER_LAYOUTS)")
+    parser.add_argument("--val_rows", type=int, default=2048, help="validation slices")
+    parser.add_argument("--eval_batch", type=int, default=256)
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--dry_run", action="store_true", help="tiny shapes, for tests")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.image_size, args.batch, args.steps, args.repeats = 16, 4, 2, 1
+        args.val_rows, args.eval_batch = 32, 8
     config = common.load(args.config)
     mesh = steps.data_mesh()
     host = synthetic_split(max(4 * args.batch, 64), args.image_size)
@@ -134,11 +215,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{jax.devices()[0].device_kind} x{jax.device_count()}; synthetic uint8 split on the "
           f"device (no TFRecord read)", flush=True)
     rows = []
+    layouts = args.layouts.split(",")
+    for layout in layouts:
+        steps.member_layout_of(layout)               # an unknown one refused before measuring
     for k in [int(k) for k in args.packs.split(",")]:
-        rows.append(measure(config, k, args, mesh, host))
-        rows[-1]["vs_first"] = round(rows[-1]["images_per_second"]
-                                     / rows[0]["images_per_second"], 2)
-        print(json.dumps(rows[-1]), flush=True)
+        for layout in layouts if k > 1 else layouts[:1]:
+            rows.append(measure(config, k, layout, args, mesh, host))
+            rows[-1]["vs_first"] = round(rows[-1]["images_per_second"]
+                                         / rows[0]["images_per_second"], 2)
+            print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"config": args.config, "image_size": args.image_size,

@@ -78,3 +78,16 @@ def test_command_line_asks_for_the_dataset(tmp_path):
          "--workdir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
         timeout=120)
     assert result.returncode != 0 and "--config.data_dir" in result.stderr
+
+
+def test_config_check_refuses_an_unknown_member_layout_and_reads_old_configs():
+    from configs import resnet
+    from her2jax.errors import InvalidSetting
+    from her2jax.training import loop
+
+    config = resnet.get_config("resnet18,runlocal")
+    config.pack_layout = "grouped"
+    with pytest.raises(InvalidSetting, match="config.pack_layout 'grouped' is not one of: auto"):
+        loop.check_config(config)
+    del config["pack_layout"]          # a config.json written before the key: "auto"
+    loop.check_config(config)

@@ -27,9 +27,12 @@ def test_gpu_sweep_script_dry_mode(tmp_path):
     assert "Traceback" not in log, log[-3000:]
     assert "synthetic uint8 split on the device" in log
     pack = json.load(open(tmp_path / "out" / "pack_resnet18_dual.json"))
-    assert [row["members"] for row in pack["rows"]] == [1, 2]
+    assert [(row["members"], row["layout"]) for row in pack["rows"]] == [
+        (1, "single"), (2, "vmap"), (2, "map")]
+    assert all(0 < row["projected_run"]["step_share"] < 1 for row in pack["rows"])
     assert all(row["images_per_second"] > 0 and row["compile_seconds"] > 0
                for row in pack["rows"])
     sizes = json.load(open(tmp_path / "out" / "pack_sizes.json"))
-    assert [row["members"] for row in sizes["rows"]] == [1, 2]
+    assert [(row["members"], row["layout"]) for row in sizes["rows"]] == [
+        (1, "single"), (2, "vmap")]          # auto: vmap on a CPU
     assert (tmp_path / "out" / "compare_resnet50_dual_b256.json").exists()

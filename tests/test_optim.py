@@ -211,10 +211,11 @@ def test_one_compiled_step_serves_every_learning_rate_decay_beta_and_smoothing()
         assert_trees_close(a[2], b[2], rtol=1e-4)  # Adam's moments: squares of gradients
 
 
-def test_members_of_one_step_train_as_their_runs_alone():
-    """steps.make_train_step(members=True): two runs with their own initialisation, batches and
-    hyper-parameters stacked on a member axis; after three steps each member's parameters and
-    optimiser state equal those of its run trained alone, to 1e-5."""
+@pytest.mark.parametrize("layout", ["vmap", "map"])
+def test_members_of_one_step_train_as_their_runs_alone(layout):
+    """steps.make_train_step(members=True) in either member layout: two runs with their own
+    initialisation, batches and hyper-parameters stacked on a member axis; after three steps each
+    member's parameters and optimiser state equal those of its run trained alone, to 1e-5."""
     from configs import resnet
     from her2jax.training import optim, steps
 
@@ -233,7 +234,7 @@ def test_members_of_one_step_train_as_their_runs_alone():
         runs.append(dict(state=(params, rest, opt_state), hyper=hyper, batches=batches))
     factory = optim.factory(config, runs[0]["state"][0])
     alone = steps.make_train_step(graph, factory, mesh)
-    packed = steps.make_train_step(graph, factory, mesh, members=True)
+    packed = steps.make_train_step(graph, factory, mesh, members=True, member_layout=layout)
 
     def stack(*trees):
         return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
@@ -252,3 +253,13 @@ def test_members_of_one_step_train_as_their_runs_alone():
         assert_trees_close(member[2], single[2], rtol=1e-4)
     with pytest.raises(ValueError, match="function of hyper"):
         steps.make_train_step(graph, optax.sgd(0.1), mesh, members=True)
+
+
+def test_auto_member_layout_is_vmap_on_cpus_and_map_elsewhere():
+    from her2jax.training import steps
+
+    assert steps.member_layout_of("auto", "cpu") == "vmap"
+    assert steps.member_layout_of("auto", "gpu") == "map"
+    assert steps.member_layout_of("map", "cpu") == "map"
+    with pytest.raises(ValueError, match="member layout"):
+        steps.member_layout_of("grouped")

@@ -41,14 +41,16 @@ DTYPES = ("float32", "bfloat16")
 # Keys a relaunch in the same run folder may change: how long to train (extending a run; the
 # learning-rate schedule follows the new length from the checkpoint on, see README "Training"),
 # how often to log, evaluate and checkpoint, how evaluation is batched, where the dataset is (its
-# preparation is checked apart) and ViT's attention kernel (the same function). Any other
+# preparation is checked apart), ViT's attention kernel and a pack's member layout (the same
+# function, computed another way). Any other
 # difference makes another experiment, refused by `check_relaunch`.
 RELAUNCH_KEYS = frozenset({
     "total_steps", "warmup_steps", "log_every_steps", "eval.every_steps", "eval.batch_size",
-    "checkpoint.every_steps", "checkpoint.keep", "data_dir", "model.kwargs.attention_kernel"})
+    "checkpoint.every_steps", "checkpoint.keep", "data_dir", "model.kwargs.attention_kernel",
+    "pack_layout"})
 # Keys added after runs may have started, with the value that does what those runs did: absent
 # from a run's config.json and at this value, a key is no difference.
-ADDED_KEYS = {"input.augment_on": "host", "input.source": "tfrecord"}
+ADDED_KEYS = {"input.augment_on": "host", "input.source": "tfrecord", "pack_layout": "auto"}
 
 
 class ConfigChanged(InvalidSetting):
@@ -76,10 +78,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     flat = _flat(config.to_dict())
     choices = {"model.name": models.names(), "dtype": DTYPES,
                "eval.aggregation": metrics.AGGREGATIONS, "input.balance": BALANCE_MODES,
-               "input.augment_on": AUGMENT_ON}
+               "input.augment_on": AUGMENT_ON, "pack_layout": steps.MEMBER_LAYOUTS}
     for key, valid in choices.items():
-        if flat[key] not in valid:
-            raise InvalidSetting(f"config.{key} {flat[key]!r} is not one of: {', '.join(valid)}")
+        value = flat.get(key, ADDED_KEYS.get(key))
+        if value not in valid:
+            raise InvalidSetting(f"config.{key} {value!r} is not one of: {', '.join(valid)}")
     for key in ("batch_size", "total_steps", "log_every_steps", "eval.every_steps",
                 "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep",
                 "optimizer.accumulation_steps"):
@@ -339,7 +342,7 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
     train_step = steps.make_train_step(
         train_graph, optimizer, mesh, dtype=dtype, class_weights=class_weights,
         augment=Augment.from_mapping(config.input.augment.to_dict()) if on_device else None,
-        members=packed)
+        members=packed, member_layout=config.pack_layout)
     predictor = inference.Predictor(steps.make_eval_step(eval_graph, mesh, dtype=dtype),
                                     None, None, mesh)
 

@@ -57,6 +57,7 @@ def _step_bytes(config: Any, image_size: int, members: int) -> int:
 
     step = steps.make_train_step(
         graph, factory, mesh, dtype=jnp.dtype(config.dtype), members=members > 1,
+        member_layout=config.get("pack_layout", "auto"),
         augment=Augment.from_mapping(config.input.augment.to_dict()))
     compiled = step.lower(shaped(params), shaped(rest), shaped(opt_state), shaped(batch),
                           shaped(hyper)).compile()
