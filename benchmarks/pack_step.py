@@ -145,8 +145,9 @@ def member_flops(graph, factory, state, hyper, batch, args, config) -> float:
     key = (args.image_size, args.batch)
     if key not in _FLOPS:
         cpu = jax.devices("cpu")[0]
-        abstract = lambda tree: jax.tree.map(                            # noqa: E731
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+        def abstract(tree):
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
         step = steps.make_train_step(graph, factory, steps.data_mesh([cpu]),
                                      dtype=jnp.dtype(args.dtype),
                                      augment=Augment.from_mapping(config.input.augment.to_dict()))

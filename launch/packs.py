@@ -1,9 +1,10 @@
 """A sweep's runs grouped into packs: runs that differ only in keys that can vary inside one
 compiled step (`her2jax.training.pack_keys.PACK_KEYS`: seed, learning rate, weight decay, betas,
-label smoothing, dropout) train together, at most K at a time, as one process
-(`python -m her2jax.main ... --member ...`); each keeps its own run folder, name and manifest
-entry. Every run of a packed sweep, a pack of one included, draws its batches on the device
-(`DEVICE_SETTINGS`), so a run resumes under the same settings however the packs fall.
+label smoothing, dropout, class weights, the augmentation magnitudes) train together, at most K
+at a time, as one process (`python -m her2jax.main ... --member ...`); each keeps its own run
+folder, name and manifest entry. Every run of a packed sweep, a pack of one included, draws its
+batches on the device (`DEVICE_SETTINGS`), so a run resumes under the same settings however the
+packs fall.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from her2jax.errors import InvalidSetting
-from her2jax.training.pack_keys import DEVICE_SETTINGS, PACK_KEYS
+from her2jax.training.pack_keys import DEVICE_SETTINGS, PACK_KEYS, augment_steps_on
 from launch.spec import Run
 
 
@@ -58,10 +59,11 @@ class Job:
 
 def pack_key(run: Run) -> tuple[Any, ...]:
     """Runs with equal keys may share a pack: one config, one data variant, the same override
-    keys, equal values outside PACK_KEYS."""
+    keys, equal values outside PACK_KEYS, the same augmentation steps on."""
     fixed = tuple((key, json.dumps(value, sort_keys=True)) for key, value in run.overrides
                   if key not in PACK_KEYS)
-    return (run.config, run.data, tuple(key for key, _ in run.overrides), fixed)
+    return (run.config, run.data, tuple(key for key, _ in run.overrides), fixed,
+            augment_steps_on(dict(run.overrides)))
 
 
 def group(runs: Sequence[Run], size: int | Callable[[Run], int] | None,

@@ -255,6 +255,58 @@ def test_members_of_one_step_train_as_their_runs_alone(layout):
         steps.make_train_step(graph, optax.sgd(0.1), mesh, members=True)
 
 
+def test_members_differ_in_augmentation_magnitudes_and_class_weights_as_their_runs_alone():
+    """A pack's members may differ in the augmentation magnitudes and class weights, passed as
+    step arguments (`hyper["augment_*"]`, `hyper["class_weights"]`; ones for an unweighted
+    member): each member equals its run alone, built with the constants, after two steps."""
+    from configs import resnet
+    from her2jax.data.augment_options import Augment
+    from her2jax.training import optim, steps
+
+    config = resnet.get_config("resnet18,runlocal")
+    config.warmup_steps, config.total_steps = 1, 5
+    mesh = steps.data_mesh()
+    rng = np.random.default_rng(2)
+    members = [(Augment(flip=0.5, rotate_degrees=30.0, intensity_jitter=0.2),
+                np.asarray([0.6, 1.7], np.float32)),
+               (Augment(flip=0.1, rotate_degrees=5.0, intensity_jitter=0.05), None)]
+    graph, _, params, rest = steps.split_model(Tiny(nnx.Rngs(0)))
+    hyper = {k: np.float32(v) for k, v in optim.hyperparameters(config).items()}
+    factory = optim.factory(config, params)
+    opt_state = factory(hyper).init(params)
+    batches = [{"image": jnp.asarray(rng.integers(0, 255, (2, 4, 4, 4, 3), np.uint8)),
+                "label": jnp.asarray(rng.integers(0, 2, (2, 4)), jnp.int32),
+                "augment_seed": jnp.asarray(rng.integers(0, 2**31, (2, 4, 2)), jnp.uint32)}
+               for _ in range(2)]
+    hypers = [{**hyper, **{f"augment_{k}": np.float32(v) for k, v in augment.magnitudes().items()},
+               "class_weights": np.ones(2, np.float32) if weights is None else weights}
+              for augment, weights in members]
+    packed = steps.make_train_step(graph, factory, mesh, members=True, augment=members[0][0])
+    state = jax.tree.map(lambda x: jnp.stack([x, x]), (params, rest, opt_state))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *hypers)
+    for batch in batches:
+        *state, _ = packed(*state, batch, stacked)
+    for k, (augment, weights) in enumerate(members):
+        alone = steps.make_train_step(graph, factory, mesh, augment=augment,
+                                      class_weights=None if weights is None
+                                      else jnp.asarray(weights))
+        single = (params, rest, opt_state)
+        for batch in batches:
+            single = alone(*jax.tree.map(jnp.copy, single), jax.tree.map(lambda x: x[k], batch),
+                           hyper)[:3]
+        member = jax.tree.map(lambda a: a[k], state)
+        assert_trees_close(member[:2], single[:2])
+        assert_trees_close(member[2], single[2], rtol=1e-4)
+    # the magnitudes matter: member 1's run with member 0's augmentation ends elsewhere
+    other = steps.make_train_step(graph, factory, mesh, augment=members[0][0])
+    single = (params, rest, opt_state)
+    for batch in batches:
+        single = other(*jax.tree.map(jnp.copy, single), jax.tree.map(lambda x: x[1], batch),
+                       hyper)[:3]
+    assert not np.allclose(jax.tree.leaves(single[0])[0],
+                           jax.tree.leaves(jax.tree.map(lambda a: a[1], state[0]))[0])
+
+
 def test_auto_member_layout_is_vmap_on_cpus_and_map_elsewhere():
     from her2jax.training import steps
 

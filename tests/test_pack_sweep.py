@@ -42,6 +42,12 @@ def test_runs_are_grouped_by_what_cannot_vary_and_by_their_checkpoint_step():
     assert [[r.seed for r in job.runs] for job in jobs] == [[0, 2, 3], [1]]
     # without packing, a job per run
     assert [len(job.runs) for job in packs.group(runs, None)] == [1] * len(runs)
+    # augmentation magnitudes pack, but a step off (0) in one run keeps it out of the others'
+    rotated = [Run("configs/resnet.py:resnet18", (("input.augment.rotate_degrees", degrees),
+                                                  ("loss.class_weights", weighted)), 0, "q98")
+               for degrees, weighted in ((10.0, True), (0.0, True), (20.0, False))]
+    assert [[r.name for r in job.runs] for job in packs.group(rotated, 8)] == [
+        [rotated[0].name, rotated[2].name], [rotated[1].name]]
 
 
 def test_a_packed_sweep_refuses_what_a_pack_cannot_do(tmp_path):

@@ -419,10 +419,10 @@ def test_nan_outputs_at_an_evaluation_stop_the_run_naming_the_step(dataset, tmp_
 
 def test_a_pack_trains_each_member_as_its_run_alone_and_resumes_exactly(
         dataset, tmp_path, monkeypatch):
-    """Two members differing in seed, learning rate, label smoothing and dropout, trained as one
-    pack: each equals its run trained alone (parameters within 1e-5 of their global norm, the
-    same validation figures at every evaluation), has an ordinary run folder, and a pack stopped
-    by SIGTERM resumes to the same parameters bit for bit.
+    """Two members differing in seed, learning rate, label smoothing, dropout, class weights and
+    rotation, trained as one pack: each equals its run trained alone (parameters within 1e-5 of
+    their global norm, the same validation figures at every evaluation), has an ordinary run
+    folder, and a pack stopped by SIGTERM resumes to the same parameters bit for bit.
 
     A ViT: the batched program rounds differently from the single one (1e-7 in the loss), and
     ResNet-18 on 16-pixel slices in batches of 4 (BatchNorm over 4 values per channel at
@@ -430,16 +430,17 @@ def test_a_pack_trains_each_member_as_its_run_alone_and_resumes_exactly(
     only a model whose training is not chaotic at this size can show the equality."""
     _, data_dir = dataset
 
-    def member(seed, learning_rate, smoothing, dropout):
+    def member(seed, learning_rate, smoothing, dropout, weighted, degrees):
         config = vit.get_config("tiny4,runlocal")
         config.model.kwargs.dropout = dropout
+        config.loss.class_weights, config.input.augment.rotate_degrees = weighted, degrees
         config.data_dir, config.batch_size, config.eval.batch_size = data_dir, 4, 3
         config.input.source = config.input.augment_on = "device"
         config.seed, config.optimizer.learning_rate = seed, learning_rate
         config.loss.label_smoothing = smoothing
         return config
 
-    configs = [member(0, 1e-3, 0.0, 0.1), member(1, 3e-3, 0.1, 0.4)]
+    configs = [member(0, 1e-3, 0.0, 0.1, True, 10.0), member(1, 3e-3, 0.1, 0.4, False, 25.0)]
     packed = [str(tmp_path / "pack" / name) for name in ("a", "b")]
     reports = train.train_pack(configs, packed)
     alone = [str(tmp_path / name) for name in ("a_alone", "b_alone")]
@@ -488,8 +489,13 @@ def test_pack_members_and_what_a_pack_refuses(dataset, tmp_path):
         "learning_rate=0.0003-seed=0", "learning_rate=0.0003-seed=1"]
     assert [(c.optimizer.learning_rate, c.seed) for c in configs] == [
         (1e-3, 0), (1e-3, 1), (3e-4, 0), (3e-4, 1)]
+    weighted, _ = train.pack_members(config, str(tmp_path / "p"), [
+        "loss.class_weights=true,False", "input.augment.rotate_degrees=5,20"])
+    assert [(c.loss.class_weights, c.input.augment.rotate_degrees) for c in weighted] == [
+        (True, 5.0), (True, 20.0), (False, 5.0), (False, 20.0)]
     for specs, message in ((["batch_size=4,8"], "cannot vary inside one compiled program"),
                            (["seed=0,x"], "values of seed must be ints"),
+                           (["loss.class_weights=yes"], "class_weights must be bools"),
                            (["seed"], "expected KEY=VALUE")):
         with pytest.raises(ValueError, match=message):
             train.pack_members(config, str(tmp_path / "p"), specs)
@@ -498,6 +504,11 @@ def test_pack_members_and_what_a_pack_refuses(dataset, tmp_path):
     other.batch_size = 8
     with pytest.raises(ValueError, match=r"batch_size differs between members .*\(4, 8\)"):
         train.train_pack([config, other], workdirs[:2])
+    off = tiny_config(data_dir)
+    off.input.source = off.input.augment_on = "device"
+    off.input.augment.rotate_degrees = 0.0
+    with pytest.raises(ValueError, match=r"rotate_degrees is 0 \(the step off\) in one member"):
+        train.train_pack([config, off], workdirs[:2])
     plain = tiny_config(data_dir)
     with pytest.raises(ValueError, match="set input.source=device"):
         train.train_pack([plain, plain], workdirs[:2])

@@ -24,7 +24,6 @@ differently augmented, equally distributed, images.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import jax
@@ -33,34 +32,40 @@ import jax.numpy as jnp
 from her2jax.data.augment_options import CROP_ATTEMPTS, Augment
 
 
-def augment_batch(images: jax.Array, seeds: jax.Array, augment: Augment) -> jax.Array:
+def augment_batch(images: jax.Array, seeds: jax.Array, augment: Augment,
+                  magnitudes: Mapping[str, jax.Array] | None = None) -> jax.Array:
     """uint8 (N, H, W, C) images, each augmented with its uint32 (2,) seed pair; uint8 again.
 
     Traceable (runs inside the jitted train step) and per example, so a batch sharded over
-    devices is augmented where it lies."""
+    devices is augmented where it lies. `magnitudes` (`Augment.magnitudes()`'s keys, traced
+    values) replace `augment`'s, which still says which steps run: the members of a pack differ
+    in them."""
     if not augment.active:
         return images
 
     def one(image: jax.Array, seed: jax.Array) -> jax.Array:
         draws = draw(jax.random.wrap_key_data(seed.astype(jnp.uint32), impl="threefry2x32"),
-                     augment, image.shape[0], image.shape[1])
+                     augment, image.shape[0], image.shape[1], magnitudes)
         return apply_draws(image, draws, augment)
 
     return jax.vmap(one)(images, seeds)
 
 
-def draw(key: jax.Array, augment: Augment, height: int, width: int) -> dict[str, jax.Array]:
+def draw(key: jax.Array, augment: Augment, height: int, width: int,
+         magnitudes: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
     """The random parameters of one image: crop box (top, left, box height, box width; the whole
-    image without a crop), rotation angle (radians), flip, contrast and brightness."""
+    image without a crop), rotation angle (radians), flip, contrast and brightness (with
+    `magnitudes` in place of `augment`'s where given)."""
+    magnitudes = {**augment.magnitudes(), **(magnitudes or {})}
     crop_key, rotate_key, flip_key, intensity_key = jax.random.split(key, 4)
     if augment.crop_scale:
         box = crop_box(crop_key, height, width, augment.crop_scale, augment.crop_ratio)
     else:
         box = jnp.asarray([0, 0, height, width], jnp.int32)
-    limit = math.radians(augment.rotate_degrees)
+    limit = magnitudes.get("rotate_radians", 0.0)
     angle = jax.random.uniform(rotate_key, (), jnp.float32, -limit, limit)
-    flip = jax.random.uniform(flip_key, ()) < augment.flip
-    jitter = augment.intensity_jitter
+    flip = jax.random.uniform(flip_key, ()) < magnitudes.get("flip", 0.0)
+    jitter = magnitudes.get("intensity_jitter", 0.0)
     contrast, brightness = jax.random.uniform(intensity_key, (2,), jnp.float32, -jitter, jitter)
     return {"box": box, "angle": angle, "flip": flip, "contrast": 1.0 + contrast,
             "brightness": 255.0 * brightness}

@@ -5,6 +5,7 @@ checked form both implementations (`augment_host` in tf.data, `augment` on the d
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,6 +64,14 @@ class Augment:
             raise InvalidSetting(f"rotate_degrees {self.rotate_degrees}: need 0..180")
         if not 0 <= self.intensity_jitter < 1:
             raise InvalidSetting(f"intensity_jitter {self.intensity_jitter}: need 0 <= j < 1")
+
+    def magnitudes(self) -> dict[str, float]:
+        """The scalar magnitudes of the steps that are on, as a packed train step takes them
+        (`augment.augment_batch(magnitudes=...)`): flip probability, rotation limit in radians,
+        intensity jitter."""
+        values = {"flip": self.flip, "rotate_radians": math.radians(self.rotate_degrees),
+                  "intensity_jitter": self.intensity_jitter}
+        return {key: value for key, value in values.items() if value}
 
     @property
     def active(self) -> bool:

@@ -34,7 +34,7 @@ from her2jax.run_folder import RunFolder
 from her2jax.training import inference, optim, steps
 from her2jax.training.losses import class_weights_from_counts
 from her2jax.training.optim import learning_rate_schedule
-from her2jax.training.pack_keys import PACK_KEYS
+from her2jax.training.pack_keys import PACK_KEYS, augment_steps_on
 from her2jax.training.run_log import RunLog
 
 DTYPES = ("float32", "bfloat16")
@@ -205,6 +205,12 @@ def check_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]) ->
                     f"{key} differs between members of the pack ({first.get(key)!r}, "
                     f"{other.get(key)!r}): it cannot vary inside one compiled program; only "
                     f"{', '.join(PACK_KEYS)} can")
+        for (key, on), (_, other_on) in zip(augment_steps_on(first), augment_steps_on(other)):
+            if on != other_on:
+                raise InvalidSetting(
+                    f"{key} is 0 (the step off) in one member of the pack and "
+                    f"{first[key] or other[key]!r} in another: an augmentation step on in one "
+                    f"member is on in all of them (the magnitudes may differ)")
 
 
 def pack_members(config: ml_collections.ConfigDict, workdir: str, specs: list[str]
@@ -226,7 +232,7 @@ def pack_members(config: ml_collections.ConfigDict, workdir: str, specs: list[st
                                  f"one of {', '.join(PACK_KEYS)}")
         kind = type(_flat(config.to_dict()).get(key, 0.0))
         try:
-            axes.append((key, [kind(value.strip()) for value in values.split(",")]))
+            axes.append((key, [_parse(kind, value.strip()) for value in values.split(",")]))
         except ValueError:
             raise InvalidSetting(f"--pack {spec!r}: values of {key} must be {kind.__name__}s")\
                 from None
@@ -242,6 +248,16 @@ def pack_members(config: ml_collections.ConfigDict, workdir: str, specs: list[st
                         for (key, _), value in zip(axes, values))
         workdirs.append(str(RunFolder(workdir).path / name))
     return configs, workdirs
+
+
+def _parse(kind: type, text: str) -> Any:
+    """A --pack value as the config's type; booleans from true/false (1/0)."""
+    if kind is bool:
+        words = {"true": True, "1": True, "false": False, "0": False}
+        if text.lower() not in words:
+            raise ValueError(text)
+        return words[text.lower()]
+    return kind(text)
 
 
 def listed_members(config: ml_collections.ConfigDict, workdir: str, members: list[str]
@@ -332,9 +348,21 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
     schedules = [learning_rate_schedule(member.optimizer.learning_rate, member.warmup_steps,
                                         member.total_steps) for member in configs]
     class_weights = None
-    if config.loss.class_weights:
+    if any(member.loss.class_weights for member in configs):
         counts = input_pipeline.class_counts(config.data_dir, config.train_split)
         class_weights = jnp.asarray(class_weights_from_counts(counts))
+    if packed:
+        # a pack's members differ in their class weights (ones: unweighted, the same loss bit
+        # for bit) and augmentation magnitudes: arguments of the step, like the hyper-parameters
+        for member, hyper in zip(configs, hypers):
+            if class_weights is not None:
+                hyper["class_weights"] = (np.asarray(class_weights) if member.loss.class_weights
+                                          else np.ones(class_weights.shape, np.float32))
+            if member.input.augment_on == "device":
+                magnitudes = Augment.from_mapping(member.input.augment.to_dict()).magnitudes()
+                hyper.update({f"augment_{key}": np.float32(value)
+                              for key, value in magnitudes.items()})
+        class_weights = None
 
     # ------------------------------------------------------------------ steps
     dtype = jnp.dtype(config.dtype)

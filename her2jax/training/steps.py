@@ -50,7 +50,9 @@ def make_train_step(train_graph: nnx.GraphDef,
     optimizer: a GradientTransformation, or a function of `hyper` returning one
         (`optim.factory`): the step is then (params, rest, opt_state, batch, hyper), `hyper` a
         dict of scalars (`optim.hyperparameters`, label_smoothing among them, and the model's
-        dropout keep probability, 1 - rate, under "dropout_keep" if given) passed as
+        dropout keep probability, 1 - rate, under "dropout_keep" if given; the class weights
+        (C,) under "class_weights", in place of `class_weights`; the augmentation magnitudes of
+        `Augment.magnitudes()` as "augment_<name>", in place of `augment`'s) passed as
         arguments, so one compiled step serves every value of them.
 
     augment: augmentation done here, on the device, before the normalisation: each image with
@@ -79,14 +81,18 @@ def make_train_step(train_graph: nnx.GraphDef,
             if "augment_seed" not in batch:
                 raise ValueError("augmentation on the device needs batches with 'augment_seed' "
                                  "(input_pipeline.train_iterator(augment_on='device'))")
-            images = augment_batch(images, batch["augment_seed"], augment)
+            magnitudes = {key.removeprefix("augment_"): value for key, value in
+                          (hyper.items() if with_hyper else ()) if key.startswith("augment_")}
+            images = augment_batch(images, batch["augment_seed"], augment, magnitudes)
+
+        weights = hyper.get("class_weights", class_weights) if with_hyper else class_weights
 
         def loss_fn(model):
             # dropout, when `hyper` has it, is an argument too (a pack's members differ in it)
             with dropout_keep(hyper.get("dropout_keep") if with_hyper else None):
                 logits = model(normalize_images(images, dtype))
             loss = cross_entropy(logits, batch["label"], label_smoothing=smoothing,
-                                 class_weights=class_weights)
+                                 class_weights=weights)
             return loss, logits
 
         # nnx.value_and_grad differentiates the Params and carries the BatchNorm updates out
@@ -103,13 +109,19 @@ def make_train_step(train_graph: nnx.GraphDef,
         if member_layout_of(member_layout) == "vmap":
             step = jax.vmap(step)
         else:
-            single = step
-            step = lambda *args: jax.lax.map(lambda a: single(*a), args)  # noqa: E731
+            step = _mapped(step)
         sharded = NamedSharding(mesh, PartitionSpec(None, "data"))
     return jax.jit(step, in_shardings=(replicated, replicated, replicated, sharded)
                    + ((replicated,) if with_hyper else ()),
                    out_shardings=(replicated, replicated, replicated, replicated),
                    donate_argnums=(0, 1, 2))
+
+
+def _mapped(step: Callable) -> Callable:
+    """`step` over a leading member axis of every argument, one member after another."""
+    def members(*args):
+        return jax.lax.map(lambda member: step(*member), args)
+    return members
 
 
 MEMBER_LAYOUTS = ("auto", "vmap", "map")
