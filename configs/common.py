@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.kwargs = ml_collections.ConfigDict()  # its options (attention, head, ...)
     config.num_classes = 2
     config.dtype = "float32"          # compute dtype; bfloat16 on GPU/TPU (params stay float32)
-    config.pack_layout = "auto"       # a pack's members: auto | vmap | map (README "Packed sweeps")
+    config.pack_layout = "auto"       # a pack's members: auto | vmap | map (README "Packed runs")
+    config.pack_devices = "auto"      # a pack over several devices: auto | data | members (README)
 
     config.init = ml_collections.ConfigDict()
     config.init.pretrained = ""       # converted weights (python -m her2jax.convert); "" = random

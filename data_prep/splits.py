@@ -7,6 +7,7 @@ import numpy as np
 
 from data_prep.params import SPLITS, PrepParams
 from data_prep.sources import Case
+from her2jax.errors import BadInput
 
 
 def seeded_split(cases: list[Case], seed: int,
@@ -28,15 +29,24 @@ def seeded_split(cases: list[Case], seed: int,
 
 
 def assign(cases: list[Case], params: PrepParams) -> dict[str, list[Case]]:
-    """Groups cases by split; fails loudly if a patient would land in two splits."""
+    """Groups cases by split; refuses (BadInput, also under `python -O`) a patient the source
+    lists more than once, naming the patients and the splits they would land in."""
     undecided = [c for c in cases if c.split is None]
     seeded = seeded_split(undecided, params.split_seed, params.split_fractions)
     by_split: dict[str, list[Case]] = {name: [] for name in SPLITS}
     for case in cases:
         by_split[case.split or seeded[case.patient_id]].append(case)
-    seen = collections.Counter(c.patient_id for group in by_split.values() for c in group)
-    repeated = [pid for pid, n in seen.items() if n > 1]
-    assert not repeated, f"patients in more than one split: {repeated[:5]}"
+    seen = collections.defaultdict(list)
+    for name, group in by_split.items():
+        for case in group:
+            seen[case.patient_id].append(name)
+    repeated = {pid: names for pid, names in seen.items() if len(names) > 1}
+    if repeated:
+        shown = "; ".join(f"{pid} in {', '.join(names)}" for pid, names in
+                          list(repeated.items())[:5])
+        raise BadInput(f"{len(repeated)} patient(s) listed more than once by the source, which "
+                       f"would put one patient's slices in several splits (or twice in one): "
+                       f"{shown}")
     return by_split
 
 

@@ -80,7 +80,7 @@ def test_command_line_asks_for_the_dataset(tmp_path):
     assert result.returncode != 0 and "--config.data_dir" in result.stderr
 
 
-def test_config_check_refuses_an_unknown_member_layout_and_reads_old_configs():
+def test_config_check_refuses_unknown_pack_layouts_and_reads_old_configs():
     from configs import resnet
     from her2jax.errors import InvalidSetting
     from her2jax.training import loop
@@ -91,3 +91,16 @@ def test_config_check_refuses_an_unknown_member_layout_and_reads_old_configs():
         loop.check_config(config)
     del config["pack_layout"]          # a config.json written before the key: "auto"
     loop.check_config(config)
+    config.pack_devices = "everywhere"
+    with pytest.raises(InvalidSetting, match="config.pack_devices 'everywhere' is not one of"):
+        loop.check_config(config)
+
+
+@pytest.mark.parametrize("choice, members, devices, spread", [
+    ("auto", 4, 2, True), ("auto", 3, 2, False), ("auto", 4, 1, False), ("auto", 1, 2, False),
+    ("data", 4, 2, False), ("members", 3, 2, True)])
+def test_a_pack_spreads_its_members_over_the_devices_when_asked_or_when_they_divide(
+        choice, members, devices, spread):
+    from her2jax.training import loop
+
+    assert loop.spread_members(choice, members, devices) is spread

@@ -75,6 +75,17 @@ def test_assign_patient_level_and_source_split_wins():
     assert "seed 4" in splits.describe(undecided, params)
 
 
+def test_a_patient_listed_twice_is_refused_naming_it_and_its_splits():
+    """A real check, not an assert (gone under python -O): one line naming the patient."""
+    from her2jax.errors import BadInput
+
+    cases = make_cases(n=10, positives=3)
+    cases += [dataclasses.replace(cases[2], split="test"), dataclasses.replace(cases[2])]
+    with pytest.raises(BadInput, match=r"1 patient\(s\) listed more than once by the source, .*"
+                                       r"P0002 in (\w+), \1, test"):
+        splits.assign(cases, PrepParams(split_seed=0))
+
+
 def test_seeded_split_end_to_end_patient_level(tmp_path, capsys):
     """A BreastDCEDL CSV without `test`: every patient in exactly one split, all its slices too."""
     from conftest import prepare_args

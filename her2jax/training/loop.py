@@ -12,6 +12,7 @@ checkpoint); only process 0 writes logs, every process writes its checkpoint sha
 from __future__ import annotations
 
 import json
+import math
 import signal
 from typing import Any
 
@@ -41,16 +42,18 @@ DTYPES = ("float32", "bfloat16")
 # Keys a relaunch in the same run folder may change: how long to train (extending a run; the
 # learning-rate schedule follows the new length from the checkpoint on, see README "Training"),
 # how often to log, evaluate and checkpoint, how evaluation is batched, where the dataset is (its
-# preparation is checked apart), ViT's attention kernel and a pack's member layout (the same
-# function, computed another way). Any other
+# preparation is checked apart), ViT's attention kernel and a pack's member layout and device
+# layout (the same function, computed another way). Any other
 # difference makes another experiment, refused by `check_relaunch`.
 RELAUNCH_KEYS = frozenset({
     "total_steps", "warmup_steps", "log_every_steps", "eval.every_steps", "eval.batch_size",
     "checkpoint.every_steps", "checkpoint.keep", "data_dir", "model.kwargs.attention_kernel",
-    "pack_layout"})
+    "pack_layout", "pack_devices"})
 # Keys added after runs may have started, with the value that does what those runs did: absent
 # from a run's config.json and at this value, a key is no difference.
-ADDED_KEYS = {"input.augment_on": "host", "input.source": "tfrecord", "pack_layout": "auto"}
+ADDED_KEYS = {"input.augment_on": "host", "input.source": "tfrecord", "pack_layout": "auto",
+              "pack_devices": "auto"}
+PACK_DEVICES = ("auto", "data", "members")
 
 
 class ConfigChanged(InvalidSetting):
@@ -78,7 +81,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     flat = _flat(config.to_dict())
     choices = {"model.name": models.names(), "dtype": DTYPES,
                "eval.aggregation": metrics.AGGREGATIONS, "input.balance": BALANCE_MODES,
-               "input.augment_on": AUGMENT_ON, "pack_layout": steps.MEMBER_LAYOUTS}
+               "input.augment_on": AUGMENT_ON, "pack_layout": steps.MEMBER_LAYOUTS,
+               "pack_devices": PACK_DEVICES}
     for key, valid in choices.items():
         value = flat.get(key, ADDED_KEYS.get(key))
         if value not in valid:
@@ -213,6 +217,22 @@ def check_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]) ->
                     f"member is on in all of them (the magnitudes may differ)")
 
 
+def spread_members(choice: str, members: int, devices: int) -> bool:
+    """Whether a pack of `members` spreads them over the `devices` (a ('member', 'data') mesh)
+    rather than splitting each member's batch over all of them: `pack_devices` "members" or
+    "auto", which spreads where one process holds several devices and the counts share a
+    divisor, since a small member's batch split over many devices leaves each a few images and
+    every step all-reduces every member's gradients."""
+    if members < 2 or devices < 2 or choice == "data":
+        return False
+    if jax.process_count() > 1:
+        if choice == "members":
+            raise InvalidSetting("pack_devices=members spreads a pack over the devices of one "
+                                 "process; with several processes use pack_devices=data")
+        return False
+    return choice == "members" or math.gcd(members, devices) > 1
+
+
 def pack_members(config: ml_collections.ConfigDict, workdir: str, specs: list[str]
                  ) -> tuple[list[ml_collections.ConfigDict], list[str]]:
     """The members of `--pack KEY=V1,V2,...` (each flag one key; members are the product of the
@@ -307,6 +327,9 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
     config = configs[0]          # the settings every member shares
     runs = [RunFolder(workdir) for workdir in workdirs]
     mesh = steps.data_mesh()
+    # the train step's mesh: members spread over the devices, or each member over all of them
+    spread = spread_members(config.get("pack_devices", "auto"), len(configs), mesh.size)
+    step_mesh = steps.member_mesh(len(configs)) if spread else mesh
     if config.batch_size % mesh.size:
         raise InvalidSetting(f"batch_size {config.batch_size} does not split over {mesh.size} "
                              "devices")
@@ -368,7 +391,7 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
     dtype = jnp.dtype(config.dtype)
     on_device = config.input.augment_on == "device"
     train_step = steps.make_train_step(
-        train_graph, optimizer, mesh, dtype=dtype, class_weights=class_weights,
+        train_graph, optimizer, step_mesh, dtype=dtype, class_weights=class_weights,
         augment=Augment.from_mapping(config.input.augment.to_dict()) if on_device else None,
         members=packed, member_layout=config.pack_layout)
     predictor = inference.Predictor(steps.make_eval_step(eval_graph, mesh, dtype=dtype),
@@ -425,9 +448,16 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
                                                                  sharding=replicated), states[k])
             states[k] = latest.restore(start_step, args=ocp.args.StandardRestore(target))
             logs[k].message(f"resumed from step {start_step}")
+    member_batches = jax.sharding.NamedSharding(
+        step_mesh, jax.sharding.PartitionSpec("member", "data")) if spread else None
     if packed:
         state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
         hyper = distributed.replicate(jax.tree.map(lambda *xs: np.stack(xs), *hypers), mesh)
+        if spread:
+            on_rows = jax.sharding.NamedSharding(step_mesh, jax.sharding.PartitionSpec("member"))
+            state, hyper = jax.device_put((state, hyper), on_rows)
+            logs[0].message(f"members spread over the devices: {step_mesh.shape['member']} "
+                            f"rows of {step_mesh.shape['data']} (pack_devices=members)")
     else:
         state, hyper = states[0], distributed.replicate(hypers[0], mesh)
 
@@ -465,7 +495,8 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
         if not packed:
             return streams[0].batch(step - 1)
         batches = [stream.batch(step - 1) for stream in streams]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+        batch = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+        return jax.device_put(batch, member_batches) if spread else batch
 
     reports: list[dict[str, Any]] = [{} for _ in configs]
     pending: list[dict[str, jax.Array]] = []

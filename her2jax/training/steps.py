@@ -65,7 +65,9 @@ def make_train_step(train_graph: nnx.GraphDef,
     member_layout: how the members share the program (`member_layout`): "vmap" (one batched
         program: every convolution a grouped one over the members), "map" (the members' steps
         one after another inside the program, `lax.map`: each with the single run's kernels) or
-        "auto" (the one measured faster on the platform)."""
+        "auto" (the one measured faster on the platform). On a ('member', 'data') mesh
+        (`member_mesh`) the members are spread over the member axis: parameters, states and
+        `hyper` sharded along it, each member's batch over the data axis of its devices."""
     on_device = augment is not None and augment.active
     if members and not callable(optimizer):
         raise ValueError("members need the optimizer as a function of hyper (optim.factory)")
@@ -106,11 +108,12 @@ def make_train_step(train_graph: nnx.GraphDef,
 
     replicated, sharded = NamedSharding(mesh, PartitionSpec()), batch_sharding(mesh)
     if members:
-        if member_layout_of(member_layout) == "vmap":
-            step = jax.vmap(step)
-        else:
-            step = _mapped(step)
+        step = jax.vmap(step) if member_layout_of(member_layout) == "vmap" else _mapped(step)
         sharded = NamedSharding(mesh, PartitionSpec(None, "data"))
+        if "member" in mesh.axis_names:      # members spread over the devices (`member_mesh`)
+            step = _spread(step, mesh)
+            replicated = NamedSharding(mesh, PartitionSpec("member"))
+            sharded = NamedSharding(mesh, PartitionSpec("member", "data"))
     return jax.jit(step, in_shardings=(replicated, replicated, replicated, sharded)
                    + ((replicated,) if with_hyper else ()),
                    out_shardings=(replicated, replicated, replicated, replicated),
@@ -122,6 +125,36 @@ def _mapped(step: Callable) -> Callable:
     def members(*args):
         return jax.lax.map(lambda member: step(*member), args)
     return members
+
+
+def _spread(step: Callable, mesh: Mesh) -> Callable:
+    """`step` of K members on a ('member', 'data') mesh of M x D devices: the member axis split
+    into (M, K / M), the M groups one per row of devices, each group `step` (vmap or map)."""
+    groups = mesh.shape["member"]
+
+    def spread(*args):
+        def split(x):
+            x = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+            free = (PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1)   # a batch keeps its 'data'
+            return jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, PartitionSpec("member", *free)))
+
+        out = jax.vmap(step)(*[jax.tree.map(split, arg) for arg in args])
+        return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+    return spread
+
+
+def member_mesh(members: int, devices: Any = None) -> Mesh:
+    """A ('member', 'data') mesh over all devices for a pack of `members`: the member axis as
+    long as the greatest common divisor of the member and device counts (every row of devices
+    trains an equal share of the members), the data axis the rest."""
+    import math
+
+    import numpy as np
+
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    rows = math.gcd(members, devices.size)
+    return Mesh(devices.reshape(rows, devices.size // rows), ("member", "data"))
 
 
 MEMBER_LAYOUTS = ("auto", "vmap", "map")
