@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 import data_prep
-from data_prep import normalization, pipeline, report, splits
+from data_prep import normalization, pipeline, report, splits, volumes
 from data_prep.errors import BadCaseError
 from data_prep.params import DATASET_VERSION, PrepParams
 from data_prep.sources import Case, list_cases
@@ -293,11 +293,11 @@ def _map(function, cases: list[Case], args: tuple,
     if pool is None:
         for case in cases:
             try:
-                yield case, function(case, *args)
+                yield case, _guarded(function, case, *args)
             except BadCaseError as error:
                 yield case, error
         return
-    futures = {pool.submit(function, case, *args): case for case in cases}
+    futures = {pool.submit(_guarded, function, case, *args): case for case in cases}
     try:
         for future in concurrent.futures.as_completed(futures):
             try:
@@ -308,6 +308,25 @@ def _map(function, cases: list[Case], args: tuple,
         # on an early stop (a bad case without --skip_bad), drop the queued patients
         for future in futures:
             future.cancel()
+
+
+def _guarded(function, case: Case, *args):
+    """`function(case, *args)`, any exception but a BadCaseError made that patient's error,
+    naming the file being read when it happened (an image library can raise anything on an
+    unusual file); HER2JAX_DEBUG=1 (`prepare --debug`) keeps the traceback instead."""
+    volumes.LAST_READ = None
+    try:
+        return function(case, *args)
+    except BadCaseError:
+        raise
+    except Exception as error:
+        if os.environ.get("HER2JAX_DEBUG"):
+            raise
+        text = " ".join(str(error).split()) or "no message"
+        raise BadCaseError(
+            case.patient_id, volumes.LAST_READ or (case.mask or case.phases[0]),
+            f"{type(error).__name__} while preparing it: {text[:300]} (an unusual file, or a "
+            "her2jax bug: prepare --debug shows the traceback)") from None
 
 
 def _limit_threads(threads: int) -> None:

@@ -70,11 +70,19 @@ def load_case(case: Case, params: PrepParams) -> Loaded:
 
 
 def range_notes(case: Case, box: tuple[int, ...]) -> list[str]:
-    """A note when the metadata's tumour range disagrees with the mask's (the mask wins)."""
+    """A note when the metadata's tumour range disagrees with the mask's (the mask wins); the
+    patient's error when the two do not overlap at all (a mask of another patient, or the axes
+    read in another order)."""
     if case.tumour_range is None or case.mask is None or tuple(box[:2]) == case.tumour_range:
         return []
-    return [f"tumour slices {box[0]}..{box[1]} in the mask, {case.tumour_range[0]}.."
-            f"{case.tumour_range[1]} in the metadata: the mask's are used"]
+    first, last = case.tumour_range
+    if box[1] < first or last < box[0]:
+        raise BadCaseError(case.patient_id, case.mask,
+                           f"tumour slices {box[0]}..{box[1]} in the mask and {first}..{last} in "
+                           "the metadata do not overlap: a mask of another patient, or the axes "
+                           "in another order?")
+    return [f"tumour slices {box[0]}..{box[1]} in the mask, {first}..{last} in the metadata: "
+            "the mask's are used"]
 
 
 def _check_spacing(case: Case, path: str, volume: Volume, reference: Volume | None,

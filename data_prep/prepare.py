@@ -19,6 +19,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from data_prep import normalization  # noqa: E402
 from data_prep.errors import BadCaseError  # noqa: E402
 from data_prep.params import IMAGE_PARAMETERS, PrepParams  # noqa: E402
+from her2jax import files  # noqa: E402
 from her2jax.errors import BadInput, InvalidSetting, MissingInput, UserError  # noqa: E402
 
 
@@ -63,7 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars, nor TFDS's 'Downloading and preparing' lines")
+    parser.add_argument("--debug", action="store_true",
+                        help="an unexpected error while preparing a patient stops with its "
+                             "traceback, instead of becoming that patient's one-line error")
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ["HER2JAX_DEBUG"] = "1"     # the worker processes inherit it
     if args.like:
         try:
             apply_like(args, defaults)
@@ -112,6 +118,7 @@ def _integers(text: str) -> tuple[int, ...]:
 
 def build(args: argparse.Namespace):
     """The command's arguments -> `prepare_dataset`."""
+    files.check_folder(args.data_dir, "--data_dir")     # before any patient is read
     params = PrepParams(
         normalization=args.normalization, n4=args.n4, n4_shrink=args.n4_shrink,
         n4_iterations=tuple(args.n4_iterations), image_size=args.image_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import json
 import os
 from typing import Any, Mapping
@@ -18,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend chosen first: no display here)
 import numpy as np  # noqa: E402
 
+from her2jax import files  # noqa: E402
+
 REPORT_MD = "preparation_report.md"
 REPORT_JSON = "preparation_report.json"
 SKIPPED_CSV = "skipped.csv"
@@ -27,14 +30,13 @@ QC_PNG = "qc_montage.png"
 def write(folder: str, metadata: Mapping[str, Any],
           qc_samples: Mapping[int, list[dict[str, Any]]]) -> None:
     metadata = json.loads(json.dumps(dict(metadata), default=str))
-    with open(os.path.join(folder, REPORT_JSON), "w") as handle:
-        json.dump(metadata, handle, indent=2)
-    with open(os.path.join(folder, SKIPPED_CSV), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["patient_id", "file", "reason"])
-        writer.writeheader()
-        writer.writerows(metadata.get("skipped", []))
-    with open(os.path.join(folder, REPORT_MD), "w") as handle:
-        handle.write(markdown(metadata))
+    files.write_json(os.path.join(folder, REPORT_JSON), metadata, indent=2)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["patient_id", "file", "reason"])
+    writer.writeheader()
+    writer.writerows(metadata.get("skipped", []))
+    files.write_text(os.path.join(folder, SKIPPED_CSV), table.getvalue())
+    files.write_text(os.path.join(folder, REPORT_MD), markdown(metadata))
     qc_montage(qc_samples, os.path.join(folder, QC_PNG))
 
 
@@ -100,5 +102,7 @@ def qc_montage(samples: Mapping[int, list[dict[str, Any]]], path: str) -> None:
         axes[row][0].text(-0.08, 0.5, ("HER2-", "HER2+")[label], transform=axes[row][0].transAxes,
                           rotation=90, va="center", ha="right", fontsize=10)
     figure.suptitle("QC: fused slices (R=pre, G=early, B=late) as written", fontsize=9)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
+    files.write_bytes(path, buffer.getvalue())

@@ -22,6 +22,9 @@ class Volume:
     spacing: tuple[float, float, float]     # mm, (z, y, x)
 
 
+LAST_READ: str | None = None     # the file this process read last (`her2_dce._guarded`)
+
+
 def read_volume(patient_id: str, path: str, stored_zyx: bool = False) -> Volume:
     """Reads a NIfTI file (nibabel), an NRRD or MetaImage file or a DICOM series folder
     (SimpleITK).
@@ -33,6 +36,8 @@ def read_volume(patient_id: str, path: str, stored_zyx: bool = False) -> Volume:
     spacing from the metadata CSV. NIfTI is read with nibabel because SimpleITK silently fills a
     truncated data block with zeros and turns NaN/inf voxels into 0, hiding both problems.
     """
+    global LAST_READ
+    LAST_READ = path          # named by a patient's error that a reader or later step raises
     if not os.path.exists(path):
         raise BadCaseError(patient_id, path, "file not found")
     if os.path.isdir(path):
@@ -97,7 +102,12 @@ def _read_dicom_series(patient_id: str, folder: str, stored_zyx: bool = False) -
 
 
 def check_intensities(patient_id: str, path: str, array: np.ndarray) -> np.ndarray:
-    """Returns the array as float32, rejecting NaN/inf voxels and constant volumes."""
+    """Returns the array as float32, rejecting voxels that are not real numbers (colour,
+    complex: a cast would drop channels or the imaginary part), NaN/inf voxels and constant
+    volumes."""
+    if np.asarray(array).dtype.kind not in "biuf":
+        raise BadCaseError(patient_id, path, f"voxels of type {np.asarray(array).dtype} are not "
+                           "real numbers (a colour or complex image?)")
     array = np.asarray(array, dtype=np.float32)
     finite = np.isfinite(array)
     if not finite.all():

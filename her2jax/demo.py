@@ -24,6 +24,7 @@ from typing import Any
 
 from etils import epath
 
+from her2jax import files
 from her2jax.analysis import evaluation, explanation
 from her2jax.analysis.evaluation import format_number
 from her2jax.errors import InvalidSetting, UserError
@@ -62,14 +63,14 @@ def make_cohort(out: epath.Path, args: argparse.Namespace, record: dict[str, Any
     folder = out / "cohort"
     wanted = {"patients": args.patients, "size": args.volume_size, "seed": args.seed}
     stamp = folder / "demo_cohort.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+    if stamp.exists() and json.loads(stamp.read_text(encoding="utf-8")) == wanted:
         record["cached"] = True
         return str(folder)
     if folder.exists():
         folder.rmtree()
     generate_cohort(str(folder), patients=args.patients, seed=args.seed, size=args.volume_size,
                     progress=not args.quiet)
-    stamp.write_text(json.dumps(wanted))
+    files.write_json(stamp, wanted)
     return str(folder)
 
 
@@ -132,7 +133,7 @@ def cached(path: epath.Path, workdir: epath.Path, **expected: Any) -> dict[str, 
     settings (an earlier `--steps` or `--bootstrap` leaves a stale one: computed again)."""
     if not path.exists():
         return None
-    result = json.loads(path.read_text())
+    result = json.loads(path.read_text(encoding="utf-8"))
     if result.get("step") != RunFolder(workdir).default_step():
         return None
     if any(result.get(key) != value for key, value in expected.items()):
@@ -176,7 +177,7 @@ def roc_all(rows: list[dict[str, Any]], path: epath.Path) -> None:
     curves = []
     for row in rows:
         table = list(csv.DictReader(io.StringIO(
-            RunFolder(row["workdir"]).predictions("test").read_text())))
+            RunFolder(row["workdir"]).predictions("test").read_text(encoding="utf-8"))))
         labels = np.array([int(r["label"]) for r in table])
         if labels.min() == labels.max():
             continue
@@ -232,7 +233,7 @@ def report(out: epath.Path, rows: list[dict[str, Any]], stages: list[dict[str, A
         "Each run's folder holds its logs, checkpoints and `eval/test/report.md`.",
     ]
     text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
+    files.write_text(out / "report.md", text)
     return text
 
 
@@ -300,18 +301,19 @@ def run(args: argparse.Namespace) -> str:
 
     with stage("results table, ROC curves, report") as record:
         table = results_table(rows)
-        (out / "results.md").write_text(table + "\n")
-        (out / "results.json").write_text(json.dumps(
+        files.write_text(out / "results.md", table + "\n")
+        files.write_json(
+            out / "results.json",
             [{"model": r["model"], "normalization": r["normalization"],
               "workdir": str(r["workdir"]), "patient": r["metrics"]["patient"]} for r in rows],
-            indent=2, allow_nan=True))
+            indent=2, allow_nan=True)
         roc_all(rows, out / "roc_all.png")
         montages = []
         for normalization, data_dir in datasets.items():
             montage = epath.Path(data_dir) / "qc_montage.png"
             if montage.exists():
                 name = f"qc_{normalization}.png"
-                (out / name).write_bytes(montage.read_bytes())
+                files.write_bytes(out / name, montage.read_bytes())
                 montages.append(name)
     report(out, rows, stages, args, overlays, montages)
     return table

@@ -118,7 +118,7 @@ class RunFolder:
         if not self.config_file.exists():
             raise NotARunFolder(f"{self.path} is not a run folder (no {CONFIG_FILE}); train "
                                 f"first with python -m her2jax.main --workdir {self.path}")
-        return json.loads(self.config_file.read_text())
+        return json.loads(self.config_file.read_text(encoding="utf-8"))
 
     def config(self):
         """config.json as an ml_collections.ConfigDict."""
@@ -130,7 +130,7 @@ class RunFolder:
         """preparation.json; NotARunFolder when it is missing."""
         if not self.preparation_file.exists():
             raise NotARunFolder(f"{self.path} is not a run folder (no {PREPARATION_FILE})")
-        return json.loads(self.preparation_file.read_text())
+        return json.loads(self.preparation_file.read_text(encoding="utf-8"))
 
     def steps(self, kind: str = "checkpoints") -> list[int]:
         """The steps of the checkpoints of `kind` on disk, ascending."""
@@ -154,7 +154,7 @@ class RunFolder:
         if not self.metrics_file.exists():
             return []
         records = []
-        for line in self.metrics_file.read_text().splitlines():
+        for line in self.metrics_file.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from her2jax import files
 from her2jax.analysis.evaluation import format_number
 from her2jax.errors import BadInput, InvalidSetting, MissingInput, UserError
 from her2jax.run_folder import RunFolder
@@ -68,7 +69,7 @@ def _float(value: Any) -> float:
 
 def _read_json(path: epath.Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise BadInput(f"{path}: not valid JSON ({error})") from None
 
@@ -103,7 +104,7 @@ def read_run(workdir: str | epath.Path) -> dict[str, Any] | None:
     config_file = run.config_file
     if config_file.exists():
         try:
-            split = json.loads(config_file.read_text()).get("eval_split") or split
+            split = json.loads(config_file.read_text(encoding="utf-8")).get("eval_split") or split
         except (ValueError, AttributeError):
             pass
     elif isinstance(test.get("threshold"), dict) and test["threshold"].get("split"):
@@ -406,7 +407,7 @@ def plot_leaderboard(rows: Sequence[dict[str, Any]], path: str | epath.Path,
     plt.close(figure)
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(buffer.getvalue())
+    files.write_bytes(target, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- the whole sweep
@@ -454,8 +455,8 @@ def collect(sweep_dir: str | epath.Path, out: str | epath.Path | None = None,
     markdown = leaderboard_markdown(rows, keys, sweep=sweep,
                                     description=manifest.get("description") or "", sort=sort,
                                     finished=len(results), planned=len(entries))
-    (folder / "leaderboard.csv").write_text(leaderboard_csv(rows, keys))
-    (folder / "leaderboard.md").write_text(markdown)
+    files.write_text(folder / "leaderboard.csv", leaderboard_csv(rows, keys))
+    files.write_text(folder / "leaderboard.md", markdown)
     plot_leaderboard(rows, folder / "leaderboard.png",
                      title=f"{sweep}: {'validation' if sort == 'val' else 'test'}-AUC order")
     pivot = None
@@ -464,8 +465,8 @@ def collect(sweep_dir: str | epath.Path, out: str | epath.Path | None = None,
         rows_key, cols_key = manifest["pivot"][:2]
         pivot = pivot_table(entries, results, rows_key, cols_key)
         pivot_text = pivot_markdown(pivot, sweep)
-        (folder / "pivot.md").write_text(pivot_text)
-        (folder / "pivot.csv").write_text(pivot_csv(pivot))
+        files.write_text(folder / "pivot.md", pivot_text)
+        files.write_text(folder / "pivot.csv", pivot_csv(pivot))
     missing_line = (f"missing: {len(missing)} of {len(entries)} runs not finished: "
                     + ", ".join(f"{name} ({statuses[name]})" for name in missing)
                     if missing else f"missing: none (all {len(entries)} runs finished)")

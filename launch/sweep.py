@@ -50,9 +50,10 @@ from typing import Any
 
 from etils import epath
 
+from her2jax import files
 from her2jax.errors import InvalidSetting, ToolFailed, UserError
 from her2jax.run_folder import RunFolder
-from launch import packs
+from launch import lock, packs
 from launch.spec import Run, Sweep
 
 BACKENDS = ("local", "slurm", "tpu")
@@ -274,7 +275,8 @@ class Plan:
                      "data_dir": self.datasets.get(run.data), "workdir": self.workdir(run),
                      "commands": {k: shlex.join(v) for k, v in self.commands(run).items()},
                      "status": PENDING}
-            for key in ("status", "started", "finished", "seconds", "returncode", "log"):
+            for key in ("status", "started", "finished", "seconds", "returncode", "log", "pid",
+                        "host", "repaired"):
                 if key in old.get(run.name, {}):
                     entry[key] = old[run.name][key]
             runs.append(entry)
@@ -286,16 +288,14 @@ class Plan:
 
 def read_manifest(sweep_dir: str) -> dict[str, Any] | None:
     path = epath.Path(sweep_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def write_manifest(sweep_dir: str, manifest: dict[str, Any]) -> None:
     folder = epath.Path(sweep_dir)
     folder.mkdir(parents=True, exist_ok=True)
     manifest["updated"] = _now()
-    temporary = folder / "manifest.json.tmp"
-    temporary.write_text(json.dumps(manifest, indent=2, default=str))
-    temporary.replace(folder / "manifest.json")
+    files.write_text(folder / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 
 def _now() -> str:
@@ -321,8 +321,46 @@ def job_script(commands: dict[str, list[str]]) -> str:
 def run_local(plan: Plan, *, retry_failed: bool = False, parallel: int = 1,
               devices: Sequence[str] = (), cpu_threads: int | None = None,
               dry_run: bool = False, out=None) -> dict[str, Any]:
-    out = out or sys.stdout
+    """Runs (or, dry, prints) the sweep's unfinished runs here, holding the sweep folder's lock
+    (`launch.lock`) while it reads and writes the manifest."""
+    options = dict(retry_failed=retry_failed, parallel=parallel, devices=devices,
+                   cpu_threads=cpu_threads, dry_run=dry_run, out=out or sys.stdout)
+    if dry_run:
+        return _run_local(plan, **options)
+    with lock.hold(plan.sweep_dir) as held:
+        return _run_local(plan, held=held, **options)
+
+
+def repair(manifest: dict[str, Any], held: lock.Held | None, out) -> None:
+    """Runs the manifest says are running, read by the launcher that holds the lock, were
+    started by a launcher that is gone (killed: SIGKILL, a lost node): each becomes stopped (a
+    launch resumes it from its checkpoint), unless its process still trains here, which is
+    refused in one line (two processes must not train one run folder)."""
+    if held and held.killed:
+        print(f"the launcher that ran this sweep last (pid {held.killed.get('pid')} on "
+              f"{held.killed.get('host')}, since {held.killed.get('started')}) was killed; "
+              "repairing its manifest", file=out)
+    host = lock.me()["host"]
+    for entry in manifest["runs"]:
+        if entry.get("status") != RUNNING:
+            continue
+        pid = entry.get("pid")
+        if pid and entry.get("host") == host and lock.alive(pid, entry["workdir"]):
+            raise lock.SweepBusy(
+                f"run {entry['name']} is still being trained by process {pid} on this host, "
+                f"though the launcher that started it is gone: stop it (kill -TERM -- -{pid}, "
+                "its process group; it writes a checkpoint) and launch again")
+        entry.update(status=STOPPED, repaired="its launcher was gone")
+        print(f"{STOPPED}: {entry['name']} (marked running by a launcher that is gone; a launch "
+              "resumes it)", file=out)
+
+
+def _run_local(plan: Plan, *, retry_failed: bool, parallel: int, devices: Sequence[str],
+               cpu_threads: int | None, dry_run: bool, out, held: lock.Held | None = None
+               ) -> dict[str, Any]:
     manifest = plan.manifest(read_manifest(plan.sweep_dir))
+    if not dry_run:
+        repair(manifest, held, out)
     entries = {e["name"]: e for e in manifest["runs"]}
     todo = []
     for run in plan.runs:
@@ -465,6 +503,8 @@ def _start(plan: Plan, job: packs.Job, entries: dict[str, Any], slot: int,
     process = subprocess.Popen(["bash", "-c", job_script(commands)], stdout=handle,
                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
     handle.close()
+    for run in job.runs:     # which process trains it, for a launcher that finds it orphaned
+        entries[run.name].update(pid=process.pid, host=lock.me()["host"])
     return process, job, time.perf_counter()
 
 
@@ -606,26 +646,44 @@ def submit_slurm(plan: Plan, scripts: dict[str, str], *, dry_run: bool,
         for command in commands:
             print(command, file=out)
         return commands
+    previous = read_manifest(plan.sweep_dir) or {}
+    active = [job for job in (previous.get("slurm") or {}).values() if job and slurm_active(job)]
+    if active:
+        raise lock.SweepBusy(
+            f"{plan.sweep_dir}: SLURM job {', '.join(active)} of this sweep is still queued or "
+            f"running (squeue -j {','.join(active)}): wait for it to end, or scancel it, then "
+            "submit again (its runs would otherwise run twice)")
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in scripts.items():
-        _write_atomically(folder / name, text)
-    write_manifest(plan.sweep_dir, plan.manifest(read_manifest(plan.sweep_dir)))
+        files.write_text(folder / name, text)
+    manifest = plan.manifest(previous)
+    manifest["slurm"] = {}
+    write_manifest(plan.sweep_dir, manifest)
     dependency: list[str] = []
     if "prepare.sbatch" in scripts:
         job = _sbatch(["--parsable", str(folder / "prepare.sbatch")])
+        manifest["slurm"]["prepare"] = job
+        write_manifest(plan.sweep_dir, manifest)
         dependency = [f"--dependency=afterok:{job}"]
         print(f"submitted preparation: job {job}", file=out)
     job = _sbatch([*dependency, "--parsable", str(folder / "runs.sbatch")])
+    manifest["slurm"]["runs"] = job
+    write_manifest(plan.sweep_dir, manifest)
     array = next(line for line in scripts["runs.sbatch"].splitlines()
                  if line.startswith("#SBATCH --array=")).partition("=")[2]
     print(f"submitted runs: array job {job} (tasks {array}); logs in {folder}", file=out)
     return commands
 
 
-def _write_atomically(path: epath.Path, text: str) -> None:
-    temporary = path.parent / f".{path.name}.tmp"
-    temporary.write_text(text)
-    temporary.replace(path)
+def slurm_active(job: str) -> bool:
+    """Whether SLURM job `job` (an array: any of its tasks) is still queued or running."""
+    try:
+        result = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%i", "-t",
+                                 "PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED,REQUEUED"],
+                                capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and bool(result.stdout.strip())
 
 
 def _sbatch(arguments: list[str]) -> str:
@@ -907,7 +965,8 @@ def main(argv: list[str] | None = None) -> int:
                                     max_parallel=args.max_parallel, tasks=tasks, prepare=prepare,
                                     # an interpreter given by path needs no activated venv
                                     setup="" if args.python else "source .venv/bin/activate")
-            submit_slurm(plan, scripts, dry_run=args.dry_run)
+            with contextlib.nullcontext() if args.dry_run else lock.hold(plan.sweep_dir):
+                submit_slurm(plan, scripts, dry_run=args.dry_run)
         else:
             steps = tpu_steps(plan, name=args.tpu_name, zone=args.zone,
                               accelerator=args.accelerator, version=args.version,
@@ -916,7 +975,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print("\n".join(command for _, command in steps))
             else:
-                run_tpu(plan, steps, os.path.abspath(args.repo))
+                with lock.hold(plan.sweep_dir):
+                    run_tpu(plan, steps, os.path.abspath(args.repo))
     except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

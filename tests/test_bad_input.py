@@ -123,6 +123,13 @@ def inf_voxels(folder, rows):
     return Bad(PID, os.path.basename(path), r"\b1 NaN/inf voxels", "image")
 
 
+def complex_voxels(folder, rows):
+    path = phase_path(folder, PID, 1)
+    save_zyx(load_zyx(path).astype(np.complex64) * (1 + 1j), path)
+    return Bad(PID, os.path.basename(path), r"voxels of type complex64 are not real numbers",
+               "image")
+
+
 def constant_volume(folder, rows):
     path = phase_path(folder, PID, 1)
     save_zyx(np.full(SHAPE, 7.0, np.float32), path)
@@ -163,6 +170,7 @@ BAD_INPUTS = [
     pytest.param(nan_voxels, id="nan_voxels"),
     pytest.param(inf_voxels, id="inf_voxels"),
     pytest.param(constant_volume, id="constant_volume"),
+    pytest.param(complex_voxels, id="complex_voxels"),
     pytest.param(label("1", r"HER2 1 and HER2pos 0 disagree"), id="label_disagrees"),
     pytest.param(label("maybe", r"invalid HER2 label 'maybe'"), id="label_maybe"),
     pytest.param(label("3", r"invalid HER2 label '3'"), id="label_3"),
@@ -473,3 +481,28 @@ def test_list_cases_collects_every_metadata_problem_without_reading(cohort, monk
                      problems["T-002"])
     assert re.search(r"T-003_spy2_vis1_dce_aqc_0\.nii\.gz: missing phase file", problems["T-003"])
     assert re.search(r"metadata\.csv: duplicate patient id \(2 rows\)", problems["T-006"])
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["main_process", "worker_process"])
+def test_any_exception_while_preparing_a_patient_is_that_patients_error(workers, tmp_path,
+                                                                        monkeypatch):
+    """In the main process as in a worker: one line naming the patient and the file read
+    last; `--debug` (HER2JAX_DEBUG) keeps the traceback instead."""
+    from data_prep import her2_dce
+    from data_prep.errors import BadCaseError
+    from data_prep.sources import Case
+    from exploding import explode     # a light module: worker processes import it
+
+    path = str(tmp_path / "P-7_pre.nii.gz")
+    save_zyx(np.arange(24, dtype=np.float32).reshape(2, 3, 4), path)
+    case = Case(patient_id="P-7", label=1, cohort="c", phases=(path, path, path),
+                box=(0, 1, 0, 2, 0, 3))
+    with her2_dce._worker_pool(workers) as pool:
+        [(_, error)] = list(her2_dce._map(explode, [case], (PrepParams(),), pool))
+    assert isinstance(error, BadCaseError)
+    assert str(error) == (f"patient P-7: {path}: ZeroDivisionError while preparing it: a "
+                          "library's surprise (an unusual file, or a her2jax bug: prepare "
+                          "--debug shows the traceback)")
+    monkeypatch.setenv("HER2JAX_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        list(her2_dce._map(explode, [case], (PrepParams(),), None))

@@ -168,7 +168,7 @@ def test_sort_by_test(sweep, capsys):
     assert rows[0]["best"] and not any(row["best"] for row in rows[1:])
     out = sweep_dir / "by_test"
     assert collect.main([str(sweep_dir), "--sort", "test", "--out", str(out)]) == 0
-    with open(out / "leaderboard.csv", newline="") as handle:
+    with open(out / "leaderboard.csv", newline="", encoding="utf-8") as handle:
         order = [row["configuration"] for row in csv.DictReader(handle)]
     assert order == [groups[k] for k in TEST_ORDER]
 
@@ -187,7 +187,7 @@ def test_read_run(sweep):
 def test_csv_parses_back(sweep):
     sweep_dir, groups, _ = sweep
     collect.collect(str(sweep_dir))
-    with open(sweep_dir / "collect" / "leaderboard.csv", newline="") as handle:
+    with open(sweep_dir / "collect" / "leaderboard.csv", newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         header, table = reader.fieldnames, list(reader)
     for column in ("configuration", ROWS_KEY, COLS_KEY, "model.kwargs.head", "seeds",
@@ -213,7 +213,7 @@ def test_csv_parses_back(sweep):
 def test_markdown(sweep):
     sweep_dir, groups, _ = sweep
     result = collect.collect(str(sweep_dir))
-    text = (sweep_dir / "collect" / "leaderboard.md").read_text()
+    text = (sweep_dir / "collect" / "leaderboard.md").read_text(encoding="utf-8")
     assert text == result["markdown"]
     a, b = expected("A"), expected("B")
     assert f"{a['val_auc_mean']:.3f} ± {a['val_auc_std']:.3f}" in text
@@ -256,13 +256,13 @@ def test_pivot(sweep):
         assert pivot["count"][i][j] == len(values)
         assert same(pivot["std"][i][j], np.std(values, ddof=1) if len(values) > 1 else NAN)
     assert pivot["mean"][0][0] == pytest.approx((0.70 + 0.74 + 0.72 + 0.66) / 4)
-    with open(sweep_dir / "collect" / "pivot.csv", newline="") as handle:
+    with open(sweep_dir / "collect" / "pivot.csv", newline="", encoding="utf-8") as handle:
         table = list(csv.reader(handle))
     assert table[0][1:] == ["last", "stages"] and [row[0] for row in table[1:]] == \
         ["dual", "channel"]
     assert float(table[1][1]) == pytest.approx(np.mean(cells[("dual", "last")]))
     assert float(table[2][2]) == pytest.approx(0.60)
-    text = (sweep_dir / "collect" / "pivot.md").read_text()
+    text = (sweep_dir / "collect" / "pivot.md").read_text(encoding="utf-8")
     dual_last = cells[("dual", "last")]
     assert f"{np.mean(dual_last):.3f} ± {np.std(dual_last, ddof=1):.3f}" in text
     assert "| channel | " in text and "0.600" in text

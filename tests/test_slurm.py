@@ -159,7 +159,8 @@ def test_a_task_cancelled_with_sigterm_resumes_when_the_sweep_is_relaunched(slur
 
 def test_a_packed_sweep_is_one_array_task_per_pack(cluster, tmp_path):
     """`--pack 2` on SLURM: two seeds of one configuration are one array task, trained by one
-    process as one pack, evaluated together, and collected as two runs."""
+    process as one pack, evaluated together, and collected as two runs. Submitting the sweep
+    again while its jobs are queued is refused."""
     cohort = str(tmp_path / "cohort")
     write_cohort(cohort, patients=18, splits=SPLITS)
     (tmp_path / "seeds.py").write_text(TINY_SWEEP.replace('["none", "dual"]', '["dual"]')
@@ -172,6 +173,14 @@ def test_a_packed_sweep_is_one_array_task_per_pack(cluster, tmp_path):
             "--python", os.path.relpath(sys.executable, REPO), "--repo", REPO, "--pack", "2",
             *[item for setting in settings for item in ("--set", setting)]]
     jobs, _ = launch(cluster, args)
+    # submitted again while those jobs are queued, the runs would run twice: refused
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(printed):
+        patch.setenv("SLURM_CONF", cluster.conf)
+        assert sweep.main(args) == 1
+    error = printed.getvalue().strip().splitlines()[-1]
+    assert error.startswith(f"error: {sweep_dir}: SLURM job ") and jobs["runs"] in error
+    assert "of this sweep is still queued or running" in error
     cluster.wait(list(jobs.values()))
     script = open(os.path.join(sweep_dir, "slurm", "runs.sbatch")).read()
     assert "#SBATCH --array=0\n" in script and "--member=" in script

@@ -213,6 +213,18 @@ def test_later_release_label_dataset_and_split(cohort):
     assert cases["T-004"].split == "test" and cases["T-005"].split == "validation"
 
 
+def test_metadata_without_a_label_column_is_refused_naming_the_columns(cohort):
+    """Not every patient blamed for a missing HER2 status: the file, in one line."""
+    from her2jax.errors import BadInput
+
+    folder, rows = cohort
+    kept = [column for column in rows[0] if column not in ("HER2", "HER2pos")]
+    write_csv(os.path.join(folder, "metadata.csv"), rows, kept)
+    with pytest.raises(BadInput, match=r"metadata.csv: no label column: BreastDCEDL metadata "
+                                       r"needs `HER2` or `HER2pos` \(columns read: pid, "):
+        list_cases(folder, PrepParams())
+
+
 def add_duke_patient(folder: str, rows: list[dict], pid: str = "D-001", times: int = 3):
     """A Duke patient: `<pid>_duke_aqc_<t>.nii.gz`, no mask file, tumour box in the CSV."""
     rng = np.random.default_rng(7)

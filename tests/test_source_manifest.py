@@ -84,6 +84,36 @@ def test_manifest_listing(manifest_source, tmp_path):
         os.chdir(cwd)
 
 
+def test_a_manifest_saved_by_a_spreadsheet_lists_the_same_cases(manifest_source, tmp_path):
+    """A byte-order mark, Windows line ends, semicolons, spaces around names and values, blank
+    rows between and after: the same cases. Not UTF-8, NUL bytes, no label column: one line
+    naming the file."""
+    from data_prep.sources.table import read_table
+    from her2jax.errors import BadInput
+
+    folder, _, _ = manifest_source
+    path = os.path.join(folder, "manifest.csv")
+    original = list_cases(path, PrepParams()).cases
+    names, rows = read_table(path)
+    lines = ["; ".join(f" {name} " for name in names)]
+    for row in rows:
+        lines += [";".join(f" {row[name]}  " for name in names), ";;;"]
+    text = "\r\n".join(lines) + "\r\n\r\n\r\n"
+    with open(path, "wb") as handle:
+        handle.write(b"\xef\xbb\xbf" + text.encode())
+    assert list_cases(path, PrepParams()).cases == original
+    for data, message in ((text.replace("cohort", "coh\xf6rt").encode("latin-1"),
+                           r"not UTF-8 text \(byte 0xf6 at offset \d+\); save it as 'CSV UTF-8'"),
+                          (b"PK\x03\x04\x00\x00", "holds NUL bytes; not a CSV text file"),
+                          (text.replace(" label ", " her2 ").encode(),
+                           r"manifest needs columns .* missing \['label'\] \(columns read: "
+                           r"patient_id, her2, pre")):
+        with open(path, "wb") as handle:
+            handle.write(data)
+        with pytest.raises(BadInput, match=f"^{path}: {message}"):
+            list_cases(path, PrepParams())
+
+
 def test_manifest_reads_header_geometry(manifest_source):
     folder, arrays, spacing = manifest_source
     cases = {c.patient_id: c for c in list_cases(folder, PrepParams()).cases}

@@ -289,3 +289,20 @@ def test_her2_columns_that_disagree_are_an_error(mincrop, tmp_path):
     assert str(problem) == (f"patient ISPY2-930172: {folder / CSV_NAME}: HER2 1 and HER2pos 0 "
                             f"disagree")
     assert "ISPY2-930172" not in {case.patient_id for case in listing.cases}
+
+
+def test_the_metadata_tumour_range_is_checked_against_the_mask():
+    """The mask wins a small disagreement, recorded as a note; ranges that do not overlap (a
+    mask of another patient, axes in another order) are the patient's error."""
+    from data_prep.pipeline import range_notes
+    from data_prep.sources.cases import Case
+
+    case = Case(patient_id="ISPY2-1", label=1, cohort="spy2", phases=("a", "b", "c"),
+                mask="/data/ISPY2-1_mask.nii.gz", tumour_range=(10, 20))
+    assert range_notes(case, (10, 20, 0, 5, 0, 5)) == []
+    assert range_notes(case, (11, 22, 0, 5, 0, 5)) == [
+        "tumour slices 11..22 in the mask, 10..20 in the metadata: the mask's are used"]
+    with pytest.raises(BadCaseError, match=r"^patient ISPY2-1: /data/ISPY2-1_mask.nii.gz: tumour "
+                                           r"slices 30..40 in the mask and 10..20 in the metadata "
+                                           r"do not overlap"):
+        range_notes(case, (30, 40, 0, 5, 0, 5))

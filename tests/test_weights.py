@@ -99,9 +99,41 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pth"
     torch.save({"weight": torch.zeros(2), "payload": _Payload(str(marker))}, path)
-    with pytest.raises(ValueError, match="not a plain PyTorch state dict"):
+    with pytest.raises(ValueError, match="not a plain PyTorch state dict") as refused:
         weights.read_torch_checkpoint(str(path))
     assert not marker.exists()
+    assert "\n" not in str(refused.value) and "weights_only=False" not in str(refused.value)
+
+
+def _truncated(path) -> bytes:
+    from safetensors.numpy import save
+    return save({"fc/kernel": np.ones((4, 4), np.float32)})[:40]
+
+
+@pytest.mark.parametrize("name, content", [
+    ("random.safetensors", lambda _: os.urandom(64)),
+    ("header.safetensors", lambda _: (500).to_bytes(8, "little") + b"{not json" + b" " * 600),
+    ("truncated.safetensors", _truncated),
+    ("random.pth", lambda _: os.urandom(64)),
+    ("list.pth", None)])
+def test_a_file_that_is_not_usable_weights_is_one_line_naming_it(name, content, tmp_path,
+                                                                  capsys):
+    """Random bytes, a corrupt header, a truncated file, a .pth holding a list: convert and
+    the converted-weight reader (config.init.pretrained, predict) end in one line naming the
+    file, never suggesting to load code."""
+    path = tmp_path / name
+    if content is None:
+        torch.save([torch.zeros(2)], path)
+    else:
+        path.write_bytes(content(path))
+    out = str(tmp_path / "out.safetensors")
+    assert convert.main(["--source", "torchvision", "--arch", "resnet18", str(path), out]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}") and err.count("\n") == 1, err
+    assert "weights_only=False" not in err and not os.path.exists(out)
+    if name.endswith(".safetensors"):
+        with pytest.raises(ValueError, match=f"^{path}: not a readable converted weight file"):
+            weights.read(str(path))
 
 
 def timm_vit_state(**kwargs) -> tuple[torch.nn.Module, dict]:

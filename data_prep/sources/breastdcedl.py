@@ -37,7 +37,8 @@ import re
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
 from data_prep.sources.cases import Case, Listing, cohort_reason, parse_label, reject_duplicates
-from her2jax.errors import InvalidSetting, MissingInput
+from data_prep.sources.table import DELIMITERS, read_table
+from her2jax.errors import BadInput, InvalidSetting, MissingInput
 
 NAMING = {
     "spy2": ("{pid}_spy2_vis1_dce_aqc_{t}.nii.gz", "{pid}_spy2_vis1_mask.nii.gz"),
@@ -59,9 +60,12 @@ def find_metadata(source: str) -> list[str]:
     """CSV files directly in `source` that carry the BreastDCEDL metadata columns."""
     found = []
     for path in sorted(glob.glob(os.path.join(source, "*.csv"))):
-        with open(path, newline="") as handle:
-            header = next(csv.reader(handle), [])
-        if REQUIRED_COLUMNS <= {column.strip() for column in header}:
+        with open(path, "rb") as handle:
+            head = handle.read(65536).decode("utf-8-sig", errors="replace")
+        header = next((line for line in head.splitlines() if line.strip()), "")
+        delimiter = max(DELIMITERS, key=header.count)
+        if REQUIRED_COLUMNS <= {column.strip() for column in
+                                next(csv.reader([header], delimiter=delimiter), [])}:
             found.append(path)
     return found
 
@@ -115,21 +119,23 @@ def list_cases(source: str, params: PrepParams) -> Listing:
                              f"{', '.join(COHORTS)}")
     unassigned = 0
     for csv_path in csv_paths:
-        with open(csv_path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                row = {key.strip(): (value or "").strip() for key, value in row.items() if key}
-                try:
-                    case = _case_from_row(row, csv_path, files, found, params, kind, cohorts,
-                                          listing)
-                except BadCaseError as error:
-                    listing.problems.append(error)
-                    continue
-                if case is None:
-                    continue
-                if case.split is None and "test" in row:
-                    case = dataclasses.replace(case, split="train")
-                    unassigned += 1
-                listing.cases.append(case)
+        names, rows = read_table(csv_path)
+        if not {"HER2", "HER2pos"} & set(names):
+            raise BadInput(f"{csv_path}: no label column: BreastDCEDL metadata needs `HER2` or "
+                           f"`HER2pos` (columns read: {', '.join(names)})")
+        for row in rows:
+            try:
+                case = _case_from_row(row, csv_path, files, found, params, kind, cohorts,
+                                      listing)
+            except BadCaseError as error:
+                listing.problems.append(error)
+                continue
+            if case is None:
+                continue
+            if case.split is None and "test" in row:
+                case = dataclasses.replace(case, split="train")
+                unassigned += 1
+            listing.cases.append(case)
     reject_duplicates(listing, ", ".join(csv_paths))
     no_spacing = sorted(case.patient_id for case in listing.cases if case.spacing is None)
     if no_spacing:

@@ -81,9 +81,12 @@ def parse_label(patient_id: str, path: str, raw: str | None) -> int:
 
 
 def reject_duplicates(listing: Listing, path: str) -> None:
-    """Moves every patient whose id occurs more than once into problems: neither copy is trusted."""
+    """Moves every patient whose id occurs more than once into problems: neither copy is trusted,
+    also when one of the rows was a problem already (the other is not kept)."""
     counts = collections.Counter(case.patient_id for case in listing.cases)
-    duplicated = {pid for pid, n in counts.items() if n > 1}
+    counts.update(problem.patient_id for problem in listing.problems)
+    duplicated = {pid for pid, n in counts.items()
+                  if n > 1 and pid in {case.patient_id for case in listing.cases}}
     for pid in sorted(duplicated):
         listing.problems.append(BadCaseError(pid, path, f"duplicate patient id ({counts[pid]} rows)"))
     listing.cases = [case for case in listing.cases if case.patient_id not in duplicated]

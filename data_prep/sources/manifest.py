@@ -9,13 +9,13 @@ their own header geometry (no BreastDCEDL axis trap). `box` is six voxel indices
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 
 from data_prep.errors import BadCaseError
 from data_prep.params import SPLITS, PrepParams
 from data_prep.sources.cases import Case, Listing, parse_label, reject_duplicates
+from data_prep.sources.table import read_table
 from her2jax.errors import BadInput
 
 REQUIRED_COLUMNS = ("patient_id", "label", "pre", "early", "late")
@@ -24,19 +24,18 @@ REQUIRED_COLUMNS = ("patient_id", "label", "pre", "early", "late")
 def list_cases(path: str, params: PrepParams) -> Listing:
     folder = os.path.dirname(os.path.abspath(path))
     listing = Listing(kind="manifest", cases=[])
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = {c.strip() for c in reader.fieldnames or []}
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing or not ({"mask", "box"} & columns):
-            raise BadInput(f"{path}: manifest needs columns {list(REQUIRED_COLUMNS)} and `mask` or "
-                           f"`box`; missing {missing or ['mask or box']}")
-        for row in reader:
-            row = {key.strip(): (value or "").strip() for key, value in row.items() if key}
-            try:
-                listing.cases.append(_case_from_row(row, path, folder))
-            except BadCaseError as error:
-                listing.problems.append(error)
+    names, rows = read_table(path)
+    columns = set(names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing or not ({"mask", "box"} & columns):
+        raise BadInput(f"{path}: manifest needs columns {list(REQUIRED_COLUMNS)} and `mask` or "
+                       f"`box`; missing {missing or ['mask or box']} (columns read: "
+                       f"{', '.join(names)})")
+    for row in rows:
+        try:
+            listing.cases.append(_case_from_row(row, path, folder))
+        except BadCaseError as error:
+            listing.problems.append(error)
     reject_duplicates(listing, path)
     return listing
 

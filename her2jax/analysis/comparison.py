@@ -26,7 +26,7 @@ def read_predictions(workdir: str, split: str, *, evaluate_missing: bool = True,
 
         print(f"evaluating {workdir} on {split} first", file=sys.stderr)
         evaluation.evaluate_run(workdir, split=split, progress=progress)
-    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
     return {row["patient_id"]: (int(row["label"]), float(row["probability"])) for row in rows}
 
 

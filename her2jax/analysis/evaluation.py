@@ -15,6 +15,7 @@ import numpy as np
 from etils import epath
 
 from data_prep.params import IMAGE_PARAMETERS
+from her2jax import files
 from her2jax.analysis import metrics, stats
 from her2jax.errors import BadInput
 from her2jax.run_folder import RunFolder
@@ -171,7 +172,7 @@ def validation_threshold(restored: Any, *, aggregation: str, batch_size: int,
     config = restored.config
     cache = RunFolder(restored.workdir).validation_thresholds
     key = f"{restored.checkpoint}@{restored.step}/{aggregation}"
-    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    cached = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
     if key in cached:
         return cached[key]
     slices = predict_slices(restored.model, config.data_dir, config.eval_split,
@@ -188,7 +189,7 @@ def validation_threshold(restored: Any, *, aggregation: str, batch_size: int,
     cached[key] = entry
     if _writer():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(cached, indent=2, allow_nan=True))
+        files.write_json(cache, cached, indent=2, allow_nan=True)
     return entry
 
 
@@ -238,7 +239,7 @@ def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = No
         return result
     folder = epath.Path(out) if out else RunFolder(workdir).eval_dir(split, checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=True))
+    files.write_json(folder / "metrics.json", result, indent=2, allow_nan=True)
     table = patient_table(slices, aggregation)
     decisions = (table["probability"] >= chosen["threshold"]).astype(int)
     _write_csv(folder / "predictions.csv",
@@ -250,7 +251,7 @@ def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = No
                zip(slices["patient_id"], slices["cohort"], slices["slice_index"],
                    slices["label"], [f"{p:.6f}" for p in slices["probability"]]))
     _figures(folder, table, result, chosen["threshold"], seed)
-    (folder / "report.md").write_text(report_markdown(result))
+    files.write_text(folder / "report.md", report_markdown(result))
     return result
 
 
@@ -281,7 +282,7 @@ def _write_csv(path: epath.Path, header: list[str], rows: Any) -> None:
     writer = csv.writer(buffer)
     writer.writerow(header)
     writer.writerows(rows)
-    path.write_text(buffer.getvalue())
+    files.write_text(path, buffer.getvalue())
 
 
 def format_number(value: Any, digits: int = 3) -> str:

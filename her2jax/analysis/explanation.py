@@ -4,7 +4,6 @@ each map falls inside the tumour.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from her2jax import files
 from her2jax.analysis import evaluation
 from her2jax.analysis import maps as explain_maps
 from her2jax.errors import InvalidSetting
@@ -127,7 +127,7 @@ def explain_run(workdir: str, *, split: str = "test", patients: int = 4,
                "split": split, "patients": chosen, "slices": entries,
                "patients_asked": patients if patient_ids is None else list(patient_ids),
                "mean_concentration_ratio": _mean_ratio(entries)}
-    (folder / "explain.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    files.write_json(folder / "explain.json", summary, indent=2, allow_nan=True)
     summary["folder"] = str(folder)
     return summary
 

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from her2jax import files
 from her2jax.errors import InvalidSetting
 from her2jax.models.attention import SpatialAttention
 from her2jax.models.resnet import ResNet
@@ -390,7 +391,7 @@ def save_overlay_png(path: Any, panels: Sequence[tuple[str, np.ndarray]]) -> Non
     figure.savefig(buffer, format="png", dpi=PANEL_DPI)
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
+    files.write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- summaries

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from her2jax import files
 from her2jax.analysis import metrics
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)
@@ -29,7 +30,7 @@ def _save(figure: Any, path: str | epath.Path) -> None:
     _pyplot().close(figure)
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(buffer.getvalue())
+    files.write_bytes(target, buffer.getvalue())
 
 
 def tpr_at(labels: np.ndarray, scores: np.ndarray, grid: np.ndarray = FPR_GRID) -> np.ndarray:

@@ -4,12 +4,12 @@ through the shared inference path; slice probabilities and the patient's aggrega
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 from etils import epath
 
+from her2jax import files
 from her2jax.analysis import evaluation, metrics
 from her2jax.errors import BadInput, InvalidSetting
 
@@ -168,5 +168,5 @@ def predict(workdir: str, *, pre: str, early: str, late: str, mask: str | None =
                                for s in prepared.slices],
                 titles=[f"{patient_id} z={s.slice_index} p={p:.2f}"
                         for s, p in zip(prepared.slices, probabilities)])
-        (folder / "prediction.json").write_text(json.dumps(result, indent=2))
+        files.write_json(folder / "prediction.json", result, indent=2)
     return result

@@ -54,7 +54,7 @@ def require_split(data: str | tfds.core.DatasetBuilder, split: str,
 
 def preparation_metadata(data_dir: str) -> dict[str, Any]:
     """The dataset's `metadata.json`: `preparation`, `patients`, `counts`, `files`, ..."""
-    return json.loads((epath.Path(data_dir) / "metadata.json").read_text())
+    return json.loads((epath.Path(data_dir) / "metadata.json").read_text(encoding="utf-8"))
 
 
 def share(paths: list[str], lengths: list[int], process_index: int,

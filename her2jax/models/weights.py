@@ -22,6 +22,7 @@ from typing import Mapping
 import numpy as np
 from etils import epath
 
+from her2jax import files
 from her2jax.errors import BadInput, InvalidSetting, MissingInput
 
 FORMAT = "her2jax-pretrained/1"
@@ -36,7 +37,12 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     with _local_copy(path, "checkpoint") as local:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
-            return {k: np.asarray(v, np.float32) for k, v in load_file(local).items()}
+            try:
+                arrays = load_file(local)
+            except Exception as error:   # a corrupt header, a truncated file, not safetensors
+                raise BadInput(f"{path}: not a readable .safetensors file "
+                               f"({_one_line(error)})") from None
+            return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
         try:
             import torch
         except ImportError:
@@ -46,7 +52,9 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
         try:
             loaded = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle refusing code, truncated file, not a torch file
-            raise BadInput(f"{path}: not a plain PyTorch state dict ({error})") from None
+            raise BadInput(f"{path}: not a plain PyTorch state dict of tensors "
+                           f"({_one_line(error)}); only tensors are read from such files, "
+                           "never code") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
@@ -114,23 +122,37 @@ def save(arrays: Mapping[str, np.ndarray], path: str, **metadata: str) -> None:
 
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(save_bytes({k: np.ascontiguousarray(v, np.float32)
-                                   for k, v in arrays.items()},
-                                  metadata={"format": FORMAT, **metadata}))
+    files.write_bytes(target, save_bytes({k: np.ascontiguousarray(v, np.float32)
+                                          for k, v in arrays.items()},
+                                         metadata={"format": FORMAT, **metadata}))
+
+
+def _one_line(error: Exception) -> str:
+    """A library's error in one line: its most telling line, without advice to load code."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()
+             and "weights_only" not in line]
+    telling = [line for line in lines if "Unsupported global" in line or "error" in line.lower()]
+    return ((telling or lines or [type(error).__name__])[0])[:300]
 
 
 def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """A converted file: (arrays by parameter path, metadata)."""
     from safetensors import safe_open
 
-    with _local_copy(path, "converted weights") as local, \
-            safe_open(local, framework="numpy") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise BadInput(f"{path} is not a converted her2jax checkpoint (format "
-                           f"{metadata.get('format')!r}); convert it with python -m "
-                           f"her2jax.convert")
-        return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+    with _local_copy(path, "converted weights") as local:
+        try:
+            handle = safe_open(local, framework="numpy")
+        except Exception as error:   # a corrupt header, a truncated file, not safetensors
+            raise BadInput(f"{path}: not a readable converted weight file "
+                           f"({_one_line(error)}); convert it with python -m her2jax.convert"
+                           ) from None
+        with handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise BadInput(f"{path} is not a converted her2jax checkpoint (format "
+                               f"{metadata.get('format')!r}); convert it with python -m "
+                               f"her2jax.convert")
+            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from her2jax import distributed, models
+from her2jax import distributed, files, models
 from her2jax.analysis import metrics
 from her2jax.data import pipeline as input_pipeline
 from her2jax.data import resident
@@ -117,7 +117,7 @@ def check_relaunch(run: RunFolder, config: ml_collections.ConfigDict
     path = run.config_file
     if not path.exists():
         return {}
-    old = _flat(json.loads(path.read_text()))
+    old = _flat(json.loads(path.read_text(encoding="utf-8")))
     new = _flat(json.loads(config.to_json()))   # tuples as JSON lists, as recorded
     for key, value in ADDED_KEYS.items():
         if key not in old and new.get(key) == value:
@@ -146,7 +146,7 @@ def check_dataset(run: RunFolder, metadata: dict[str, Any]) -> None:
     preparation = metadata.get("preparation", {})
 
     def compare() -> None:
-        recorded = json.loads(path.read_text())
+        recorded = json.loads(path.read_text(encoding="utf-8"))
         if recorded != preparation:
             changed = sorted(k for k in set(recorded) | set(preparation)
                              if recorded.get(k) != preparation.get(k))
@@ -157,7 +157,7 @@ def check_dataset(run: RunFolder, metadata: dict[str, Any]) -> None:
         if path.exists():
             compare()
         else:
-            path.write_text(json.dumps(preparation, indent=2, sort_keys=True))
+            files.write_json(path, preparation, indent=2, sort_keys=True)
     if jax.process_count() > 1:  # the others read what process 0 found or wrote
         from jax.experimental import multihost_utils
 
@@ -321,6 +321,8 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
     # every check comes before the first write: a refused launch leaves the run folder as it was
     for config in configs:
         check_config(config)
+    for workdir in workdirs:
+        files.check_folder(workdir, "--workdir")
     packed = len(configs) > 1
     if packed:
         check_pack(configs, workdirs)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from her2jax import files
 from her2jax.errors import TrainingDiverged
 from her2jax.run_folder import RunFolder
 from her2jax.training.events import EventWriter
@@ -46,7 +47,7 @@ class RunLog:
 
     def write_config(self, config) -> None:
         if self.enabled:
-            self.run.config_file.write_text(config.to_json(indent=2))
+            files.write_text(self.run.config_file, config.to_json(indent=2))
 
     def launch(self, step: int, changes: dict[str, list[Any]]) -> None:
         """Records a launch starting after `step` with the settings changed since the last one
@@ -57,7 +58,8 @@ class RunLog:
         record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), "step": step, "changed": changes}
         path = self.run.launches_file    # rewritten whole: object stores cannot append
-        path.write_text((path.read_text() if path.exists() else "") + json.dumps(record) + "\n")
+        files.write_text(path, (path.read_text(encoding="utf-8") if path.exists() else "")
+                         + json.dumps(record) + "\n")
         if changes:
             self.message("changed since the last launch (see launches.jsonl): " + ", ".join(
                 f"{key} {json.dumps(old)} -> {json.dumps(new)}"
@@ -77,9 +79,9 @@ class RunLog:
                 handle.write(line)
             return
         if self._lines is None:      # a resumed run continues the file
-            self._lines = path.read_text() if path.exists() else ""
+            self._lines = path.read_text(encoding="utf-8") if path.exists() else ""
         self._lines += line
-        path.write_text(self._lines)
+        files.write_text(path, self._lines)
 
     def _upload_events(self) -> None:
         """Copies the local event files into the remote run folder (a no-op for local runs)."""
