@@ -62,7 +62,7 @@ def measure(config, k: int, layout: str, args, mesh, host) -> dict:
         config.seed = member
         model = models.from_config(config, args.image_size)
         (rate,) = dropout_rates(model) or {0.0}
-        graph, _, params, rest = steps.split_model(model)
+        graph, eval_graph, params, rest = steps.split_model(model)
         hyper = {key: np.float32(value) for key, value in optim.hyperparameters(config).items()}
         hyper["learning_rate"] = np.float32(config.optimizer.learning_rate * (1 + member))
         hyper["dropout_keep"] = np.float32(1.0 - rate)
@@ -76,7 +76,6 @@ def measure(config, k: int, layout: str, args, mesh, host) -> dict:
     hyper = jax.tree.map(stack, *hypers)
     streams = [resident.train_stream(host, mesh, global_batch_size=args.batch, seed=member,
                                      balance="none", layout="replicated") for member in range(k)]
-    eval_graph = steps.split_model(models.from_config(config, args.image_size))[1]
     step = steps.make_train_step(
         graph, factory, mesh, dtype=jnp.dtype(args.dtype), members=k > 1,
         member_layout=layout,

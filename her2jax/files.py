@@ -17,6 +17,8 @@ from typing import Any
 
 from etils import epath
 
+from her2jax.errors import InvalidSetting
+
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """`text` (UTF-8) into `path` atomically (module docstring)."""
@@ -51,8 +53,6 @@ def write_json(path: str | os.PathLike, value: Any, **options: Any) -> None:
 def check_folder(path: str | os.PathLike, what: str) -> None:
     """Refuses, in one line naming the path, a local folder that cannot be created or written
     (a file on its way, no permission), before a command reads or writes anything."""
-    from her2jax.errors import InvalidSetting
-
     if "://" in str(path):
         return
     probe = epath.Path(path).expanduser().resolve()

@@ -28,7 +28,6 @@ training split (validation and test stay exactly the official ones); the report 
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import glob
 import os
@@ -37,7 +36,7 @@ import re
 from data_prep.errors import BadCaseError
 from data_prep.params import PrepParams
 from data_prep.sources.cases import Case, Listing, cohort_reason, parse_label, reject_duplicates
-from data_prep.sources.table import DELIMITERS, read_table
+from data_prep.sources.table import column_names, read_table
 from her2jax.errors import BadInput, InvalidSetting, MissingInput
 
 NAMING = {
@@ -60,12 +59,7 @@ def find_metadata(source: str) -> list[str]:
     """CSV files directly in `source` that carry the BreastDCEDL metadata columns."""
     found = []
     for path in sorted(glob.glob(os.path.join(source, "*.csv"))):
-        with open(path, "rb") as handle:
-            head = handle.read(65536).decode("utf-8-sig", errors="replace")
-        header = next((line for line in head.splitlines() if line.strip()), "")
-        delimiter = max(DELIMITERS, key=header.count)
-        if REQUIRED_COLUMNS <= {column.strip() for column in
-                                next(csv.reader([header], delimiter=delimiter), [])}:
+        if REQUIRED_COLUMNS <= column_names(path):
             found.append(path)
     return found
 

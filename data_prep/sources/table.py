@@ -13,6 +13,21 @@ from her2jax.errors import BadInput
 DELIMITERS = (",", ";", "\t")
 
 
+def delimiter_of(header: str) -> str:
+    """The one of DELIMITERS a header line holds most of."""
+    return max(DELIMITERS, key=header.count)
+
+
+def column_names(path: str) -> set[str]:
+    """The column names of a CSV's header line, read leniently (the first 64 KiB, undecodable
+    bytes replaced): for telling which CSVs of a folder are which, before reading one."""
+    with open(path, "rb") as handle:
+        head = handle.read(65536).decode("utf-8-sig", errors="replace")
+    header = next((line for line in head.splitlines() if line.strip()), "")
+    return {name.strip() for name in next(csv.reader([header], delimiter=delimiter_of(header)),
+                                          [])}
+
+
 def read_table(path: str) -> tuple[list[str], list[dict[str, str]]]:
     """(column names, rows as {column: value}), names and values stripped of spaces, blank
     rows left out; the delimiter is the one of DELIMITERS the header line holds most of."""
@@ -33,7 +48,7 @@ def read_table(path: str) -> tuple[list[str], list[dict[str, str]]]:
     header = next((line for line in lines if line.strip()), "")
     if not header:
         raise BadInput(f"{path}: empty; expected a header line of column names")
-    delimiter = max(DELIMITERS, key=header.count)
+    delimiter = delimiter_of(header)
     try:
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
         records = [record for record in reader if any(value.strip() for value in record)]
