@@ -14,10 +14,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import json
 import multiprocessing
 import os
+import signal
+import sys
 import tempfile
 from typing import Any, Iterator
 
@@ -229,9 +232,11 @@ class Her2Dce(tfds.core.GeneratorBasedBuilder):
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
         # one pool for the normalisation fit and every split: workers start once; a fit pass that
-        # can leave each training case's crops for the write pass does so in a local folder
+        # can leave each training case's crops for the write pass does so in a folder inside the
+        # dataset's temporary folder (self.data_dir here), so whatever removes that folder after
+        # a failure or a stop (TFDS, or the next preparation) removes it too
         strategy = normalization.get(self.params.normalization)
-        spill = (tempfile.TemporaryDirectory(prefix="her2_dce_fit_")
+        spill = (tempfile.TemporaryDirectory(prefix="fit_spill_", dir=os.fspath(self.data_dir))
                  if strategy.apply_summarized is not None and not self.params.fit_from
                  else contextlib.nullcontext())
         # (the pool is shut down before the folder is removed)
@@ -272,19 +277,35 @@ def fit_from_dataset(dataset_dir: str, strategy: str) -> dict:
 
 @contextlib.contextmanager
 def _worker_pool(workers: int) -> Iterator[concurrent.futures.Executor | None]:
-    """A process pool, or None for one worker (no pool: plain tracebacks, no start-up cost)."""
+    """A process pool, or None for one worker (no pool: plain tracebacks, no start-up cost).
+
+    Leaving the block with an exception (a bad patient without --skip_bad, a stop by SIGTERM or
+    Ctrl-C) ends the workers at once instead of waiting for the patients they are on."""
     if workers == 1:
         yield None
         return
     # spawn, not fork: the parent has TensorFlow's threads running, which fork does not copy safely
     threads = max(1, (os.cpu_count() or 1) // workers)
     executor = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_limit_threads,
-        initargs=(threads,))
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+        initargs=(threads, os.getpid()))
     try:
         yield executor
+    except BaseException:
+        _end_workers(executor)
+        raise
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _end_workers(executor: concurrent.futures.ProcessPoolExecutor) -> None:
+    terminate = getattr(executor, "terminate_workers", None)       # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(executor, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
 
 
 def _map(function, cases: list[Case], args: tuple,
@@ -329,6 +350,18 @@ def _guarded(function, case: Case, *args):
             "her2jax bug: prepare --debug shows the traceback)") from None
 
 
-def _limit_threads(threads: int) -> None:
+def _start_worker(threads: int, parent: int) -> None:
+    """A worker process's set-up: its share of the cores; Ctrl-C left to the parent (which ends
+    the workers); and on Linux, ended when the parent dies, even by SIGKILL, so a killed
+    preparation leaves no orphan workers behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:                 # the parent died before prctl took effect
+            os._exit(1)
     import SimpleITK as sitk
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+_PR_SET_PDEATHSIG = 1     # <linux/prctl.h>

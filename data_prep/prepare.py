@@ -11,7 +11,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
+from collections.abc import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -175,15 +178,94 @@ def prepare_dataset(source: str, data_dir: str, params: PrepParams, *, workers: 
         _check_same_source(os.fspath(builder.data_path),
                            os.path.join(manual_dir, manifest) if manifest else manual_dir)
     new = [path for path in _tfds_paths(builder, data_dir) if not os.path.lexists(path)]
+    config_dir = os.path.dirname(os.fspath(builder.data_path))
     try:
-        # TFDS prints its own progress to stdout: keep stdout for the dataset path alone
-        with contextlib.redirect_stdout(sys.stderr):
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                manual_dir=manual_dir, download_mode=mode))
-    except BaseException:
+        os.makedirs(config_dir, exist_ok=True)
+        with _preparing(config_dir, os.fspath(builder.data_path)):
+            # TFDS prints its own progress to stdout: keep stdout for the dataset path alone
+            with contextlib.redirect_stdout(sys.stderr):
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                    manual_dir=manual_dir, download_mode=mode))
+    except BaseException as error:
         _remove_left_empty(new)
+        failed = _write_failure(error, data_dir)
+        if failed:
+            raise WriteFailed(f"could not write the dataset into {data_dir}: {failed}; "
+                              f"{_free(data_dir)} free there; nothing was kept (the unfinished "
+                              "dataset was removed)") from None
         raise
     return builder
+
+
+class DatasetBusy(UserError):
+    """Another process prepares the same dataset."""
+
+
+class WriteFailed(UserError, OSError):
+    """The file system refused a write into --data_dir (full disk, quota, file size limit)."""
+
+
+LOCK_FILE = ".prepare.lock"
+
+
+@contextlib.contextmanager
+def _preparing(config_dir: str, dataset: str):
+    """Holds CONFIG_DIR/.prepare.lock while the dataset is prepared: a second preparation of the
+    same settings into the same --data_dir is refused naming the first; holding it, every
+    temporary folder in CONFIG_DIR was left by a preparation that was stopped (SIGKILL, power
+    loss) and is removed, saying so."""
+    from her2jax import lock
+
+    def busy(holder):
+        return DatasetBusy(f"{dataset} is being prepared by another process "
+                           f"({lock.describe(holder)}; {os.path.join(config_dir, LOCK_FILE)}): "
+                           "wait for it to finish, or stop it")
+
+    with lock.hold(os.path.join(config_dir, LOCK_FILE), busy, remove=True) as held:
+        stale = sorted(name for name in os.listdir(config_dir)
+                       if name.startswith("incomplete.")
+                       and os.path.isdir(os.path.join(config_dir, name)))
+        for name in stale:
+            shutil.rmtree(os.path.join(config_dir, name), ignore_errors=True)
+        if stale:
+            by = f" ({lock.describe(held.killed)})" if held.killed else ""
+            print(f"removed {len(stale)} unfinished dataset folder(s) left in {config_dir} by a "
+                  f"preparation that was stopped{by}: {', '.join(stale)}", file=sys.stderr)
+        yield
+
+
+def _write_failure(error: BaseException, data_dir: str) -> str | None:
+    """What the file system said, when `error` (or an error that caused it) is a refused write
+    of a file inside `data_dir`: an OSError naming such a file, or TensorFlow's error for a
+    TFRecord file there (TFDS re-raises it as another type)."""
+    root = os.path.realpath(data_dir)
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename:
+            if _inside(os.fspath(error.filename), root):
+                return f"{error.strerror or error} ({error.filename})"
+        elif type(error).__module__.startswith("tensorflow") and hasattr(error, "message"):
+            path, _, reason = str(error.message).partition("; ")
+            if reason and _inside(path, root):
+                return f"{reason} ({path})"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _inside(path: str, root: str) -> bool:
+    path = os.path.realpath(path)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _free(path: str) -> str:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(path or ".").free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**20:,.1f} MiB"
 
 
 def _check_same_source(dataset: str, source: str) -> None:
@@ -225,10 +307,47 @@ def _remove_left_empty(new: list[str]) -> None:
             pass
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, SIGHUP or Ctrl-C, raised where the main thread is, as a KeyboardInterrupt:
+    every `with` and `finally` on the way out runs (the workers end, the unfinished dataset
+    folder is removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stops_cleanly() -> Iterator[None]:
+    """SIGTERM, SIGHUP and Ctrl-C stop the preparation; once stopping, further signals are
+    ignored so that the clean-up finishes."""
+    def stop(signum, frame):
+        for other in STOP_SIGNALS:
+            signal.signal(other, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        builder = build(args)
+        with _stops_cleanly():
+            builder = build(args)
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"stopped by {signal.Signals(signum).name}: the worker processes ended and the "
+              f"unfinished dataset was removed from {args.data_dir}", file=sys.stderr)
+        return 128 + int(signum)
     except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         if isinstance(error, BadCaseError):

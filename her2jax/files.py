@@ -40,8 +40,10 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:    # a failed write: name it
+            raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from None
         raise
 
 

@@ -400,9 +400,11 @@ def test_keyboard_interrupt_leaves_no_complete_dataset(cohort, tmp_path, monkeyp
 
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "prepare_case", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            prepare.main(prepare_args(folder, data_dir))
+        assert prepare.main(prepare_args(folder, data_dir)) == 130
     assert len(calls) == 3
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "stopped by SIGINT: the worker processes ended and the unfinished dataset was removed "
+        f"from {data_dir}")
     assert_no_complete_dataset(data_dir)
 
     assert prepare.main(prepare_args(folder, data_dir)) == 0

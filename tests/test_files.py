@@ -24,7 +24,8 @@ ALLOWED = {
     ("her2jax/models/weights.py", "local.write_bytes(source.read_bytes())"): "a temporary local "
         "copy of a remote weight file",
     ("launch/sweep.py", 'with open(path, "w") as handle:'): "a temporary file for gcloud",
-    ("launch/lock.py", "os.open(path, os.O_RDWR | os.O_CREAT"): "the launcher's lock file",
+    ("her2jax/lock.py", "os.open(path, os.O_RDWR | os.O_CREAT"): (
+        "a lock file (sweep folder, dataset being prepared)"),
     ("data_prep/pipeline.py", 'open(path + ".partial", "wb")'): "written as .partial, then "
                                                                  "renamed",
     ("data_prep/synthetic/cohort.py", ".write_bytes(gzip.compress("): "the synthetic test "
