@@ -108,7 +108,8 @@ def check_intensities(patient_id: str, path: str, array: np.ndarray) -> np.ndarr
     if np.asarray(array).dtype.kind not in "biuf":
         raise BadCaseError(patient_id, path, f"voxels of type {np.asarray(array).dtype} are not "
                            "real numbers (a colour or complex image?)")
-    array = np.asarray(array, dtype=np.float32)
+    with np.errstate(over="ignore"):            # values beyond float32: inf, refused below
+        array = np.asarray(array, dtype=np.float32)
     finite = np.isfinite(array)
     if not finite.all():
         raise BadCaseError(patient_id, path, f"{int((~finite).sum())} NaN/inf voxels")

@@ -1,6 +1,8 @@
-"""Property-based tests (hypothesis) of the metadata readers: generated malformed CSV text and
-manifest rows end either in a listing or in the one-line BadInput naming the file, never in
-another exception; every patient of a listing is a case or a recorded problem, never both."""
+"""Property-based tests (hypothesis) of the readers of what users bring: generated malformed CSV
+text and manifest rows end either in a listing or in the one-line BadInput naming the file, never
+in another exception, and every patient of a listing is a case or a recorded problem, never
+both; NIfTI files with damaged header fields end in the patient's slices or in the patient's
+one-line error saying what is wrong."""
 from __future__ import annotations
 
 import os
@@ -65,3 +67,64 @@ def test_any_manifest_lists_its_patients_or_refuses_in_one_line(tmp_path, rows, 
     assert set(kept) | set(refused) == {pid or "<no patient_id>" for pid in ids}
     assert len(set(kept)) == len(kept) and not set(kept) & set(refused)
     assert all(os.path.isabs(path) for c in listing.cases for path in c.phases)
+
+
+# NIfTI-1 header fields a damaged or unusual file gets wrong: (byte offset, size)
+HEADER_FIELDS = {"sizeof_hdr": (0, 4), "dim": (40, 16), "datatype": (70, 2), "bitpix": (72, 2),
+                 "pixdim": (76, 32), "vox_offset": (108, 4), "scl_slope": (112, 4),
+                 "scl_inter": (116, 4), "qform_code": (252, 2), "sform_code": (254, 2),
+                 "magic": (344, 4)}
+
+
+@st.composite
+def damaged_headers(draw) -> list[tuple[int, bytes]]:
+    """Overwrites inside the header's fields: a field's whole bytes or some of them."""
+    edits = []
+    for name in draw(st.lists(st.sampled_from(sorted(HEADER_FIELDS)), min_size=1, max_size=3)):
+        offset, size = HEADER_FIELDS[name]
+        start = draw(st.integers(offset, offset + size - 1))
+        edits.append((start, draw(st.binary(min_size=1, max_size=offset + size - start))))
+    return edits
+
+
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=damaged_headers(), compressed=st.booleans())
+def test_any_nifti_header_is_read_or_is_the_patients_one_line_error(tmp_path, edits, compressed):
+    """A phase whose header is damaged ends, through the preparation of that patient, either in
+    its slices or in its one-line error naming the file and what is wrong: never in another
+    exception (which would stop a --skip_bad preparation) nor in a patient without slices and
+    without error."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    from data_prep import her2_dce, pipeline
+    from data_prep.errors import BadCaseError
+    from data_prep.sources import Case
+
+    rng = np.random.default_rng(0)
+    clean = [str(tmp_path / f"phase{t}.nii.gz") for t in range(3)]
+    for t, path in enumerate(clean):
+        nib.save(nib.Nifti1Image(rng.uniform(100, 400, (12, 10, 6)).astype(np.float32)
+                                 + 50 * t, np.eye(4)), path)
+    raw = bytearray(gzip.decompress(open(clean[0], "rb").read()))
+    for start, value in edits:
+        raw[start:start + len(value)] = value
+    damaged = str(tmp_path / ("damaged.nii.gz" if compressed else "damaged.nii"))
+    with open(damaged, "wb") as handle:
+        handle.write(gzip.compress(bytes(raw)) if compressed else bytes(raw))
+    case = Case(patient_id="P-1", label=1, cohort="c", phases=(damaged, clean[1], clean[2]),
+                box=(1, 3, 2, 6, 2, 8))
+    params = PrepParams(image_size=16)
+    [(_, result)] = list(her2_dce._map(pipeline.prepare_case, [case], (params,), None))
+    if isinstance(result, BadCaseError):
+        text = str(result)
+        assert text.startswith("patient P-1: ") and "\n" not in text
+        assert damaged in text or clean[1] in text or clean[2] in text, text
+        # and the readers say what is wrong: not the catch-all for exceptions nobody expected
+        assert "while preparing it" not in text, text
+        return
+    assert result.slices and all(s.image.shape == (16, 16, 3) and s.image.dtype == np.uint8
+                                 for s in result.slices)
