@@ -101,3 +101,35 @@ def test_a_folder_under_a_file_is_refused_before_a_command_reads_anything(tmp_pa
         loop.train_pack([config], [str(blocker / "run")])
     files.check_folder(tmp_path / "new" / "deeper", "--workdir")    # creatable: accepted
     files.check_folder("gs://bucket/run", "--workdir")              # buckets: not checked here
+
+
+def test_a_folder_without_write_permission_is_refused_in_one_line(tmp_path):
+    """The command runs as a user who may not write in the folder: as root (who may write
+    anywhere), without the capabilities that override file permissions; otherwise as the user
+    it is. It refuses before it reads the source."""
+    import ctypes
+    import subprocess
+    import sys
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+
+    def without_permission_override():
+        if os.geteuid() == 0:
+            libc = ctypes.CDLL(None, use_errno=True)
+            for capability in (1, 2):          # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+                if libc.prctl(24, capability, 0, 0, 0) != 0:          # PR_CAPBSET_DROP
+                    raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    target = locked / "data"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "data_prep.prepare", "--source", str(tmp_path / "none"),
+             "--data_dir", str(target)], cwd=ROOT, capture_output=True, text=True,
+            preexec_fn=without_permission_override,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"error: --data_dir {target}: no permission to write in {locked}\n"
