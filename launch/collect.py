@@ -20,8 +20,9 @@ configuration on; the first row is marked as the selected one. The test AUC is r
 it, never used to choose (`--sort test` orders by it for inspection only; it is not a selection).
 
 Written to --out (default SWEEP_DIR/collect/):
-    leaderboard.csv   rank, best ("*" on the first row), configuration, the settings that vary
-                      between configurations (config, data, override keys), seeds, val_auc_mean,
+    leaderboard.csv   rank, ranked_by (validation AUC, or test AUC for inspection only), best
+                      ("*" on the first row of a validation ranking only), configuration, the
+                      settings that vary between configurations (config, data, override keys), seeds, val_auc_mean,
                       val_auc_std, test_auc_mean, test_auc_std, test_auc_ci ("[low, high]", single
                       seed only), test_auc_ci_low, test_auc_ci_high, accuracy_mean,
                       sensitivity_mean, specificity_mean, runs; full precision, NaN left empty
@@ -110,7 +111,13 @@ def read_run(workdir: str | epath.Path) -> dict[str, Any] | None:
     elif isinstance(test.get("threshold"), dict) and test["threshold"].get("split"):
         split = test["threshold"]["split"]
     finite = [(step, auc) for step, auc in validation_aucs(folder, split) if math.isfinite(auc)]
-    val_step, val_auc = max(finite, key=lambda record: record[1]) if finite else (None, math.nan)
+    val_step, val_auc = None, math.nan
+    if finite:
+        # the best checkpoint keeps the last of equal validation AUCs (each save replaces an
+        # equal one): report that step, or the step the test evaluation names when it is one
+        val_auc = max(auc for _, auc in finite)
+        tied = [step for step, auc in finite if auc == val_auc]
+        val_step = test.get("step") if test.get("step") in tied else tied[-1]
     patient = test.get("patient") or {}
     rates = patient.get("at_validation_threshold") or {}
     return {"workdir": str(folder), "val_auc": val_auc, "val_step": val_step,
@@ -196,7 +203,8 @@ def setting_keys(entries: Sequence[dict[str, Any]]) -> list[str]:
 def leaderboard(entries: Sequence[dict[str, Any]], results: dict[str, dict[str, Any]],
                 sort: str = "val") -> list[dict[str, Any]]:
     """One row per group with at least one finished run, sorted by `sort` ('val' or 'test')
-    mean AUC, highest first, NaN last (ties keep the manifest order); row 0 is marked best."""
+    mean AUC, highest first, NaN last (ties keep the manifest order). Row 0 is marked best under
+    the validation ranking only: a test ranking is for inspection and selects nothing."""
     if sort not in SORT_KEYS:
         raise InvalidSetting(f"sort by 'val' or 'test', not {sort!r}")
     keys = setting_keys(entries)
@@ -229,7 +237,8 @@ def leaderboard(entries: Sequence[dict[str, Any]], results: dict[str, dict[str, 
                              -r[column] if math.isfinite(r[column]) else 0.0))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
-        row["best"] = rank == 1 and math.isfinite(row[column])
+        row["best"] = sort == "val" and rank == 1 and math.isfinite(row[column])
+        row["ranked_by"] = "validation AUC" if sort == "val" else "test AUC (inspection only)"
     return rows
 
 
@@ -281,7 +290,7 @@ def _cell(text: Any) -> str:
 
 
 def csv_columns(keys: Sequence[str]) -> list[str]:
-    return ["rank", "best", "configuration", *keys, "seeds", "val_auc_mean", "val_auc_std",
+    return ["rank", "ranked_by", "best", "configuration", *keys, "seeds", "val_auc_mean", "val_auc_std",
             "test_auc_mean", "test_auc_std", "test_auc_ci", "test_auc_ci_low", "test_auc_ci_high",
             "accuracy_mean", "sensitivity_mean", "specificity_mean", "runs"]
 
@@ -312,8 +321,9 @@ def leaderboard_markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str], *,
               "finished"), ""]
     if description:
         lines += [description, ""]
-    mark = "the selected configuration" if sort == "val" else "the highest test AUC"
-    lines += [(f"Patient-level AUC, {order}. ★ = {mark}. Mean ± sample std over seeds; CI = "
+    mark = (" ★ = the selected configuration." if sort == "val" else
+            " No row is marked: a test ranking selects nothing.")
+    lines += [(f"Patient-level AUC, {order}.{mark} Mean ± sample std over seeds; CI = "
                f"{level}bootstrap interval of a single-seed configuration's test AUC; accuracy, "
                "sensitivity and specificity on test at the threshold fixed on validation."), ""]
     header = ["", "configuration", *keys, "seeds", "val AUC", "test AUC", "test AUC CI",

@@ -52,7 +52,8 @@ def write_json(path, value) -> None:
     path.write_text(json.dumps(value, allow_nan=True))
 
 
-def write_run(workdir, validation: list[float], test: tuple[float, ...] | None) -> None:
+def write_run(workdir, validation: list[float], test: tuple[float, ...] | None,
+              test_step: int | None = 300) -> None:
     """metrics.jsonl with training records (carrying an 'auc' that must be ignored) and the
     validation records; eval/test/metrics.json when the run is finished."""
     lines = []
@@ -68,7 +69,7 @@ def write_run(workdir, validation: list[float], test: tuple[float, ...] | None) 
         return
     auc, low, high, accuracy, sensitivity, specificity = test
     write_json(workdir / "eval" / "test" / "metrics.json", {
-        "run": str(workdir), "step": 300, "split": "test", "ci_level": 0.95,
+        "run": str(workdir), "step": test_step, "split": "test", "ci_level": 0.95,
         "patients": 90, "positives": 30, "negatives": 60,
         "patient": {"auc": auc, "auc_ci_low": low, "auc_ci_high": high,
                     "at_validation_threshold": {
@@ -165,12 +166,16 @@ def test_sort_by_test(sweep, capsys):
     sweep_dir, groups, _ = sweep
     rows = collect.collect(str(sweep_dir), sort="test")["rows"]
     assert [row["configuration"] for row in rows] == [groups[k] for k in TEST_ORDER]
-    assert rows[0]["best"] and not any(row["best"] for row in rows[1:])
+    assert not any(row["best"] for row in rows)         # a test ranking selects nothing
     out = sweep_dir / "by_test"
     assert collect.main([str(sweep_dir), "--sort", "test", "--out", str(out)]) == 0
+    assert "No row is marked: a test ranking selects nothing." in capsys.readouterr().out
     with open(out / "leaderboard.csv", newline="", encoding="utf-8") as handle:
-        order = [row["configuration"] for row in csv.DictReader(handle)]
-    assert order == [groups[k] for k in TEST_ORDER]
+        table = list(csv.DictReader(handle))
+    assert [row["configuration"] for row in table] == [groups[k] for k in TEST_ORDER]
+    assert {row["best"] for row in table} == {""}
+    assert {row["ranked_by"] for row in table} == {"test AUC (inspection only)"}
+    assert "★" not in (out / "leaderboard.md").read_text(encoding="utf-8")
 
 
 def test_read_run(sweep):
@@ -184,6 +189,14 @@ def test_read_run(sweep):
     assert collect.read_run(sweep_dir / "runs" / names["D"][1]) is None
 
 
+def test_read_run_reports_the_step_the_best_checkpoint_kept_among_equal_aucs(tmp_path):
+    """Steps 100 and 200 tie: the best checkpoint keeps the later one, and so does the row."""
+    write_run(tmp_path / "run", [0.8, 0.8, 0.7], (0.7, 0.6, 0.8, 0.7, 0.6, 0.75), test_step=200)
+    assert collect.read_run(tmp_path / "run")["val_step"] == 200
+    write_run(tmp_path / "old", [0.8, 0.8, 0.7], (0.7, 0.6, 0.8, 0.7, 0.6, 0.75), test_step=None)
+    assert collect.read_run(tmp_path / "old")["val_step"] == 200     # no step: the same rule
+
+
 def test_csv_parses_back(sweep):
     sweep_dir, groups, _ = sweep
     collect.collect(str(sweep_dir))
@@ -192,11 +205,12 @@ def test_csv_parses_back(sweep):
         header, table = reader.fieldnames, list(reader)
     for column in ("configuration", ROWS_KEY, COLS_KEY, "model.kwargs.head", "seeds",
                    "val_auc_mean", "val_auc_std", "test_auc_mean", "test_auc_std", "test_auc_ci",
-                   "accuracy_mean", "sensitivity_mean", "specificity_mean", "best"):
+                   "accuracy_mean", "sensitivity_mean", "specificity_mean", "best", "ranked_by"):
         assert column in header
     assert "config" not in header and "data" not in header     # the same in every run
     assert [row["configuration"] for row in table] == [groups[k] for k in VAL_ORDER]
     assert [row["best"] for row in table] == ["*", "", "", "", ""]
+    assert {row["ranked_by"] for row in table} == {"validation AUC"}
     for letter, row in zip(VAL_ORDER, table):
         want = expected(letter)
         assert int(row["seeds"]) == want["seeds"]

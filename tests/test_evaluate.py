@@ -14,6 +14,8 @@ import types
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from configs import resnet
@@ -117,10 +119,40 @@ def test_threshold_is_fixed_on_validation_only(setup):
     expected = stats.youden_threshold(table["label"], table["probability"])
     assert result["threshold"]["value"] == pytest.approx(expected)
     assert result["threshold"]["split"] == "validation"
-    # evaluating another split reuses that threshold: the test split never moves it
+    # evaluating another split takes its threshold from validation, never from the evaluated
+    # split: recomputed here (the cache of thresholds removed), on a split whose own Youden
+    # threshold differs, so that a threshold taken from the evaluated split would show
+    train = evaluation.patient_table(evaluation.predict_slices(
+        restored.model, setup["data_dir"], "train", progress=False), "median")
+    assert stats.youden_threshold(train["label"], train["probability"]) != \
+        pytest.approx(expected)
+    RunFolder(setup["run_a"]).validation_thresholds.unlink()
     other = evaluation.evaluate_run(setup["run_a"], split="train", samples=50, progress=False,
                                     out=str(setup["root"] / "train_eval"))
-    assert other["threshold"]["value"] == result["threshold"]["value"]
+    assert other["threshold"]["value"] == pytest.approx(expected)
+    assert other["threshold"]["split"] == "validation"
+
+
+def test_the_best_checkpoint_is_the_step_of_the_top_validation_auc(setup):
+    """Of equal validation AUCs the later step is kept (a save replaces an equal one)."""
+    records = [json.loads(line) for line in
+               open(os.path.join(setup["run_a"], "metrics.jsonl"), encoding="utf-8")]
+    validation = [(r["step"], r["auc"]) for r in records
+                  if r.get("split") == "validation" and r.get("auc") is not None
+                  and np.isfinite(r["auc"])]
+    assert len(validation) > 1
+    top = max(auc for _, auc in validation)
+    assert RunFolder(setup["run_a"]).restore("best").step == \
+        [step for step, auc in validation if auc == top][-1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.floats(0, 1, width=32) | st.floats(0, 1))
+def test_probabilities_are_written_in_full(value):
+    """predictions.csv text reads back to the very number (no ties made by rounding)."""
+    for kind in (np.float32, np.float64):
+        number = kind(value)
+        assert kind(evaluation.exact(number)) == number
 
 
 def test_one_inference_path_for_splits_and_images(setup):

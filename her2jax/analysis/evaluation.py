@@ -245,14 +245,20 @@ def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = No
     _write_csv(folder / "predictions.csv",
                ["patient_id", "cohort", "label", "probability", "slices", "decision"],
                zip(table["patient_id"], table["cohort"], table["label"],
-                   [f"{p:.6f}" for p in table["probability"]], table["slices"], decisions))
+                   [exact(p) for p in table["probability"]], table["slices"], decisions))
     _write_csv(folder / "slice_predictions.csv",
                ["patient_id", "cohort", "slice_index", "label", "probability"],
                zip(slices["patient_id"], slices["cohort"], slices["slice_index"],
-                   slices["label"], [f"{p:.6f}" for p in slices["probability"]]))
+                   slices["label"], [exact(p) for p in slices["probability"]]))
     _figures(folder, table, result, chosen["threshold"], seed)
     files.write_text(folder / "report.md", report_markdown(result))
     return result
+
+
+def exact(value: Any) -> str:
+    """A probability as the shortest text that reads back to the same number: rounding would
+    make ties that the model did not make (her2jax.compare reads these files)."""
+    return np.format_float_positional(value, unique=True, trim="-")
 
 
 def _figures(folder: epath.Path, table: dict[str, np.ndarray], result: dict[str, Any],

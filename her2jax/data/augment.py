@@ -14,7 +14,8 @@ second per CPU core, benchmarks/RESULTS.md). In order, on x = the uint8 image as
    output pixel p samples the input at R(a) (p - c) + c bilinearly, zeros outside;
 3. horizontal flip with probability `flip`;
 4. intensity: contrast k ~ U(1 - j, 1 + j), brightness b ~ U(-j, j) * 255, one pair per image:
-   y = clip((x - mean(x)) k + mean(x) + b, 0, 255);
+   y = clip((x - mean(x)) k + mean(x) + b, 0, 255), mean over the whole image (all channels):
+   the shared offset b and the pull towards the mean change the ratios between the phases;
 
 then rounded (half to even) and clipped to uint8. Given the same draws, the two forms compute the
 same image up to float rounding (tests/test_augmentation.py checks it against TensorFlow's ops);

@@ -14,7 +14,10 @@ as float32 in [0, 255], each step optional):
    bilinearly, zeros outside;
 3. horizontal flip with probability `flip`;
 4. intensity jitter j: contrast k ~ U(1 - j, 1 + j) and brightness b ~ U(-j, j) * 255, one pair per
-   image for all three channels (the phase ratios stay): y = (x - mean(x)) * k + mean(x) + b;
+   image for all three channels: y = (x - mean(x)) * k + mean(x) + b, mean over the whole
+   image. The channels' differences scale by k together (the enhancement pattern's shape
+   stays), but the shared offset b, and the pull towards the image mean when k != 1, change
+   the ratios between the phases (early / pre, the relative enhancement);
 
 then y is rounded and clipped to uint8 [0, 255].
 """
