@@ -1,11 +1,15 @@
-"""Convert ImageNet weights: `python -m her2jax.convert --source torchvision|timm|hf --arch NAME IN OUT`.
+"""Convert ImageNet weights:
+`python -m her2jax.convert --source torchvision|timm|hf|hf-cvt --arch NAME IN OUT`.
 
-IN is a torchvision ResNet state dict (`.pth`), a timm ViT checkpoint (`.safetensors` or `.pth`)
-or a HuggingFace ViT / ViT-MAE checkpoint (`.safetensors` or `.bin`). OUT is a converted file
-that training loads with one config key (`config.init.pretrained = OUT`). The conversion is
-checked against the registered model `NAME` with the checkpoint's own class count, and the report
-lists loaded, missing and unused keys; a checkpoint that leaves parameters outside the head
-missing or of another shape is refused (another architecture), unless `--allow_partial`.
+IN is a torchvision ResNet state dict (`.pth`), a timm ViT checkpoint (`.safetensors` or `.pth`),
+a HuggingFace ViT / ViT-MAE checkpoint (`.safetensors` or `.bin`) or, with `hf-cvt` and
+`--arch cvt13`, a HuggingFace CvT-13 checkpoint (`CvtForImageClassification`, `.safetensors` or
+`.bin`). OUT is a converted file that training loads with one config key
+(`config.init.pretrained = OUT`). The conversion is checked against the registered model `NAME`
+with the checkpoint's own class count, and the report lists loaded, missing and unused keys; a
+checkpoint that leaves parameters outside the head missing or of another shape, or holds
+parameters outside the head that the model has no place for, is refused (another architecture),
+unless `--allow_partial`.
 """
 from __future__ import annotations
 
@@ -22,13 +26,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, choices=weights.SOURCES)
     parser.add_argument("--arch", required=True,
-                        help="registered model name (resnet50, vit_small_patch16, ...); timm "
-                             "names such as vit_small_patch16_224 are accepted")
+                        help="registered model name (resnet50, vit_small_patch16, cvt13, ...); "
+                             "timm names such as vit_small_patch16_224 are accepted")
     parser.add_argument("input", help="PyTorch checkpoint")
     parser.add_argument("output", help="converted file (.safetensors)")
     parser.add_argument("--allow_partial", action="store_true",
                         help="write the file even when parameters outside the classification "
-                             "head are missing from the checkpoint or have another shape")
+                             "head are missing from the checkpoint, have another shape or have "
+                             "no place in the model")
     return parser.parse_args(argv)
 
 
@@ -76,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: nothing in {args.input} matches {name}; wrong --source or --arch?",
               file=sys.stderr)
         return 1
-    unfit = report.mismatched + [key for key in report.missing if not key.startswith(HEAD)]
+    unfit = report.mismatched + [key for key in report.missing + report.unused
+                                 if not key.startswith(HEAD)]
     if unfit and not args.allow_partial:
         print(f"error: {args.input} does not fit {name}: {len(unfit)} parameters outside the "
-              f"head are missing or of another shape (first: {unfit[0]}); wrong --arch? "
-              f"(--allow_partial writes it anyway)", file=sys.stderr)
+              f"head are missing, of another shape or without a place in the model (first: "
+              f"{unfit[0]}); wrong --arch? (--allow_partial writes it anyway)", file=sys.stderr)
         return 1
     weights.save(converted, args.output, source=args.source, arch=args.arch)
     print(args.output)

@@ -133,6 +133,64 @@ def test_threshold_is_fixed_on_validation_only(setup):
     assert other["threshold"]["split"] == "validation"
 
 
+def test_prior_correction_is_bayes_rule_against_exact_posteriors():
+    """Two Gaussian classes: the exact posterior under one prior, corrected, is the exact
+    posterior under the other (computed here from the likelihoods)."""
+    from scipy import stats as scipy_stats
+
+    x = np.linspace(-4, 5, 91)
+    f0, f1 = scipy_stats.norm.pdf(x, 0, 1), scipy_stats.norm.pdf(x, 1.5, 1.2)
+
+    def posterior(prior):
+        return prior * f1 / (prior * f1 + (1 - prior) * f0)
+
+    for effective, prevalence in ((0.5, 0.17), (0.3, 0.1), (0.2, 0.6)):
+        np.testing.assert_allclose(
+            evaluation.prior_correct(posterior(effective), prevalence, effective),
+            posterior(prevalence), rtol=1e-12, atol=1e-15)
+
+
+def test_class_weights_report_calibration_on_prior_corrected_probabilities(setup, tmp_path):
+    """The run trained with class weights (the default): metrics.json keeps the raw figures and
+    adds the prior-corrected ones, computed here from the predictions; report.md says so. The
+    same run recorded without weights or balancing has nothing to correct."""
+    from her2jax.data import records
+
+    result, folder = setup["result"], os.path.join(setup["run_a"], "eval", "test")
+    corrected = result["prior_corrected"]
+    counts = records.class_counts(setup["data_dir"], "train")
+    prevalence = counts[1] / counts.sum()
+    assert prevalence < 0.45
+    assert corrected["training_prevalence"] == pytest.approx(prevalence)
+    assert corrected["effective_prior"] == pytest.approx(0.5)
+    slices = read_csv(os.path.join(folder, "slice_predictions.csv"))
+    raw = np.array([float(s["probability"]) for s in slices])
+    fixed = evaluation.prior_correct(raw, prevalence, 0.5)
+    assert (fixed < raw).all()                         # a rarer class: probabilities lowered
+    by_patient = {}
+    for row, p in zip(slices, fixed):
+        by_patient.setdefault(row["patient_id"], (int(row["label"]), []))[1].append(p)
+    y = np.array([label for label, _ in by_patient.values()])
+    p = np.array([np.median(ps) for _, ps in by_patient.values()])
+    assert corrected["calibration"]["brier"] == pytest.approx(
+        skm.brier_score_loss(y, p), abs=1e-6)
+    assert corrected["at_0.5"]["accuracy"] == pytest.approx(
+        skm.accuracy_score(y, (p >= 0.5).astype(int)))
+    report = open(os.path.join(folder, "report.md"), encoding="utf-8").read()
+    assert "corrected to the training prevalence" in report
+
+    run = str(tmp_path / "unweighted")
+    shutil.copytree(setup["run_a"], run)
+    config_file = os.path.join(run, "config.json")
+    config = json.load(open(config_file, encoding="utf-8"))
+    config["loss"]["class_weights"] = False
+    with open(config_file, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    plain = evaluation.evaluate_run(run, split="test", samples=50, progress=False)
+    assert "prior_corrected" not in plain
+    assert plain["calibration"] == result["calibration"]      # the raw figures, unchanged
+
+
 def test_the_best_checkpoint_is_the_step_of_the_top_validation_auc(setup):
     """Of equal validation AUCs the later step is kept (a save replaces an equal one)."""
     records = [json.loads(line) for line in

@@ -319,6 +319,24 @@ def test_patient_balance_samples_every_patient_equally(data):
     assert all(0.065 < count / 1600 < 0.135 for count in balanced.patients.values())
 
 
+@pytest.mark.parametrize("balance", ["none", "class", "patient"])
+def test_class_weights_come_from_what_the_sampler_draws(data, balance):
+    """loss.class_weights weighs the classes as the training stream draws them: under class
+    balancing the weights are ones (balanced once, not twice); the class shares they start
+    from match the labels the stream actually yields."""
+    from her2jax.data import records
+    from her2jax.training.losses import class_weights_from_counts
+
+    mass = records.sampled_class_counts(data.path, "train", balance)
+    drawn = sampled(data, balance).labels
+    assert mass[1] / mass.sum() == pytest.approx(drawn.mean(), abs=0.05)
+    weights = class_weights_from_counts(mass)
+    if balance == "class":
+        np.testing.assert_array_equal(weights, [1.0, 1.0])
+    else:
+        assert weights[1] > 1.0 > weights[0]
+
+
 # ---- metadata ------------------------------------------------------------------------------
 
 def test_metadata_and_class_counts(data, tmp_path):

@@ -165,6 +165,64 @@ def summarize(slices: dict[str, np.ndarray], *, aggregation: str, threshold: flo
     return result
 
 
+def training_prior(config: Any) -> dict[str, float] | None:
+    """The HER2+ prior the training loss saw against the training split's prevalence (slices),
+    or None when they agree. With `loss.class_weights` (and with class balancing) the loss
+    sees both classes equally often, so the raw probabilities are calibrated to a 50/50 prior
+    and Brier, ECE and the figures at 0.5 look poor by construction."""
+    from her2jax.data import records
+    from her2jax.training.losses import class_weights_from_counts
+
+    counts = records.class_counts(config.data_dir, config.train_split).astype(np.float64)
+    if counts.size != 2 or (counts <= 0).any():
+        return None
+    mass = records.sampled_class_counts(config.data_dir, config.train_split,
+                                        _setting(config, "input.balance", "none"))
+    weights = (class_weights_from_counts(mass) if _setting(config, "loss.class_weights", False)
+               else np.ones(2))
+    seen = weights * mass
+    prevalence, effective = float(counts[1] / counts.sum()), float(seen[1] / seen.sum())
+    if abs(effective - prevalence) < 1e-6:
+        return None
+    return {"training_prevalence": prevalence, "effective_prior": effective}
+
+
+def _setting(config: Any, dotted: str, default: Any) -> Any:
+    """config.a.b, or `default` for a run recorded before the key existed."""
+    node = config
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return default
+    return node
+
+
+def prior_correct(probabilities: np.ndarray, prevalence: float, effective: float) -> np.ndarray:
+    """Bayes' prior shift: posteriors p under the class prior `effective` -> under `prevalence`,
+    p' = p a / (p a + (1 - p) b), a = prevalence / effective, b = (1 - prevalence) /
+    (1 - effective) (the likelihood ratio is unchanged; AUC and decisions at a threshold
+    mapped the same way are unchanged)."""
+    p = np.asarray(probabilities, np.float64)
+    a, b = prevalence / effective, (1.0 - prevalence) / (1.0 - effective)
+    return p * a / (p * a + (1.0 - p) * b)
+
+
+def prior_corrected(slices: dict[str, np.ndarray], aggregation: str,
+                    prior: dict[str, float]) -> dict[str, Any]:
+    """Calibration and the figures at 0.5 on prior-corrected slice probabilities."""
+    corrected = dict(slices, probability=prior_correct(
+        slices["probability"], prior["training_prevalence"], prior["effective_prior"]))
+    table = patient_table(corrected, aggregation)
+    labels, scores = table["label"], table["probability"]
+    calibration = stats.calibration_bins(labels, scores) if labels.size else None
+    return {**prior,
+            "calibration": None if calibration is None else {
+                "brier": calibration["brier"],
+                "expected_calibration_error": calibration["expected_calibration_error"]},
+            "at_0.5": at_threshold(labels, scores, 0.5)}
+
+
 def validation_threshold(restored: Any, *, aggregation: str, batch_size: int,
                          progress: bool) -> dict[str, Any]:
     """Youden's J threshold on the validation split of the run's training data (cached in
@@ -234,6 +292,9 @@ def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = No
               "model": config.model.name, "split": split, "data_dir": str(data_dir),
               "normalization": data_metadata["preparation"]["normalization"],
               "threshold": dict(chosen, value=chosen["threshold"]), **result}
+    prior = training_prior(config)
+    if prior is not None:
+        result["prior_corrected"] = prior_corrected(slices, aggregation, prior)
 
     if not _writer():
         return result
@@ -351,6 +412,25 @@ def report_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Calibration: Brier score {format_number(result['calibration']['brier'])}, "
                       f"expected calibration error "
                       f"{format_number(result['calibration']['expected_calibration_error'])}."]
+    corrected = result.get("prior_corrected")
+    if corrected and corrected.get("calibration") and result.get("calibration"):
+        raw, fixed = result["calibration"], corrected["calibration"]
+        half_raw, half_fixed = patient["at_0.5"], corrected["at_0.5"]
+        lines += ["", (
+            f"Training saw HER2+ at a prior of {format_number(corrected['effective_prior'])} "
+            f"(class weights or class balancing), while the training split's prevalence is "
+            f"{format_number(corrected['training_prevalence'])}: the raw probabilities are "
+            "calibrated to the former, so their Brier score, calibration error and figures at "
+            "0.5 look poor by construction. On probabilities corrected to the training "
+            f"prevalence (Bayes' prior shift; AUC unchanged): Brier score "
+            f"{format_number(fixed['brier'])} (raw {format_number(raw['brier'])}), expected "
+            f"calibration error {format_number(fixed['expected_calibration_error'])} (raw "
+            f"{format_number(raw['expected_calibration_error'])}); at 0.5 accuracy "
+            f"{format_number(half_fixed['accuracy'])} (raw {format_number(half_raw['accuracy'])}),"
+            f" sensitivity {format_number(half_fixed['sensitivity'])} (raw "
+            f"{format_number(half_raw['sensitivity'])}), specificity "
+            f"{format_number(half_fixed['specificity'])} (raw "
+            f"{format_number(half_raw['specificity'])}).")]
     lines += ["", "![ROC](roc.png) ![calibration](calibration.png)", "",
               "Per-patient predictions: `predictions.csv`; per slice: `slice_predictions.csv`."]
     return "\n".join(lines) + "\n"

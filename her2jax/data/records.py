@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from her2jax.data.sampling import process_range
+from her2jax.data.sampling import process_range, sampled_class_mass
 from her2jax.data.tensorflow_host import as_written, tf, tfds
 from her2jax.errors import InvalidSetting
 
@@ -128,6 +128,17 @@ def read_index(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.nd
     if not parts:
         return {"label": np.zeros(0, np.int32), "patient_id": np.zeros(0, object)}
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def sampled_class_counts(data_dir: str, split: str, balance: str) -> np.ndarray:
+    """What each class weighs in one pass of the training stream under `balance`
+    (`sampling.sampled_class_mass`); the plain counts without balancing."""
+    if balance == "none":
+        return class_counts(data_dir, split).astype(np.float64)
+    builder = open_dataset(data_dir)
+    index = read_index(builder, split)
+    return sampled_class_mass(balance, index["label"], index["patient_id"],
+                                       len(builder.info.features["label"].names))
 
 
 def class_counts(data_dir: str, split: str = "train") -> np.ndarray:

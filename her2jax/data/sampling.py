@@ -58,6 +58,18 @@ def keep_probabilities(balance: str, labels: np.ndarray,
     return np.array([smallest / sizes[group] for group in groups.tolist()], np.float64)
 
 
+def sampled_class_mass(balance: str, labels: np.ndarray, patient_ids: np.ndarray,
+                       num_classes: int) -> np.ndarray:
+    """Expected examples of each class that one pass over the split keeps under `balance`:
+    sum_i p_i over the examples of the class (float64, (num_classes,)). Class weights computed
+    from it balance what the loss actually sees: ones under class balancing (the sampler already
+    balances; weighing again would count the rarer class twice), patient-level prevalence
+    under patient balancing, the slice counts without balancing."""
+    probabilities = keep_probabilities(balance, labels, patient_ids)
+    return np.bincount(np.asarray(labels, np.int64), weights=probabilities,
+                       minlength=num_classes).astype(np.float64)
+
+
 def _tf() -> Any:
     """TensorFlow, imported when the TFRecord stream needs it: the rest of this module (seeds,
     weights, shares) serves the device-resident source too, where TensorFlow may be absent."""

@@ -11,7 +11,7 @@ from her2jax.errors import InvalidSetting
 if TYPE_CHECKING:
     from flax import nnx
 
-BUILT_IN = ("her2jax.models.resnet", "her2jax.models.vit")
+BUILT_IN = ("her2jax.models.resnet", "her2jax.models.vit", "her2jax.models.cvt")
 _MODELS: dict[str, Callable[..., nnx.Module]] = {}
 
 

@@ -26,7 +26,7 @@ from her2jax import files
 from her2jax.errors import BadInput, InvalidSetting, MissingInput
 
 FORMAT = "her2jax-pretrained/1"
-SOURCES = ("torchvision", "timm", "hf")
+SOURCES = ("torchvision", "timm", "hf", "hf-cvt")
 
 
 def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
@@ -114,6 +114,9 @@ def convert(source: str, state_dict: Mapping[str, np.ndarray]) -> dict[str, np.n
     if source in ("timm", "hf"):
         from her2jax.models.vit import from_timm
         return from_timm(hf_vit_to_timm(state_dict) if source == "hf" else state_dict)
+    if source == "hf-cvt":
+        from her2jax.models.cvt import from_transformers_cvt
+        return from_transformers_cvt(state_dict)
     raise InvalidSetting(f"unknown source {source!r}; expected one of {SOURCES}")
 
 

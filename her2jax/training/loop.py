@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from her2jax import distributed, files, models
 from her2jax.analysis import metrics
 from her2jax.data import pipeline as input_pipeline
-from her2jax.data import resident
+from her2jax.data import records, resident
 from her2jax.data.augment_options import AUGMENT_ON, Augment
 from her2jax.data.sampling import BALANCE_MODES
 from her2jax.errors import BadInput, InvalidSetting, TrainingDiverged
@@ -374,7 +374,9 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
                                         member.total_steps) for member in configs]
     class_weights = None
     if any(member.loss.class_weights for member in configs):
-        counts = input_pipeline.class_counts(config.data_dir, config.train_split)
+        # from what the sampler draws, not from the split: balancing never counts twice
+        counts = records.sampled_class_counts(config.data_dir, config.train_split,
+                                              config.input.balance)
         class_weights = jnp.asarray(class_weights_from_counts(counts))
     if packed:
         # a pack's members differ in their class weights (ones: unweighted, the same loss bit
