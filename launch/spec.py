@@ -27,6 +27,16 @@ from data_prep.params import IMAGE_PARAMETERS
 from her2jax.errors import InvalidSetting
 
 MAX_NAME = 96
+# where the study sweeps' runs find converted ImageNet weights; `launch.sweep --weights_dir`
+# sets it before the sweep file runs
+WEIGHTS_DIR = "weights"
+
+
+def imagenet(model: str) -> str:
+    """The converted ImageNet weights a study sweep's run of `model` loads:
+    WEIGHTS_DIR/<model>.safetensors (`python -m her2jax.convert ... WEIGHTS_DIR/<model>.safetensors`;
+    README "ImageNet weights")."""
+    return f"{WEIGHTS_DIR.rstrip('/')}/{model}.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)

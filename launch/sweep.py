@@ -51,9 +51,9 @@ from typing import Any
 from etils import epath
 
 from her2jax import files
-from her2jax.errors import InvalidSetting, ToolFailed, UserError
+from her2jax.errors import InvalidSetting, MissingInput, ToolFailed, UserError
 from her2jax.run_folder import RunFolder
-from launch import lock, packs
+from launch import lock, packs, spec
 from launch.spec import Run, Sweep
 
 BACKENDS = ("local", "slurm", "tpu")
@@ -111,6 +111,35 @@ def with_settings(run: Run, settings: dict[str, Any]) -> Run:
     overrides.update(settings)
     return Run(config=run.config, overrides=tuple(sorted(overrides.items())), seed=run.seed,
                data=run.data)
+
+
+class MissingWeights(MissingInput):
+    """Runs of the sweep load weight files that are not there."""
+
+
+def check_weights(runs: Sequence[Run], root: str, *, dry_run: bool, out=None) -> None:
+    """Refuses a sweep whose runs load weight files (`init.pretrained`) that are missing, before
+    anything is prepared or trained, naming the files and the ways on; a dry run says so and
+    goes on."""
+    missing: dict[str, list[str]] = {}
+    for run in runs:
+        path = run.settings.get("init.pretrained")
+        if path and "://" not in str(path) and \
+                not os.path.isfile(os.path.join(root, os.path.expanduser(str(path)))):
+            missing.setdefault(str(path), []).append(run.name)
+    if not missing:
+        return
+    files = ", ".join(f"{path} ({len(names)} runs)" for path, names in missing.items())
+    advice = ("convert them first (python -m her2jax.convert --source torchvision|timm|hf "
+              "--arch MODEL IN WEIGHTS_DIR/MODEL.safetensors; README 'ImageNet weights'), give "
+              "--weights_dir DIR where they are, or train from scratch with "
+              "--set init.pretrained=")
+    if dry_run:
+        print(f"note: the runs load ImageNet weights that are not there yet: {files}; {advice}",
+              file=out or sys.stderr)
+        return
+    raise MissingWeights(f"the runs load ImageNet weights that are not there: {files}; "
+                         f"{advice}")
 
 
 # ---------------------------------------------------------------- commands
@@ -865,6 +894,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "device); auto (local backend): as many as fit this machine's device, "
                         "measured from the compiled step; off: one process per run (default: "
                         "the sweep's own choice)")
+    parser.add_argument("--weights_dir", default=spec.WEIGHTS_DIR,
+                        help="converted ImageNet weights, WEIGHTS_DIR/<model>.safetensors, that "
+                             "the study sweeps' runs load (default %(default)s/); "
+                             "--set init.pretrained= trains from scratch instead")
     parser.add_argument("--dry_run", action="store_true", help="print, run nothing")
     parser.add_argument("--retry_failed", action="store_true")
     parser.add_argument("--python", help="interpreter in the commands (default: local, this "
@@ -897,7 +930,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
-    sweep = load_sweep(args.sweep)
+    default, spec.WEIGHTS_DIR = spec.WEIGHTS_DIR, args.weights_dir
+    try:
+        sweep = load_sweep(args.sweep)
+    finally:
+        spec.WEIGHTS_DIR = default
     settings = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -936,6 +973,10 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+        if args.backend != "tpu":
+            # the tpu backend's runs read their weights on the VM, not here
+            check_weights(plan.runs, os.path.abspath(args.repo) if args.backend == "slurm"
+                          else os.getcwd(), dry_run=args.dry_run)
         print(f"sweep {plan.sweep.name}: {len(plan.runs)} runs, {len(plan.datasets)} data "
               f"variants, in {plan.sweep_dir}"
               + (f"; packs of at most {plan.pack}" if isinstance(plan.pack, int) else

@@ -66,6 +66,22 @@ def test_a_packed_sweep_refuses_what_a_pack_cannot_do(tmp_path):
                                                                 ["train"])
 
 
+def imagenet_like_weights(folder) -> str:
+    """WEIGHTS_DIR with resnet18.safetensors converted from a random-init torchvision ResNet-18
+    (no download): what the study sweeps load."""
+    import torch
+    import torchvision
+
+    from her2jax import convert
+
+    folder.mkdir()
+    source = str(folder / "resnet18.pth")
+    torch.save(torchvision.models.resnet18().state_dict(), source)
+    assert convert.main(["--source", "torchvision", "--arch", "resnet18", source,
+                         str(folder / "resnet18.safetensors")]) == 0
+    return str(folder)
+
+
 def test_lr_search_trains_as_one_pack_and_collects_every_run(tmp_path, capsys):
     cohort = str(tmp_path / "cohort")
     write_cohort(cohort, patients=18, splits=SPLITS)
@@ -74,9 +90,17 @@ def test_lr_search_trains_as_one_pack_and_collects_every_run(tmp_path, capsys):
     sweep_dir = str(tmp_path / "sweep")
     args = ["--sweep", f"{path}:8", "--backend", "local", "--pack", "8", "--source", cohort,
             "--sweep_dir", sweep_dir, *[item for s in TINY for item in ("--set", s)]]
+    # the study's sweep starts from ImageNet weights: refused while they are missing
+    assert sweep.main(args + ["--weights_dir", str(tmp_path / "none")]) == 1
+    assert "the runs load ImageNet weights that are not there: " \
+        f"{tmp_path / 'none' / 'resnet18.safetensors'} (8 runs)" in capsys.readouterr().err
+    assert not os.path.exists(sweep_dir)
+    args += ["--weights_dir", imagenet_like_weights(tmp_path / "weights")]
+    capsys.readouterr()
     assert sweep.main(args + ["--dry_run"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("pack pack8-") == 1 and printed.count("\ntrain ") == 1, printed
+    assert f"--config.init.pretrained={tmp_path / 'weights' / 'resnet18.safetensors'}" in printed
 
     assert sweep.main(args) == 0, capsys.readouterr()
     capsys.readouterr()
@@ -95,6 +119,9 @@ def test_lr_search_trains_as_one_pack_and_collects_every_run(tmp_path, capsys):
                 node = node[part]
             assert node == value, key
         assert config["input"]["source"] == "device"
+        log = open(entry["log"], encoding="utf-8").read()        # the pack's process log
+        assert f"pretrained {tmp_path / 'weights' / 'resnet18.safetensors'}: " in log
+        assert config["init"]["pretrained"] == str(tmp_path / "weights" / "resnet18.safetensors")
         metrics = json.load(open(os.path.join(entry["workdir"], "eval", "test", "metrics.json")))
         row = next(r for r in result["rows"] if r["configuration"] == entry["group"])
         assert row["test_auc_mean"] == pytest.approx(metrics["patient"]["auc"], nan_ok=True)

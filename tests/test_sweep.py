@@ -88,6 +88,33 @@ def test_the_studys_sweeps_load(name, count):
                                                                     "data_prep.prepare"]
 
 
+@pytest.mark.parametrize("name", ["normalization", "n4", "attention", "lr_search"])
+def test_the_studys_sweeps_start_from_the_imagenet_weights_of_their_model(name, tmp_path,
+                                                                            capsys):
+    """Every run loads WEIGHTS_DIR/<its model>.safetensors, the model its config (or
+    model.name) builds; the dry run shows the file in each train command."""
+    from configs import common
+
+    loaded = sweep.load_sweep(f"configs/sweeps/{name}.py")
+    for run in loaded.runs:
+        model = run.settings.get("model.name") or common.load(run.config).model.name
+        assert run.settings["init.pretrained"] == f"weights/{model}.safetensors", run.name
+    if name != "normalization":
+        return
+    args = ["--sweep", f"configs/sweeps/{name}.py:1", "--backend", "local", "--dry_run",
+            "--source", str(tmp_path), "--sweep_dir", str(tmp_path / "sweep"), "--pack", "off",
+            "--weights_dir", "/w"]
+    assert sweep.main(args) == 0
+    captured = capsys.readouterr()
+    trains = [line for line in captured.out.splitlines() if line.startswith("train ")]
+    assert len(trains) == len(loaded.runs) // 3
+    for line in trains:
+        model = "vit_small_patch16" if "configs/vit.py:small16" in line else "resnet18"
+        assert f"--config.init.pretrained=/w/{model}.safetensors" in line, line
+    assert "not there yet: /w/resnet18.safetensors (7 runs), /w/vit_small_patch16" in \
+        captured.err
+
+
 def test_the_attention_sweep_has_no_identical_models():
     """Without attention the placement changes nothing: one 'none' run per depth, head, seed."""
     runs = sweep.load_sweep("configs/sweeps/attention.py").runs

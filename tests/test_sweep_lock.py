@@ -29,7 +29,8 @@ exec sleep 120
 def launcher(tmp_path, python: str) -> list[str]:
     return [sys.executable, "-m", "launch.sweep", "--sweep", "configs/sweeps/lr_search.py:2",
             "--backend", "local", "--pack", "off", "--source", str(tmp_path / "cohort"),
-            "--sweep_dir", str(tmp_path / "sweep"), "--python", python]
+            "--sweep_dir", str(tmp_path / "sweep"), "--python", python,
+            "--set", "init.pretrained="]
 
 
 def manifest(tmp_path) -> dict:

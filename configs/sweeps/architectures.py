@@ -1,11 +1,12 @@
 """Architectures: ResNet depths against ViT sizes, ImageNet-pretrained against from scratch.
 
-    --sweep configs/sweeps/architectures.py[:WEIGHTS_DIR]   (default weights/)
+    --sweep configs/sweeps/architectures.py[:WEIGHTS_DIR]   (default: --weights_dir, weights/)
 
 Pretrained runs read converted weights WEIGHTS_DIR/<model>.safetensors; convert them first,
 e.g. `python -m her2jax.convert --source torchvision --arch resnet34 resnet34.pth
-weights/resnet34.safetensors` (a missing file makes that run fail with the path in its log).
+weights/resnet34.safetensors` (the launcher refuses to start while a file is missing).
 """
+from launch import spec
 from launch.spec import Sweep, runs_of
 
 MODELS = [("configs/resnet.py:resnet18", "resnet18"), ("configs/resnet.py:resnet34", "resnet34"),
@@ -15,10 +16,10 @@ MODELS = [("configs/resnet.py:resnet18", "resnet18"), ("configs/resnet.py:resnet
 
 
 def get_sweep(arg=None):
-    weights = (arg or "weights").rstrip("/")
     points = []
     for config, model in MODELS:
-        for pretrained in ("", f"{weights}/{model}.safetensors"):
+        weights = f"{arg.rstrip('/')}/{model}.safetensors" if arg else spec.imagenet(model)
+        for pretrained in ("", weights):
             points.append({"config": config, "init.pretrained": pretrained, "data": "q98"})
     runs = runs_of([dict(point, seed=seed) for point in points for seed in range(2)])
     return Sweep("architectures", runs=runs,

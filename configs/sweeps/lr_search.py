@@ -1,13 +1,14 @@
 """Random search over learning rate, weight decay, dropout and label smoothing for the
-dual-attention ResNet-18; the points are drawn from a fixed seed, so the same runs (and names)
-come back in every session.
+dual-attention ResNet-18 from ImageNet weights; the points are drawn from a fixed seed, so the
+same runs (and names) come back in every session. The runs load WEIGHTS_DIR/resnet18.safetensors
+(`launch.sweep --weights_dir`, default weights/); `--set init.pretrained=` trains from scratch.
 
     --sweep configs/sweeps/lr_search.py[:POINTS]        (default 24 points, one seed each;
                                                          packs of 8 unless --pack says)
 """
 import numpy as np
 
-from launch.spec import Sweep, runs_of
+from launch.spec import Sweep, imagenet, runs_of
 
 
 def get_sweep(arg=None):
@@ -16,6 +17,7 @@ def get_sweep(arg=None):
     for _ in range(int(arg or 24)):
         points.append({
             "config": "configs/resnet.py:resnet18", "data": "q98",
+            "init.pretrained": imagenet("resnet18"),
             "optimizer.learning_rate": float(f"{10 ** rng.uniform(-4.5, -2.5):.2e}"),
             "optimizer.weight_decay": float(f"{10 ** rng.uniform(-4, -0.5):.2e}"),
             "model.kwargs.dropout": round(float(rng.uniform(0.0, 0.6)), 2),
