@@ -34,8 +34,8 @@ WEIGHTS_DIR = "weights"
 
 def imagenet(model: str) -> str:
     """The converted ImageNet weights a study sweep's run of `model` loads:
-    WEIGHTS_DIR/<model>.safetensors (`python -m her2jax.convert ... WEIGHTS_DIR/<model>.safetensors`;
-    README "ImageNet weights")."""
+    WEIGHTS_DIR/<model>.safetensors (written by `python -m her2jax.convert`; README "ImageNet
+    weights")."""
     return f"{WEIGHTS_DIR.rstrip('/')}/{model}.safetensors"
 
 

@@ -89,8 +89,8 @@ def test_the_studys_sweeps_load(name, count):
 
 
 @pytest.mark.parametrize("name", ["normalization", "n4", "attention", "lr_search"])
-def test_the_studys_sweeps_start_from_the_imagenet_weights_of_their_model(name, tmp_path,
-                                                                            capsys):
+def test_the_studys_sweeps_start_from_the_imagenet_weights_of_their_model(
+        name, tmp_path, capsys):
     """Every run loads WEIGHTS_DIR/<its model>.safetensors, the model its config (or
     model.name) builds; the dry run shows the file in each train command."""
     from configs import common
