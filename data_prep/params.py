@@ -20,7 +20,18 @@ DATASET_VERSION = "1.0.0"     # the TFDS builder's version (data_prep.her2_dce.H
 # evaluated on must agree on these (`evaluate.check_preparation`, `prepare --like`); the split
 # rule, the cohorts and the fit source may differ.
 IMAGE_PARAMETERS = ("normalization", "n4", "n4_shrink", "n4_iterations", "image_size",
-                    "slices_per_patient", "crop_margin", "phases")
+                    "slices_per_patient", "crop_margin", "phases", "crop", "crop_size")
+CROPS = ("tumour", "fixed")
+CROP_SIZE = re.compile(r"(\d+(?:\.\d+)?)(mm|px)")
+
+
+def crop_size_of(text: str) -> tuple[float, str]:
+    """'64mm' -> (64.0, 'mm'), '96px' -> (96.0, 'px')."""
+    match = CROP_SIZE.fullmatch(str(text).strip())
+    if not match or float(match.group(1)) <= 0:
+        raise InvalidSetting(f"crop_size {text!r}: a positive size in millimetres or pixels, "
+                             "e.g. 64mm or 96px")
+    return float(match.group(1)), match.group(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +44,14 @@ class PrepParams:
     n4_iterations: iterations per fitting level; the number of entries is the number of levels.
     image_size: side of the square output image, pixels.
     slices_per_patient: N central tumour slices; 0 keeps every slice that holds tumour.
-    crop_margin: margin added on each side of the tumour box, as a fraction of its longer side.
+    crop_margin: margin added on each side of the tumour box, as a fraction of its longer side
+        (crop "tumour").
+    crop: "tumour": a square sized to the tumour (box plus margin), so every patient has its own
+        zoom and the tumour fills a similar share of each image; "fixed": a square field of view
+        of `crop_size` at native resolution around the tumour's centre, so tumour size stays
+        visible. Either way the square is then resized to `image_size`.
+    crop_size: the fixed field of view's side, "<number>mm" (at the in-plane spacing) or
+        "<number>px" (crop "fixed" only).
     phases: (pre, early, late) time-point indices overriding the metadata's, or None.
     split_seed: seed of the patient-level split used when the source gives none.
     split_fractions: (train, validation, test) fractions of that split.
@@ -57,8 +75,15 @@ class PrepParams:
     external: str | None = None
     fit_from: str | None = None
     cohorts: tuple[str, ...] | None = None
+    crop: str = "tumour"
+    crop_size: str = "64mm"
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise InvalidSetting(f"crop {self.crop!r}: one of {', '.join(CROPS)}")
+        side, unit = crop_size_of(self.crop_size)
+        if unit == "px" and side < 8:
+            raise InvalidSetting(f"crop_size {self.crop_size}: at least 8 pixels")
         if self.image_size < 8:
             raise InvalidSetting(f"image_size must be at least 8 pixels, got {self.image_size}")
         if self.slices_per_patient < 0:
@@ -92,6 +117,8 @@ class PrepParams:
         record = json.loads(json.dumps(dataclasses.asdict(self)))
         if record["cohorts"] is None:   # as recorded before cohorts could be chosen: same names
             del record["cohorts"]
+        if record["crop"] == "tumour":   # as recorded before the crop could be chosen
+            del record["crop"], record["crop_size"]
         return record
 
     def dataset_path(self, data_dir: str) -> str:
@@ -100,13 +127,17 @@ class PrepParams:
         return f"{str(data_dir).rstrip('/')}/{DATASET_NAME}/{self.config_name()}/{DATASET_VERSION}"
 
     def config_name(self) -> str:
-        """`<normalization>[_n4][_<cohort>-<cohort>...]`, plus a short hash when any other setting
-        is not the default."""
+        """`<normalization>[_n4][_<cohort>-<cohort>...][_fixed<size>]`, plus a short hash when any
+        other setting is not the default."""
         name = self.normalization + ("_n4" if self.n4 else "")
         if self.cohorts:
             name += "_" + "-".join(self.cohorts)
+        if self.crop == "fixed":
+            side, unit = crop_size_of(self.crop_size)
+            name += f"_fixed{side:g}{unit}"
         reference = dataclasses.replace(PrepParams(), normalization=self.normalization, n4=self.n4,
-                                        cohorts=self.cohorts)
+                                        cohorts=self.cohorts, crop=self.crop,
+                                        crop_size=self.crop_size)
         if self != reference:
             digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
             name += "_" + digest[:8]

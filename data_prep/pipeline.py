@@ -23,7 +23,7 @@ import numpy as np
 
 from data_prep import n4, normalization, slices
 from data_prep.errors import BadCaseError
-from data_prep.params import PrepParams
+from data_prep.params import PrepParams, crop_size_of
 from data_prep.sources import Case
 from data_prep.volumes import Volume, check_intensities, read_volume
 
@@ -154,11 +154,24 @@ def spill_path(spill_dir: str, patient_id: str) -> str:
 
 
 def _window(loaded: Loaded, params: PrepParams) -> tuple[list[int], tuple[int, int, int]]:
-    """The slices to write and the patient's square crop (top, left, side) around the tumour."""
+    """The slices to write and the patient's square crop (top, left, side) around the tumour:
+    sized to the tumour (crop "tumour"), or a fixed field of view at native resolution centred
+    on it (crop "fixed")."""
     z0, z1, y0, y1, x0, x1 = loaded.tumour_box
     chosen = slices.tumour_slices(z0, z1, params.slices_per_patient)
     box = slices.in_plane_box(loaded.mask, chosen) if loaded.mask[chosen].any() else (y0, y1, x0, x1)
+    if params.crop == "fixed":
+        return chosen, slices.fixed_window(box, fixed_side(params.crop_size, loaded.spacing))
     return chosen, slices.square_window(box, params.crop_margin)
+
+
+def fixed_side(crop_size: str, spacing: tuple[float, float, float]) -> int:
+    """The fixed field of view's side in pixels: '96px' -> 96; '64mm' -> 64 mm over the mean
+    in-plane spacing (y, x), at least 8."""
+    size, unit = crop_size_of(crop_size)
+    if unit == "mm":
+        size /= (float(spacing[1]) + float(spacing[2])) / 2
+    return max(8, int(round(size)))
 
 
 def prepare_case(case: Case, params: PrepParams, fitted: Mapping[str, Any] | None = None,

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from data_prep import normalization  # noqa: E402
 from data_prep.errors import BadCaseError  # noqa: E402
-from data_prep.params import IMAGE_PARAMETERS, PrepParams  # noqa: E402
+from data_prep.params import CROPS, IMAGE_PARAMETERS, PrepParams  # noqa: E402
 from her2jax import files  # noqa: E402
 from her2jax.errors import BadInput, InvalidSetting, MissingInput, UserError  # noqa: E402
 
@@ -44,6 +44,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="central tumour slices per patient; 0 = every tumour slice")
     parser.add_argument("--crop_margin", type=float, default=defaults.crop_margin,
                         help="margin on each side of the tumour box, fraction of its longer side")
+    parser.add_argument("--crop", choices=CROPS, default=defaults.crop,
+                        help="tumour: a square sized to the tumour box plus --crop_margin (every "
+                             "patient its own zoom); fixed: a --crop_size field of view at native "
+                             "resolution around the tumour centre (tumour size kept); both then "
+                             "resized to --image_size")
+    parser.add_argument("--crop_size", default=defaults.crop_size,
+                        help="side of the fixed field of view, e.g. 64mm or 96px (default "
+                             "%(default)s; --crop fixed only)")
     parser.add_argument("--phases", type=_integers, default=None,
                         help="pre,early,late time-point indices overriding the metadata")
     parser.add_argument("--cohorts", type=_names, default=None,
@@ -93,7 +101,7 @@ def apply_like(args: argparse.Namespace, defaults: PrepParams) -> None:
         raise MissingInput(f"--like {args.like}: not a run folder (no {PREPARATION_FILE})")
     recorded = run.preparation()
     for key in IMAGE_PARAMETERS:
-        value = recorded.get(key)
+        value = recorded.get(key, getattr(defaults, key))     # absent: recorded before it existed
         value = tuple(value) if isinstance(value, list) else value
         given = getattr(args, key)
         given = tuple(given) if isinstance(given, list) else given
@@ -126,6 +134,7 @@ def build(args: argparse.Namespace):
         normalization=args.normalization, n4=args.n4, n4_shrink=args.n4_shrink,
         n4_iterations=tuple(args.n4_iterations), image_size=args.image_size,
         slices_per_patient=args.slices_per_patient, crop_margin=args.crop_margin,
+        crop=args.crop, crop_size=args.crop_size,
         phases=tuple(args.phases) if args.phases else None, split_seed=args.split_seed,
         external=args.external, fit_from=args.fit_from, cohorts=args.cohorts)
     return prepare_dataset(args.source, args.data_dir, params, workers=args.workers,

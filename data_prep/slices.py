@@ -37,6 +37,14 @@ def square_window(box: tuple[int, int, int, int], margin: float) -> tuple[int, i
     return int(round(centre_y - side / 2)), int(round(centre_x - side / 2)), side
 
 
+def fixed_window(box: tuple[int, int, int, int], side: int) -> tuple[int, int, int]:
+    """(top, left, side) of a square of the given side centred on the box (a fixed field of
+    view: the tumour keeps its size in pixels)."""
+    y0, y1, x0, x1 = box
+    centre_y, centre_x = (y0 + y1 + 1) / 2, (x0 + x1 + 1) / 2
+    return int(round(centre_y - side / 2)), int(round(centre_x - side / 2)), int(side)
+
+
 def cut(plane: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
     """The side x side window of a (y, x, ...) plane; parts outside the image are zero."""
     out = np.zeros((side, side) + plane.shape[2:], dtype=plane.dtype)

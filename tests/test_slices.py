@@ -207,3 +207,84 @@ def test_resize_nearest_keeps_mask_binary(size):
     # bilinear would produce intermediate values on a 0/255 mask; nearest never does
     out255 = slices.resize(mask * 255, size, nearest=True)
     assert set(np.unique(out255)) <= {0, 255}
+
+
+# ---------------------------------------------------------------------------------------------
+# the crop: sized to the tumour, or a fixed field of view
+
+def crop_case(tmp_path, name: str, half: int, spacing: float = 0.5):
+    """A patient whose tumour is a (2 half)^2 square centred at (30, 34) on 5 slices of a
+    64 x 64 plane, with in-plane spacing `spacing` mm."""
+    import nibabel as nib
+
+    from data_prep.sources import Case
+
+    rng = np.random.default_rng(half)
+    mask = np.zeros((5, 64, 64), np.uint8)
+    mask[1:4, 30 - half:30 + half, 34 - half:34 + half] = 1
+    paths = []
+    for t in range(3):
+        volume = rng.uniform(100, 600, mask.shape).astype(np.float32) + 300.0 * t * mask
+        path = str(tmp_path / f"{name}_{t}.nii.gz")
+        # (z, y, x) stored as (x, y, z) with the spacing in the header
+        nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.diag([spacing, spacing, 2.0, 1])),
+                 path)
+        paths.append(path)
+    mask_path = str(tmp_path / f"{name}_mask.nii.gz")
+    nib.save(nib.Nifti1Image(mask.transpose(2, 1, 0), np.diag([spacing, spacing, 2.0, 1])),
+             mask_path)
+    return Case(patient_id=name, label=0, cohort="c", phases=tuple(paths), mask=mask_path), mask
+
+
+def test_a_fixed_field_of_view_is_cut_at_native_resolution_around_the_tumour(tmp_path):
+    """20 px (= 10 mm at 0.5 mm) around the tumour centre, written at 20 px: the output mask is
+    the plane's own window, voxel for voxel, in both units."""
+    from data_prep import pipeline
+    from data_prep.params import PrepParams
+
+    case, mask = crop_case(tmp_path, "P", half=3)
+    top, left = 30 - 10, 34 - 10
+    for size in ("20px", "10mm"):
+        params = PrepParams(image_size=20, crop="fixed", crop_size=size, slices_per_patient=0)
+        prepared = pipeline.prepare_case(case, params)
+        assert [s.slice_index for s in prepared.slices] == [1, 2, 3]
+        for item in prepared.slices:
+            np.testing.assert_array_equal(item.mask[..., 0],
+                                          mask[item.slice_index, top:top + 20, left:left + 20])
+
+
+def test_a_fixed_crop_keeps_tumour_size_where_the_tumour_crop_hides_it(tmp_path):
+    """Tumours of 6 and 16 px: in the fixed field of view their areas differ as their sizes do
+    ((16 / 6)^2); cropped to the tumour, they fill about the same share of the image."""
+    from data_prep import pipeline
+    from data_prep.params import PrepParams
+
+    small, _ = crop_case(tmp_path, "S", half=3)
+    large, _ = crop_case(tmp_path, "L", half=8)
+
+    def share(case, **crop):
+        params = PrepParams(image_size=32, slices_per_patient=1, **crop)
+        return float(pipeline.prepare_case(case, params).slices[0].mask.mean())
+
+    fixed = dict(crop="fixed", crop_size="24mm")
+    assert share(large, **fixed) / share(small, **fixed) == pytest.approx((16 / 6) ** 2, rel=0.15)
+    assert share(large) / share(small) == pytest.approx(1.0, abs=0.1)
+
+
+def test_the_crop_is_part_of_the_dataset_name_and_record():
+    from data_prep.params import PrepParams
+    from her2jax.errors import InvalidSetting
+
+    fixed = PrepParams(crop="fixed", crop_size="64mm")
+    assert fixed.config_name() == "per_channel_clip_q98_fixed64mm"
+    assert fixed.to_dict()["crop"] == "fixed" and fixed.to_dict()["crop_size"] == "64mm"
+    assert PrepParams(crop="fixed", crop_size="96px").config_name().endswith("_fixed96px")
+    # the default crop keeps the names and records datasets had before it could be chosen
+    assert PrepParams().config_name() == "per_channel_clip_q98"
+    assert "crop" not in PrepParams().to_dict()
+    assert PrepParams.from_dict(PrepParams(image_size=16).to_dict()).crop == "tumour"
+    for bad in ("64", "-3mm", "0px", "4px", "64cm"):
+        with pytest.raises(InvalidSetting, match="crop_size"):
+            PrepParams(crop="fixed", crop_size=bad)
+    with pytest.raises(InvalidSetting, match="crop 'box'"):
+        PrepParams(crop="box")

@@ -75,7 +75,7 @@ def test_sweep_refuses_duplicates_and_undeclared_data():
 
 
 @pytest.mark.parametrize("name, count", [("normalization", 42), ("n4", 6), ("attention", 192),
-                                         ("architectures", 24), ("lr_search", 24)])
+                                         ("architectures", 24), ("lr_search", 24), ("crop", 12)])
 def test_the_studys_sweeps_load(name, count):
     loaded = sweep.load_sweep(f"configs/sweeps/{name}.py")
     assert len(loaded.runs) == count
@@ -88,7 +88,7 @@ def test_the_studys_sweeps_load(name, count):
                                                                     "data_prep.prepare"]
 
 
-@pytest.mark.parametrize("name", ["normalization", "n4", "attention", "lr_search"])
+@pytest.mark.parametrize("name", ["normalization", "n4", "attention", "lr_search", "crop"])
 def test_the_studys_sweeps_start_from_the_imagenet_weights_of_their_model(
         name, tmp_path, capsys):
     """Every run loads WEIGHTS_DIR/<its model>.safetensors, the model its config (or
@@ -113,6 +113,21 @@ def test_the_studys_sweeps_start_from_the_imagenet_weights_of_their_model(
         assert f"--config.init.pretrained=/w/{model}.safetensors" in line, line
     assert "not there yet: /w/resnet18.safetensors (7 runs), /w/vit_small_patch16" in \
         captured.err
+
+
+def test_the_crop_sweep_prepares_each_field_of_view(tmp_path, capsys):
+    args = ["--sweep", "configs/sweeps/crop.py:64mm,128px", "--backend", "local", "--dry_run",
+            "--source", str(tmp_path), "--sweep_dir", str(tmp_path / "sweep")]
+    assert sweep.main(args) == 0
+    printed = capsys.readouterr().out
+    prepares = sorted(line for line in printed.splitlines() if line.startswith("prepare "))
+    assert len(prepares) == 3
+    assert prepares[0].startswith("prepare fixed128px: ") and \
+        "--crop fixed --crop_size 128px" in prepares[0]
+    assert "--crop fixed --crop_size 64mm" in prepares[1] and "--crop " not in prepares[2]
+    # each variant's runs read the dataset its preparation writes
+    assert "per_channel_clip_q98_fixed64mm/1.0.0" in printed
+    assert "her2_dce/per_channel_clip_q98/1.0.0" in printed
 
 
 def test_the_attention_sweep_has_no_identical_models():
