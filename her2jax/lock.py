@@ -1,4 +1,4 @@
-"""Exclusive locks on a file that name their holder (`flock`, released by the kernel when the
+"""Exclusive locks on a local file that name their holder (`flock`, released by the kernel when the
 holder dies, SIGKILL included, so a lock is never stale).
 
 The holder writes its host, pid and start time into the lock file. A second process is refused
@@ -19,6 +19,8 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from etils import epath
 
 from her2jax.errors import UserError
 
@@ -77,8 +79,7 @@ def hold(path: str, busy: Callable[[dict[str, Any] | None], UserError], *,
             yield Held(path, killed)
         finally:
             if remove:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+                epath.Path(path).unlink(missing_ok=True)
             os.ftruncate(descriptor, 0)      # an empty file: released in good order
             fcntl.flock(descriptor, fcntl.LOCK_UN)
     finally:
@@ -104,15 +105,13 @@ def alive(pid: int, marker: str | None = None) -> bool:
     except PermissionError:
         pass
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            if handle.read().rpartition(b")")[2].split()[0] == b"Z":
-                return False
+        if epath.Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0] == b"Z":
+            return False
     except (OSError, IndexError):
         pass
     if marker is None:
         return True
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return marker.encode() in handle.read()
+        return marker.encode() in epath.Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
