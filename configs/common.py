@@ -40,7 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.batch_size = 32            # global batch, split over all devices and processes
     config.total_steps = 2000         # optimiser updates
-    config.warmup_steps = 100         # linear warm-up of the learning rate
+    # linear warm-up of the learning rate: warmup_fraction of total_steps (rounded), unless
+    # warmup_steps >= 0 sets it in steps (which must be < total_steps)
+    config.warmup_steps = -1
+    config.warmup_fraction = 0.05
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 1e-3   # peak AdamW learning rate, cosine to 0 at the end

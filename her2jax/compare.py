@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         RunFolder(args.run_a).eval_dir(args.split)
         / f"compare_{epath.Path(args.run_b).name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    files.write_json(out, dict(result, split=args.split), indent=2, allow_nan=True)
+    files.write_json(out, dict(result, split=args.split), indent=2)
     level = int(round(args.level * 100))
     print(f"{args.split}, {result['patients']} patients ({result['positives']} HER2-positive)")
     print(f"  A {args.run_a}: AUC {result['auc_a']:.3f}")

@@ -306,7 +306,7 @@ def run(args: argparse.Namespace) -> str:
             out / "results.json",
             [{"model": r["model"], "normalization": r["normalization"],
               "workdir": str(r["workdir"]), "patient": r["metrics"]["patient"]} for r in rows],
-            indent=2, allow_nan=True)
+            indent=2)
         roc_all(rows, out / "roc_all.png")
         montages = []
         for normalization, data_dir in datasets.items():

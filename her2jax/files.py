@@ -11,6 +11,7 @@ are written whole by one upload, which the store makes visible at once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from typing import Any
@@ -47,9 +48,55 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+# why a figure is undefined, written beside it as "<key>_undefined" (by the figure's definition)
+UNDEFINED = {
+    "auc": "one class only", "auc_ci_low": "one class only", "auc_ci_high": "one class only",
+    "slice_auc": "one class only", "balanced_accuracy": "one class only",
+    "sensitivity": "no positive cases", "specificity": "no negative cases",
+    "ppv": "no positive predictions", "npv": "no negative predictions",
+    "f1": "no positive cases and no positive predictions",
+    "brier": "no cases", "expected_calibration_error": "no cases",
+}
+
+
+def strict(value: Any) -> Any:
+    """`value` as strict JSON can hold it: every NaN or infinite number (Python or numpy) becomes
+    None (null), with `"<key>_undefined": reason` beside it in its object when the key is a
+    figure of UNDEFINED; numpy scalars and arrays become Python numbers and lists."""
+    if isinstance(value, dict):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            out[key] = strict(item)
+            if out[key] is None and _non_finite(item) and key in UNDEFINED \
+                    and f"{key}_undefined" not in value:
+                out[f"{key}_undefined"] = UNDEFINED[key]
+        return out
+    if isinstance(value, (list, tuple)):
+        return [strict(item) for item in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):    # numpy
+        return strict(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _non_finite(value: Any) -> bool:
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """Strict JSON (`strict`; never NaN or Infinity, which most JSON readers refuse)."""
+    options.pop("allow_nan", None)
+    return json.dumps(strict(value), allow_nan=False, **options)
+
+
 def write_json(path: str | os.PathLike, value: Any, **options: Any) -> None:
-    """`json.dumps(value, **options)` into `path` atomically, with a final newline."""
-    write_text(path, json.dumps(value, **options) + "\n")
+    """`value` as strict JSON (`json_text`) into `path` atomically, with a final newline. Every
+    JSON file the project writes goes through here or `json_text`."""
+    write_text(path, json_text(value, **options) + "\n")
 
 
 def check_folder(path: str | os.PathLike, what: str) -> None:

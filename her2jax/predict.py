@@ -20,11 +20,11 @@ A research tool: not a medical device.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from etils import epath
 
+from her2jax import files
 from her2jax.analysis.prediction import LAYOUTS, breastdcedl_patient, identity_affine, predict
 from her2jax.errors import UserError
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     warning = layout_warning(args.pre, result["inputs"]["layout"])
     if warning:
         print(warning, file=sys.stderr)
-    print(json.dumps(result, indent=2))
+    print(files.json_text(result, indent=2))
     return 0
 
 

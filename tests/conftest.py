@@ -93,6 +93,33 @@ def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
         writer.writerows(rows)
 
 
+def strict_json(path) -> object:
+    """A .json file's value or a .jsonl file's list of values, read as strict JSON: NaN,
+    Infinity and -Infinity, which most JSON readers refuse, fail the test naming the file."""
+    import json
+
+    def refuse(constant):
+        raise AssertionError(f"{path}: {constant} is not JSON")
+
+    text = open(path, encoding="utf-8").read()
+    if str(path).endswith(".jsonl"):
+        return [json.loads(line, parse_constant=refuse) for line in text.splitlines()
+                if line.strip()]
+    return json.loads(text, parse_constant=refuse)
+
+
+def assert_strict_json_tree(folder) -> list[str]:
+    """Every .json and .jsonl file under `folder` is strict JSON; returns their names."""
+    found = []
+    for path, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith((".json", ".jsonl")):
+                strict_json(os.path.join(path, name))
+                found.append(name)
+    assert found, f"no JSON file under {folder}"
+    return found
+
+
 def prepare_args(source: str, data_dir: str, *extra: str) -> list[str]:
     return ["--source", source, "--data_dir", data_dir, "--image_size", "16", "--workers", "1",
             "--quiet", *extra]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from configs import resnet
-from conftest import write_cohort
+from conftest import assert_strict_json_tree, strict_json, write_cohort
 from data_prep import prepare
 from her2jax import compare, evaluate, predict
 from her2jax.analysis import comparison, evaluation, prediction, stats
@@ -71,7 +71,8 @@ def test_files_and_every_metric_against_sklearn(setup):
     for name in ("metrics.json", "predictions.csv", "slice_predictions.csv", "roc.png",
                  "calibration.png", "report.md"):
         assert os.path.getsize(os.path.join(folder, name)) > 0, name
-    assert json.load(open(os.path.join(folder, "metrics.json")))["step"] == result["step"]
+    assert strict_json(os.path.join(folder, "metrics.json"))["step"] == result["step"]
+    assert_strict_json_tree(setup["run_a"])     # metrics.jsonl, config.json, the thresholds
     patients = read_csv(os.path.join(folder, "predictions.csv"))
     slices = read_csv(os.path.join(folder, "slice_predictions.csv"))
     assert sorted(p["patient_id"] for p in patients) == ["T-000", "T-001", "T-002", "T-006"]
@@ -366,13 +367,14 @@ def test_predict_reports_bad_input_by_file(setup, tmp_path, capsys):
 def test_compare_runs_a_paired_delong_test(setup, tmp_path, capsys):
     assert compare.main([setup["run_a"], setup["run_b"], "--out",
                          str(tmp_path / "c.json")]) == 0
-    result = json.load(open(tmp_path / "c.json"))
+    result = strict_json(tmp_path / "c.json")
     a = comparison.read_predictions(setup["run_a"], "test")
     b = comparison.read_predictions(setup["run_b"], "test")
     ids = sorted(a)
     expected = stats.delong_paired_test([a[i][0] for i in ids], [a[i][1] for i in ids],
                                         [b[i][1] for i in ids])
-    assert result["p_value"] == pytest.approx(expected["p_value"], nan_ok=True)
+    assert (np.nan if result["p_value"] is None else result["p_value"]) == pytest.approx(
+        expected["p_value"], nan_ok=True)
     assert result["difference"] == pytest.approx(expected["auc_a"] - expected["auc_b"])
     assert "paired DeLong" in capsys.readouterr().out
     with pytest.raises(ValueError, match="different patients"):

@@ -3,7 +3,6 @@ tumours enhance): overlays are written, the heat maps are not constant, and Grad
 positive logit sits on the tumour more than around it."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import resnet
-from conftest import write_cohort
+from conftest import strict_json, write_cohort
 from her2jax import explain
 from her2jax.analysis import explanation, prediction
 from her2jax.training import loop as train
@@ -49,7 +48,7 @@ def test_overlays_and_grad_cam_on_the_tumour(trained, capsys):
         "Grad-CAM", "Grad-CAM layer3", "gate attention.spatial"]
     assert all("mean heat inside / outside the tumour" in line for line in printed[:3])
     assert printed[3].startswith("12 overlays of 3 patients in ")
-    summary = json.load(open(os.path.join(out, "explain.json")))
+    summary = strict_json(os.path.join(out, "explain.json"))
     assert summary["patients"] == ["T-000", "T-001", "T-006"]     # +, -, + alternately
     assert len(summary["slices"]) == 12                           # 4 slices each
     for entry in summary["slices"]:

@@ -133,3 +133,27 @@ def test_a_folder_without_write_permission_is_refused_in_one_line(tmp_path):
         locked.chmod(0o755)
     assert result.returncode == 1, result.stderr
     assert result.stderr == f"error: --data_dir {target}: no permission to write in {locked}\n"
+
+
+def test_json_is_written_strict_with_the_reason_of_each_undefined_figure(tmp_path):
+    """NaN and infinities (Python or numpy) become null, with the reason beside a known figure;
+    a strict parser reads the file back."""
+    import json
+    import math
+
+    import numpy as np
+
+    from conftest import strict_json
+
+    value = {"auc": 0.75, "ppv": math.nan, "rates": [np.float32(0.5), np.inf],
+             "patient": {"npv": np.float64("nan"), "counts": np.array([1, 2])},
+             "custom": -math.inf, "threshold": {"value": 0.3}}
+    files.write_json(tmp_path / "m.json", value, indent=2, allow_nan=True)
+    assert strict_json(tmp_path / "m.json") == {
+        "auc": 0.75, "ppv": None, "ppv_undefined": "no positive predictions",
+        "rates": [0.5, None],
+        "patient": {"npv": None, "npv_undefined": "no negative predictions", "counts": [1, 2]},
+        "custom": None, "threshold": {"value": 0.3}}
+    line = files.json_text({"step": 3, "split": "validation", "auc": math.nan})
+    assert json.loads(line) == {"step": 3, "split": "validation", "auc": None,
+                                "auc_undefined": "one class only"}

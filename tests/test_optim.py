@@ -315,3 +315,33 @@ def test_auto_member_layout_is_vmap_on_cpus_and_map_elsewhere():
     assert steps.member_layout_of("map", "cpu") == "map"
     with pytest.raises(ValueError, match="member layout"):
         steps.member_layout_of("grouped")
+
+
+def test_the_default_warm_up_is_a_fraction_of_the_run_and_explicit_steps_must_fit():
+    """A short run needs no second flag; warmup_steps given in steps is still checked."""
+    from configs import resnet
+    from her2jax.errors import InvalidSetting
+    from her2jax.training import loop, optim
+
+    config = resnet.get_config("resnet18")
+    assert config.warmup_steps == -1
+    config.total_steps = 30
+    loop.check_config(config)                          # --config.total_steps=30 alone
+    assert optim.warmup_of(config) == 2                # round(0.05 * 30)
+    config.total_steps = 2000
+    assert optim.warmup_of(config) == 100
+    config.total_steps, config.warmup_fraction = 3, 0.9
+    assert optim.warmup_of(config) == 2                # below total_steps, whatever the fraction
+    config.warmup_fraction, config.warmup_steps, config.total_steps = 0.05, 40, 30
+    with pytest.raises(InvalidSetting, match=r"warmup_steps \(40\) must be in \[0, total_steps"):
+        loop.check_config(config)
+    config.warmup_steps = 10
+    loop.check_config(config)
+    assert optim.warmup_of(config) == 10
+    config.warmup_steps, config.warmup_fraction = -1, 1.5
+    with pytest.raises(InvalidSetting, match="warmup_fraction"):
+        loop.check_config(config)
+    # a run recorded before warmup_fraction existed: 5%
+    del config["warmup_fraction"]
+    config.total_steps = 200
+    assert optim.warmup_of(config) == 10

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import write_cohort
+from conftest import assert_strict_json_tree, write_cohort
 from launch import collect, packs, sweep
 from launch.spec import Run
 from test_evaluate import SPLITS
@@ -125,6 +125,11 @@ def test_lr_search_trains_as_one_pack_and_collects_every_run(tmp_path, capsys):
         metrics = json.load(open(os.path.join(entry["workdir"], "eval", "test", "metrics.json")))
         row = next(r for r in result["rows"] if r["configuration"] == entry["group"])
         assert row["test_auc_mean"] == pytest.approx(metrics["patient"]["auc"], nan_ok=True)
+    # every JSON file the sweep wrote (manifest, runs' configs and logs, evaluations, the
+    # datasets' reports and the leaderboard's folder) is strict JSON
+    written = set(assert_strict_json_tree(sweep_dir))
+    assert {"manifest.json", "metrics.jsonl", "metrics.json", "config.json",
+            "metadata.json"} <= written, written
     # the relaunch finds every run finished and starts nothing
     assert sweep.main(args) == 0
     out = capsys.readouterr().out

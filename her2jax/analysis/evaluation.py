@@ -247,7 +247,7 @@ def validation_threshold(restored: Any, *, aggregation: str, batch_size: int,
     cached[key] = entry
     if _writer():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        files.write_json(cache, cached, indent=2, allow_nan=True)
+        files.write_json(cache, cached, indent=2)
     return entry
 
 
@@ -300,7 +300,7 @@ def evaluate_run(workdir: str, *, split: str = "test", data_dir: str | None = No
         return result
     folder = epath.Path(out) if out else RunFolder(workdir).eval_dir(split, checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
-    files.write_json(folder / "metrics.json", result, indent=2, allow_nan=True)
+    files.write_json(folder / "metrics.json", result, indent=2)
     table = patient_table(slices, aggregation)
     decisions = (table["probability"] >= chosen["threshold"]).astype(int)
     _write_csv(folder / "predictions.csv",

@@ -127,7 +127,7 @@ def explain_run(workdir: str, *, split: str = "test", patients: int = 4,
                "split": split, "patients": chosen, "slices": entries,
                "patients_asked": patients if patient_ids is None else list(patient_ids),
                "mean_concentration_ratio": _mean_ratio(entries)}
-    files.write_json(folder / "explain.json", summary, indent=2, allow_nan=True)
+    files.write_json(folder / "explain.json", summary, indent=2)
     summary["folder"] = str(folder)
     return summary
 

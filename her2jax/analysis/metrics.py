@@ -280,7 +280,7 @@ def patient_report(patient_ids: Sequence, probabilities: np.ndarray, labels: np.
     tp, fp, tn, fn, threshold), `majority_accuracy` and `majority_class` (majority_baseline),
     the counts `patients`, `positives`, `negatives`, and `aggregation`. `slice_auc` and
     `slices` describe the valid slices before aggregation. Values are Python floats, ints and
-    strings; undefined metrics are NaN, so serialise with json.dumps(..., allow_nan=True).
+    strings; undefined metrics are NaN (her2jax.files writes them as null, with the reason).
     """
     ids, patient_probs, patient_labels = aggregate_patients(
         patient_ids, probabilities, labels, method=method, valid=valid)

@@ -46,13 +46,14 @@ DTYPES = ("float32", "bfloat16")
 # layout (the same function, computed another way). Any other
 # difference makes another experiment, refused by `check_relaunch`.
 RELAUNCH_KEYS = frozenset({
-    "total_steps", "warmup_steps", "log_every_steps", "eval.every_steps", "eval.batch_size",
+    "total_steps", "warmup_steps", "warmup_fraction", "log_every_steps", "eval.every_steps",
+    "eval.batch_size",
     "checkpoint.every_steps", "checkpoint.keep", "data_dir", "model.kwargs.attention_kernel",
     "pack_layout", "pack_devices"})
 # Keys added after runs may have started, with the value that does what those runs did: absent
 # from a run's config.json and at this value, a key is no difference.
 ADDED_KEYS = {"input.augment_on": "host", "input.source": "tfrecord", "pack_layout": "auto",
-              "pack_devices": "auto"}
+              "pack_devices": "auto", "warmup_fraction": 0.05}
 PACK_DEVICES = ("auto", "data", "members")
 
 
@@ -93,9 +94,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if flat[key] < 1:
             raise InvalidSetting(f"config.{key} must be at least 1, got {flat[key]}")
     resident.check_source(config.input.source, config.input.augment_on)
-    if not 0 <= config.warmup_steps < config.total_steps:
+    if config.warmup_steps >= 0 and not config.warmup_steps < config.total_steps:
         raise InvalidSetting(f"config.warmup_steps ({config.warmup_steps}) must be in "
-                             f"[0, total_steps ({config.total_steps}))")
+                             f"[0, total_steps ({config.total_steps})), or -1 for "
+                             f"warmup_fraction of the run")
+    if config.warmup_steps < -1 or not 0 <= config.get("warmup_fraction", 0.05) < 1:
+        raise InvalidSetting(f"config.warmup_steps ({config.warmup_steps}) must be -1 (warm up "
+                             f"for warmup_fraction of the run) or a number of steps, and "
+                             f"warmup_fraction ({config.get('warmup_fraction')}) in [0, 1)")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -370,7 +376,7 @@ def train_pack(configs: list[ml_collections.ConfigDict], workdirs: list[str]
     optimizer = optim.factory(config, states[0]["params"])
     for state, hyper in zip(states, hypers):
         state["opt_state"] = optimizer(hyper).init(state["params"])
-    schedules = [learning_rate_schedule(member.optimizer.learning_rate, member.warmup_steps,
+    schedules = [learning_rate_schedule(member.optimizer.learning_rate, optim.warmup_of(member),
                                         member.total_steps) for member in configs]
     class_weights = None
     if any(member.loss.class_weights for member in configs):

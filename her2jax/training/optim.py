@@ -93,6 +93,15 @@ def hyperparameters(config: Any) -> dict[str, float]:
     return values
 
 
+def warmup_of(config: Any) -> int:
+    """The run's warm-up in steps: `warmup_steps` when it is >= 0, else `warmup_fraction` (a
+    run recorded before it existed: 0.05) of `total_steps`, rounded, and below `total_steps`."""
+    if config.warmup_steps >= 0:
+        return int(config.warmup_steps)
+    fraction = config.get("warmup_fraction", 0.05)
+    return max(0, min(config.total_steps - 1, int(round(fraction * config.total_steps))))
+
+
 def factory(config: Any, params: Any) -> Any:
     """hyper -> `create_optimizer` with the config's other settings and the learning rate, weight
     decay and betas of `hyper` (scalars, traced inside a compiled step). The optimiser state has
@@ -101,7 +110,7 @@ def factory(config: Any, params: Any) -> Any:
 
     def build(hyper: Any) -> optax.GradientTransformation:
         return create_optimizer(
-            shapes, learning_rate=hyper["learning_rate"], warmup_steps=config.warmup_steps,
+            shapes, learning_rate=hyper["learning_rate"], warmup_steps=warmup_of(config),
             total_steps=config.total_steps, weight_decay=hyper["weight_decay"],
             grad_clip_norm=config.optimizer.grad_clip_norm or None, b1=hyper["b1"],
             b2=hyper["b2"], backbone_multiplier=config.optimizer.backbone_multiplier,
@@ -114,7 +123,7 @@ def from_config(config: Any, params: Any) -> optax.GradientTransformation:
     """`create_optimizer` with a run config's settings (`config.optimizer`, warm-up and length)."""
     return create_optimizer(
         params, learning_rate=config.optimizer.learning_rate,
-        warmup_steps=config.warmup_steps, total_steps=config.total_steps,
+        warmup_steps=warmup_of(config), total_steps=config.total_steps,
         weight_decay=config.optimizer.weight_decay,
         grad_clip_norm=config.optimizer.grad_clip_norm or None, b1=config.optimizer.b1,
         b2=config.optimizer.b2, backbone_multiplier=config.optimizer.backbone_multiplier,

@@ -59,7 +59,7 @@ class RunLog:
             timespec="seconds"), "step": step, "changed": changes}
         path = self.run.launches_file    # rewritten whole: object stores cannot append
         files.write_text(path, (path.read_text(encoding="utf-8") if path.exists() else "")
-                         + json.dumps(record) + "\n")
+                         + files.json_text(record) + "\n")
         if changes:
             self.message("changed since the last launch (see launches.jsonl): " + ", ".join(
                 f"{key} {json.dumps(old)} -> {json.dumps(new)}"
@@ -72,7 +72,7 @@ class RunLog:
     def _append(self, record: dict[str, Any]) -> None:
         """One JSON line; `elapsed_seconds` counts from this process's start of the run."""
         record = dict(record, elapsed_seconds=round(time.perf_counter() - self._start, 2))
-        line = json.dumps(record, allow_nan=True) + "\n"
+        line = files.json_text(record) + "\n"
         path = self.run.metrics_file
         if not self._remote:
             with path.open("a") as handle:
