@@ -10,11 +10,13 @@
 
 A run is a config file (with its variant), `--config.*` overrides, a seed and the name of a data
 variant. Its name is stable: the same definition gives the same name in every session, so a
-relaunch finds the runs already done. Names read as `<variant>-<key>=<value>...-s<seed>`,
-shortened with a hash when long.
+relaunch finds the runs already done. The launcher names runs by what sets them apart from the
+sweep's other runs (`readable_names`: `<variant>-<alias>=<value>...-s<seed>`); a Run on its
+own is named by every setting (`Run.full_group`), shortened with a hash when long.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -45,17 +47,29 @@ class Run:
     overrides: tuple[tuple[str, Any], ...] = ()  # (("optimizer.learning_rate", 1e-3), ...)
     seed: int = 0
     data: str | None = None                      # a key of Sweep.data
+    # the name its sweep gives it (`readable_names`): what sets it apart from the sweep's other
+    # runs; None: the full name of every setting (`full_group`)
+    label: str | None = dataclasses.field(default=None, compare=False)
 
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.overrides)
 
     @property
+    def variant(self) -> str:
+        return _slug(self.config.rsplit(":", 1)[-1] if ":" in self.config else
+                     self.config.rsplit("/", 1)[-1].removesuffix(".py"))
+
+    @property
     def group(self) -> str:
         """The configuration without its seed: runs of one group differ only by seed."""
-        variant = self.config.rsplit(":", 1)[-1] if ":" in self.config else \
-            self.config.rsplit("/", 1)[-1].removesuffix(".py")
-        parts = [_slug(variant)]
+        return self.label or self.full_group
+
+    @property
+    def full_group(self) -> str:
+        """Every setting in the name, hashed when long (the names of sweeps launched before
+        `readable_names`: their folders keep these)."""
+        parts = [self.variant]
         if self.data:
             parts.append(f"data={_slug(self.data)}")
         shorts = [_short(key) for key, _ in self.overrides]
@@ -168,6 +182,68 @@ def _run(point: Mapping[str, Any]) -> Run:
     seed = int(point.pop("seed", 0))
     data = point.pop("data", None)
     return Run(config=config, overrides=tuple(sorted(point.items())), seed=seed, data=data)
+
+
+# short names of the keys sweeps vary most
+ALIASES = {"model.name": "model", "optimizer.learning_rate": "lr", "optimizer.weight_decay": "wd",
+           "model.kwargs.dropout": "drop", "loss.label_smoothing": "ls", "optimizer.b1": "b1",
+           "optimizer.b2": "b2", "model.kwargs.attention": "att", "model.kwargs.placement": "place",
+           "model.kwargs.head": "head", "init.pretrained": "init",
+           "batch_size": "bs", "total_steps": "steps", "loss.class_weights": "cw",
+           "input.balance": "balance", "model.kwargs.drop_path": "dp"}
+
+
+def readable_names(runs: Sequence[Run]) -> list[Run]:
+    """The runs labelled with what sets each configuration apart from the others of the sweep:
+    the config variant, then each key whose value differs between configurations (data
+    variant, overrides), as `alias=value` with short aliases (lr, wd, drop, ls, ...) and compact
+    values (3.2e-04 -> 0.00032, a weight file -> its name, '' -> none). Keys every run shares
+    (a `--set`) are left out. Names depend only on the runs' definitions, so the same sweep
+    gives the same names in every launch; configurations the compact values cannot tell apart
+    get a short hash."""
+    def identity(run: Run) -> str:
+        return json.dumps(run._identity(with_seed=False), sort_keys=True, default=str)
+
+    groups: dict[str, Run] = {}
+    for run in runs:
+        groups.setdefault(identity(run), run)
+    order = list(ALIASES)
+    keys = ["data"] + sorted({key for run in groups.values() for key, _ in run.overrides},
+                             key=lambda key: (order.index(key) if key in order else len(order),
+                                              key))
+    varying = [key for key in keys
+               if len({repr(_value_of(run, key)) for run in groups.values()}) > 1]
+    shorts = [ALIASES.get(key) or _short(key) for key in varying]
+    labels = {}
+    for group, run in groups.items():
+        parts = [run.variant]
+        for key, short in zip(varying, shorts):
+            name = short if shorts.count(short) == 1 else key
+            parts.append(f"{name}={_compact(_value_of(run, key))}")
+        labels[group] = "-".join(parts)
+    counts = collections.Counter(labels.values())
+    for group, label in labels.items():
+        if counts[label] > 1 or len(label) > MAX_NAME:
+            digest = hashlib.sha1(group.encode()).hexdigest()[:8]
+            labels[group] = f"{label[:MAX_NAME - 9]}~{digest}"
+    return [dataclasses.replace(run, label=labels[identity(run)]) for run in runs]
+
+
+def _value_of(run: Run, key: str) -> Any:
+    return run.data if key == "data" else run.settings.get(key)
+
+
+def _compact(value: Any) -> str:
+    if value is None or value == "":
+        return "none"
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return _slug(f"{value:.4g}")
+        mantissa, exponent = f"{value:.3e}".split("e")
+        return f"{float(mantissa):g}e{int(exponent)}"          # 8.11e-05 -> 8.11e-5
+    if isinstance(value, str) and ("/" in value or value.endswith(".safetensors")):
+        value = value.rstrip("/").rsplit("/", 1)[-1].removesuffix(".safetensors")
+    return _slug(value)
 
 
 def _short(key: str) -> str:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import fnmatch
 import json
@@ -194,6 +195,21 @@ def dataset_path(data_root: str, options: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- the plan
 
+def _names_already_used(runs: list[Run], sweep_dir: str) -> list[Run]:
+    """A sweep folder started before readable names keeps its runs' names: a run its manifest
+    lists under the full name (`Run.full_group`) and not under the readable one keeps the full
+    name, so its folder, checkpoints and results are found."""
+    if "://" in sweep_dir:
+        return runs
+    manifest = read_manifest(sweep_dir)
+    if not manifest:
+        return runs
+    known = {entry.get("name") for entry in manifest.get("runs", [])}
+    return [dataclasses.replace(run, label=None)
+            if run.name not in known and f"{run.full_group}-s{run.seed}" in known else run
+            for run in runs]
+
+
 class Plan:
     """The runs of a sweep with their folders, commands and manifest entries."""
 
@@ -217,7 +233,8 @@ class Plan:
                                      f"({', '.join(sorted(values))}); setting it would make its "
                                      f"runs one and the same (narrow the sweep with --only "
                                      f"instead)")
-        runs = [with_settings(run, settings or {}) for run in sweep.runs]
+        runs = spec.readable_names([with_settings(run, settings or {}) for run in sweep.runs])
+        runs = _names_already_used(runs, self.sweep_dir)
         if only:
             runs = [run for run in runs if fnmatch.fnmatch(run.name, only)
                     or fnmatch.fnmatch(run.name, f"*{only}*")]
@@ -324,7 +341,7 @@ def write_manifest(sweep_dir: str, manifest: dict[str, Any]) -> None:
     folder = epath.Path(sweep_dir)
     folder.mkdir(parents=True, exist_ok=True)
     manifest["updated"] = _now()
-    files.write_text(folder / "manifest.json", json.dumps(manifest, indent=2, default=str))
+    files.write_json(folder / "manifest.json", manifest, indent=2, default=str)
 
 
 def _now() -> str:

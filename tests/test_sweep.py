@@ -169,7 +169,7 @@ def test_slurm_dry_run_line_by_line(sweep_file, capsys):
                        "--source", "/data/cohort", "--sweep_dir", "/scratch/sw",
                        "--repo", "/home/u/her2jax", "--partition", "gpu",
                        "--gpus_per_task", "1", "--nodes", "2"]) == 0
-    run0, run1 = "resnet18-data=q98-attention=none-s0", "resnet18-data=q98-attention=dual-s0"
+    run0, run1 = "resnet18-att=none-s0", "resnet18-att=dual-s0"
     data = f"/scratch/sw/data/her2_dce/{Q98}"
 
     def train(run, attention):
@@ -235,7 +235,7 @@ def test_tpu_dry_run_line_by_line(sweep_file, capsys):
                        "*dual*", "--tpu_name", "h2", "--zone", "europe-west4-a",
                        "--accelerator", "v5litepod-16", "--repo", "/home/u/her2jax"]) == 0
     archive = os.path.join(tempfile.gettempdir(), "her2jax-h2.tar.gz")
-    run = "resnet18-data=q98-attention=dual-s0"
+    run = "resnet18-att=dual-s0"
     ssh = "gcloud compute tpus tpu-vm ssh h2 --zone=europe-west4-a"
     expected = [
         "gcloud compute tpus queued-resources create h2-qr --node-id=h2 --zone=europe-west4-a "
@@ -288,8 +288,8 @@ def test_finished_runs_are_skipped_and_failed_ones_retried_on_request(sweep_file
                                                                       capsys):
     sweep_dir = str(tmp_path / "sw")
     args = ["--sweep", sweep_file, "--sweep_dir", sweep_dir, "--source", "c", "--dry_run"]
-    done = "resnet18-data=q98-attention=none-s0"
-    failed = "resnet18-data=q98-attention=dual-s0"
+    done = "resnet18-att=none-s0"
+    failed = "resnet18-att=dual-s0"
     os.makedirs(os.path.join(sweep_dir, "runs", done, "eval", "test"))
     with open(os.path.join(sweep_dir, "runs", done, "eval", "test", "metrics.json"), "w") as f:
         f.write("{}")
@@ -306,6 +306,45 @@ def test_finished_runs_are_skipped_and_failed_ones_retried_on_request(sweep_file
     out = capsys.readouterr().out
     assert f"train {failed}: " in out and f"evaluate {failed}: " in out
     assert f"train {done}" not in out
+
+
+def test_run_names_hold_what_varies_and_old_sweep_folders_keep_theirs(tmp_path, capsys):
+    """lr_search:4 with --set keys: the names carry the varying keys with short aliases and
+    compact values, none of the keys every run shares, and are the same in every launch; a
+    sweep folder whose manifest lists the full names keeps them."""
+    sweep_dir = str(tmp_path / "sw")
+    args = ["--sweep", "configs/sweeps/lr_search.py:4", "--sweep_dir", sweep_dir,
+            "--source", "c", "--pack", "off", "--set", "batch_size=8",
+            "--set", "eval.every_steps=20", "--set", "checkpoint.every_steps=20"]
+    plan = sweep.build_plan(sweep.parse_args(args))
+    names = [run.name for run in plan.runs]
+    assert len(set(names)) == 4
+    for run, name in zip(plan.runs, names):
+        settings = run.settings
+        assert name == (f"resnet18-lr={_compact(settings['optimizer.learning_rate'])}-"
+                        f"wd={_compact(settings['optimizer.weight_decay'])}-"
+                        f"drop={settings['model.kwargs.dropout']:g}-"
+                        f"ls={settings['loss.label_smoothing']:g}-s0")
+        for common in ("batch_size", "every_steps", "q98", "init", "pretrained", "~"):
+            assert common not in name
+    assert names[0] == "resnet18-lr=8.11e-5-wd=1.02e-4-drop=0.5-ls=0.15-s0"
+    assert [run.name for run in sweep.build_plan(sweep.parse_args(args)).runs] == names
+    # collect's rows use the same names
+    manifest = plan.manifest()
+    assert [entry["name"] for entry in manifest["runs"]] == names
+    assert {entry["group"] for entry in manifest["runs"]} == {n[:-3] for n in names}
+    # a folder launched with the full names keeps them
+    for entry, run in zip(manifest["runs"], plan.runs):
+        entry["name"] = f"{run.full_group}-s{run.seed}"
+    sweep.write_manifest(sweep_dir, manifest)
+    kept = sweep.build_plan(sweep.parse_args(args)).runs
+    assert [run.name for run in kept] == [entry["name"] for entry in manifest["runs"]]
+    assert all("batch_size=8" in run.name for run in kept)
+
+
+def _compact(value: float) -> str:
+    mantissa, exponent = f"{value:.3e}".split("e")
+    return f"{value:.4g}" if value >= 1e-3 else f"{float(mantissa):g}e{int(exponent)}"
 
 
 def test_set_refuses_a_key_the_sweep_varies(sweep_file, tmp_path, capsys):
