@@ -1,15 +1,16 @@
 """Convert ImageNet weights:
-`python -m her2jax.convert --source torchvision|timm|hf|hf-cvt --arch NAME IN OUT`.
+`python -m her2jax.convert --source torchvision|timm|hf|hf-cvt|timm-swin --arch NAME IN OUT`.
 
 IN is a torchvision ResNet state dict (`.pth`), a timm ViT checkpoint (`.safetensors` or `.pth`),
-a HuggingFace ViT / ViT-MAE checkpoint (`.safetensors` or `.bin`) or, with `hf-cvt` and
-`--arch cvt13`, a HuggingFace CvT-13 checkpoint (`CvtForImageClassification`, `.safetensors` or
-`.bin`). OUT is a converted file that training loads with one config key
-(`config.init.pretrained = OUT`). The conversion is checked against the registered model `NAME`
-with the checkpoint's own class count, and the report lists loaded, missing and unused keys; a
-checkpoint that leaves parameters outside the head missing or of another shape, or holds
-parameters outside the head that the model has no place for, is refused (another architecture),
-unless `--allow_partial`.
+a HuggingFace ViT / ViT-MAE checkpoint (`.safetensors` or `.bin`), with `hf-cvt` and
+`--arch cvt13` a HuggingFace CvT-13 checkpoint (`CvtForImageClassification`, `.safetensors` or
+`.bin`) or, with `timm-swin` and `--arch swin_tiny_patch4_window7`, a timm Swin-T checkpoint
+(`swin_tiny_patch4_window7_224`, `.safetensors` or `.pth`). OUT is a converted file that
+training loads with one config key (`config.init.pretrained = OUT`). The conversion is checked
+against the registered model `NAME` with the checkpoint's own class count, and the report lists
+loaded, missing and unused keys; a checkpoint that leaves parameters outside the head missing or
+of another shape, or holds parameters outside the head that the model has no place for, is
+refused (another architecture), unless `--allow_partial`.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, choices=weights.SOURCES)
     parser.add_argument("--arch", required=True,
-                        help="registered model name (resnet50, vit_small_patch16, cvt13, ...); "
-                             "timm names such as vit_small_patch16_224 are accepted")
+                        help="registered model name (resnet50, vit_small_patch16, cvt13, "
+                             "swin_tiny_patch4_window7, ...); timm names such as "
+                             "vit_small_patch16_224 are accepted")
     parser.add_argument("input", help="PyTorch checkpoint")
     parser.add_argument("output", help="converted file (.safetensors)")
     parser.add_argument("--allow_partial", action="store_true",

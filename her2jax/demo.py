@@ -188,8 +188,82 @@ def roc_all(rows: list[dict[str, Any]], path: epath.Path) -> None:
         plots.roc_figure(curves, path, title="test split, patient level")
 
 
+def showcased(workdir: epath.Path, count: int) -> list[str]:
+    """The patients whose Grad-CAM the report shows, by rule: test patients the run classifies
+    correctly at the validation threshold, HER2+ and HER2- alternately (HER2+ first), each
+    class in patient-id order (a run that classifies none correctly: every test patient)."""
+    import csv
+
+    path = RunFolder(workdir).eval_dir("test") / "predictions.csv"
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    right = [row for row in rows if row["decision"] == row["label"]] or rows
+    groups = [sorted(row["patient_id"] for row in right if row["label"] == label)
+              for label in ("1", "0")]
+    chosen: list[str] = []
+    while len(chosen) < count and any(groups):
+        for group in groups:
+            if group and len(chosen) < count:
+                chosen.append(group.pop(0))
+    return chosen
+
+
+def heat_figures(workdir: epath.Path, chosen: list[str]) -> dict[str, Any]:
+    """Per heat map, over the slices of the showcased patients and of every test patient:
+    the median ratio of the mean heat inside the tumour to the mean heat around it (the rest
+    of the crop, which is the tumour box plus its margin: 1 = no preference), the mean share
+    of the heat inside the tumour and the mean share of the image the tumour covers (what an
+    even map would give)."""
+    import numpy as np
+
+    from her2jax.analysis import maps as heat_maps
+    from her2jax.data import pipeline as input_pipeline
+
+    restored = RunFolder(workdir).restore("best")
+    examples = input_pipeline.read_examples(restored.config.data_dir, "test")
+    figures: dict[str, Any] = {}
+    per_map: dict[str, list[tuple[bool, float, float, float]]] = {}
+    for start in range(0, len(examples["image"]), 128):
+        images = examples["image"][start:start + 128]
+        masks = examples["mask"][start:start + 128] > 0
+        for name, values in explanation.heat_maps(restored.model, images).items():
+            for i, mask in enumerate(masks):
+                per_map.setdefault(name, []).append((
+                    str(examples["patient_id"][start + i]) in chosen,
+                    heat_maps.concentration_ratio(values[i], mask),
+                    heat_maps.inside_fraction(values[i], mask), float(mask.mean())))
+    for name, rows in per_map.items():
+        figures[name] = {}
+        for scope, keep in (("showcased", lambda row: row[0]), ("all", lambda row: True)):
+            chosen_rows = np.array([row[1:] for row in rows if keep(row)], np.float64)
+            figures[name][scope] = {
+                "slices": int(len(chosen_rows)),
+                "inside_over_around_median": float(np.nanmedian(chosen_rows[:, 0]))
+                if np.isfinite(chosen_rows[:, 0]).any() else None,
+                "heat_inside_mean": float(np.nanmean(chosen_rows[:, 1]))
+                if np.isfinite(chosen_rows[:, 1]).any() else None,
+                "tumour_area_mean": float(chosen_rows[:, 2].mean())}
+    return {"maps": figures, "image_size": int(examples["image"].shape[1])}
+
+
+def heat_table(heat: dict[str, Any]) -> list[str]:
+    lines = ["| map | showcased: inside / around | heat inside | tumour area | all test "
+             "slices: inside / around | heat inside | tumour area |",
+             "|---|---|---|---|---|---|---|"]
+    for name, scopes in heat["maps"].items():
+        cells = []
+        for scope in ("showcased", "all"):
+            figure = scopes[scope]
+            cells += [format_number(figure["inside_over_around_median"], 2),
+                      format_number(figure["heat_inside_mean"], 2),
+                      format_number(figure["tumour_area_mean"], 2)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(out: epath.Path, rows: list[dict[str, Any]], stages: list[dict[str, Any]],
-           args: argparse.Namespace, overlays: list[str], montages: list[str]) -> str:
+           args: argparse.Namespace, overlays: list[str], montages: list[str],
+           heat: dict[str, Any] | None = None) -> str:
     first = rows[0]["metrics"]
     total = sum(s["seconds"] for s in stages)
     lines = [
@@ -220,8 +294,10 @@ def report(out: epath.Path, rows: list[dict[str, Any]], stages: list[dict[str, A
         "",
         "## Grad-CAM of the ResNet (per-channel q0.98) on test patients",
         "",
+        *(_gradcam_caption(heat, overlays) if heat else []),
         *[f"![{name}]({name})" for name in overlays],
         "",
+        *(heat_table(heat) + [""] if heat else []),
         "## Steps",
         "",
         "| step | seconds | |",
@@ -235,6 +311,24 @@ def report(out: epath.Path, rows: list[dict[str, Any]], stages: list[dict[str, A
     text = "\n".join(lines) + "\n"
     files.write_text(out / "report.md", text)
     return text
+
+
+def _gradcam_caption(heat: dict[str, Any], overlays: list[str]) -> list[str]:
+    size = heat["image_size"]
+    finer = explanation.finer_layer(size)
+    cells = [f"layer4 has {max(1, size // 32)} x {max(1, size // 32)} cells at {size} px"]
+    if finer is not None:
+        side = size // {3: 16, 2: 8, 1: 4}[finer]
+        cells.append(f"layer{finer}, {side} x {side} cells, localises")
+    return [f"Shown, by rule: the first correctly classified test patients of each class by "
+            f"patient id ({', '.join(heat['showcased'])}; HER2+ and HER2- alternately, decision "
+            f"at the validation threshold), the middle slice of each. In each picture: the "
+            f"slice with the tumour outline, Grad-CAM from layer4 ({'; '.join(cells)}), and "
+            f"the spatial-attention gate. The table gives, per map, the median ratio of the mean "
+            f"heat inside the tumour to the mean heat around it in the crop (1 = no "
+            f"preference), the mean share of the heat inside the tumour, and the share of the "
+            f"image the tumour covers (an even map's share), for the showcased patients and for "
+            f"every test slice.", ""]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -286,13 +380,17 @@ def run(args: argparse.Namespace) -> str:
 
         folder = out / "gradcam"
         resnet_run = out / "runs" / f"resnet18_{NORMALIZATIONS[0]}"
-        summary = cached(folder / "explain.json", resnet_run,
-                         patients_asked=args.explain_patients)
-        if summary is not None:
+        chosen = showcased(resnet_run, args.explain_patients)
+        summary = cached(folder / "explain.json", resnet_run, patients_asked=chosen)
+        heat = cached(folder / "heat.json", resnet_run, showcased=chosen)
+        if summary is not None and heat is not None:
             record["cached"] = True
         else:
             summary = explanation.explain_run(str(resnet_run), split="test",
-                                              patients=args.explain_patients, out=str(folder))
+                                              patient_ids=chosen, out=str(folder))
+            heat = dict(heat_figures(resnet_run, chosen), step=summary["step"],
+                        showcased=chosen)
+            files.write_json(folder / "heat.json", heat, indent=2)
         # one slice per patient in the report (the second of each, near the tumour's middle)
         seen: dict[str, list[str]] = {}
         for entry in summary["slices"]:
@@ -315,7 +413,7 @@ def run(args: argparse.Namespace) -> str:
                 name = f"qc_{normalization}.png"
                 files.write_bytes(out / name, montage.read_bytes())
                 montages.append(name)
-    report(out, rows, stages, args, overlays, montages)
+    report(out, rows, stages, args, overlays, montages, heat)
     return table
 
 

@@ -75,7 +75,7 @@ def test_sweep_refuses_duplicates_and_undeclared_data():
 
 
 @pytest.mark.parametrize("name, count", [("normalization", 42), ("n4", 6), ("attention", 192),
-                                         ("architectures", 24), ("lr_search", 24), ("crop", 12)])
+                                         ("architectures", 32), ("lr_search", 24), ("crop", 12)])
 def test_the_studys_sweeps_load(name, count):
     loaded = sweep.load_sweep(f"configs/sweeps/{name}.py")
     assert len(loaded.runs) == count

@@ -14,12 +14,12 @@ __all__ = ["create", "from_config", "names", "register"]
 def from_config(config, image_size: int):
     """The model a run's config describes: `config.model.name` with `config.model.kwargs`,
     `config.num_classes` outputs, compute dtype `config.dtype`, initialised from `config.seed`;
-    ViTs are built for `image_size` unless the kwargs say otherwise."""
+    ViTs and Swin are built for `image_size` unless the kwargs say otherwise."""
     import jax.numpy as jnp
     from flax import nnx
 
     kwargs = dict(config.model.kwargs)
-    if config.model.name.startswith("vit"):
+    if config.model.name.startswith(("vit", "swin")):
         kwargs.setdefault("image_size", image_size)
     return create(config.model.name, num_classes=config.num_classes,
                   rngs=nnx.Rngs(config.seed), dtype=jnp.dtype(config.dtype), **kwargs)

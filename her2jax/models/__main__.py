@@ -67,7 +67,7 @@ def table(names: list[str], image_size: int, batch: int, repeats: int, out=sys.s
     print("| model | parameters | GFLOPs / image | forward ms / batch | images/s |", file=out)
     print("|---|---|---|---|---|", file=out)
     for name in names:
-        kwargs = {"image_size": image_size} if name.startswith("vit") else {}
+        kwargs = {"image_size": image_size} if name.startswith(("vit", "swin")) else {}
         try:
             model = models.create(name, num_classes=2, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
                                   **kwargs)

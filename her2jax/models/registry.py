@@ -11,7 +11,8 @@ from her2jax.errors import InvalidSetting
 if TYPE_CHECKING:
     from flax import nnx
 
-BUILT_IN = ("her2jax.models.resnet", "her2jax.models.vit", "her2jax.models.cvt")
+BUILT_IN = ("her2jax.models.resnet", "her2jax.models.vit", "her2jax.models.cvt",
+            "her2jax.models.swin")
 _MODELS: dict[str, Callable[..., nnx.Module]] = {}
 
 

@@ -26,7 +26,7 @@ from her2jax import files
 from her2jax.errors import BadInput, InvalidSetting, MissingInput
 
 FORMAT = "her2jax-pretrained/1"
-SOURCES = ("torchvision", "timm", "hf", "hf-cvt")
+SOURCES = ("torchvision", "timm", "hf", "hf-cvt", "timm-swin")
 
 
 def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
@@ -117,6 +117,9 @@ def convert(source: str, state_dict: Mapping[str, np.ndarray]) -> dict[str, np.n
     if source == "hf-cvt":
         from her2jax.models.cvt import from_transformers_cvt
         return from_transformers_cvt(state_dict)
+    if source == "timm-swin":
+        from her2jax.models.swin import from_timm_swin
+        return from_timm_swin(state_dict)
     raise InvalidSetting(f"unknown source {source!r}; expected one of {SOURCES}")
 
 

@@ -12,7 +12,7 @@ import optax
 # Parameters that start fresh when a pretrained backbone is loaded: heads and attention modules.
 NEW_PART_NAMES = frozenset({"fc", "head", "heads", "head_weights", "attention", "stage_attention"})
 # timm's no-weight-decay set for ViTs, besides every one-dimensional parameter.
-NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token"})
+NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "relative_position_bias_table"})
 
 
 def learning_rate_schedule(base: float | Any, warmup_steps: int, total_steps: int,
