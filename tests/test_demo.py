@@ -3,6 +3,7 @@ written, the table has one row per model and normalisation with the runs' own fi
 rerun reuses every cached step."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import re
 import pytest
 from PIL import Image
 
+from conftest import strict_json
 from her2jax import demo
 from her2jax.run_folder import RunFolder
 
@@ -42,6 +44,16 @@ def test_report_table_and_pictures(first_run, capsys):
             assert image.size[0] > 100 and image.size[1] > 100, picture
     assert "roc_all.png" in report and "qc_global_minmax.png" in report
     assert len([p for p in report.split() if "gradcam/" in p]) == 2
+    # the showcased patients follow the stated rule, and the heat figures are reported
+    predictions = list(csv.DictReader(open(os.path.join(
+        out, "runs", f"resnet18_{demo.NORMALIZATIONS[0]}", "eval", "test", "predictions.csv"))))
+    heat = strict_json(os.path.join(out, "gradcam", "heat.json"))
+    correct = {row["patient_id"] for row in predictions if row["decision"] == row["label"]}
+    assert set(heat["showcased"]) <= (correct or {row["patient_id"] for row in predictions})
+    assert f"({', '.join(heat['showcased'])}; HER2+ and HER2- alternately" in report
+    for name, scopes in heat["maps"].items():
+        assert scopes["all"]["slices"] >= scopes["showcased"]["slices"] > 0, name
+        assert f"| {name} | " in report
 
 
 def test_rerun_reuses_every_step(first_run, capsys):
