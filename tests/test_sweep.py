@@ -329,6 +329,11 @@ def test_run_names_hold_what_varies_and_old_sweep_folders_keep_theirs(tmp_path, 
             assert common not in name
     assert names[0] == "resnet18-lr=8.11e-5-wd=1.02e-4-drop=0.5-ls=0.15-s0"
     assert [run.name for run in sweep.build_plan(sweep.parse_args(args)).runs] == names
+    assert sweep.main(args + ["--dry_run"]) == 0            # what the dry run prints
+    printed = capsys.readouterr().out
+    assert [line.split(":")[0].removeprefix("train ") for line in printed.splitlines()
+            if line.startswith("train ")] == names
+    assert "batch_size" not in printed.replace("--config.batch_size=8", "")
     # collect's rows use the same names
     manifest = plan.manifest()
     assert [entry["name"] for entry in manifest["runs"]] == names
