@@ -33,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from her2jax.errors import BadInput, InvalidSetting
+from her2jax.errors import InvalidSetting
 from her2jax.models.layers import Dropout
 from her2jax.models.registry import register
 from her2jax.models.resnet import batch_norm
-from her2jax.models.vit import MLP, WEIGHT_INIT, DropPath
+from her2jax.models.vit import (MLP, WEIGHT_INIT, DropPath, layer_norm, linear, refuse_unknown,
+                                torch_leaf)
 
 WIDTHS = (64, 192, 384)
 HEADS = (1, 3, 6)
@@ -51,15 +52,8 @@ LAYER_NORM_EPS = 1e-5
 OPTIONS = ("dropout", "drop_path", "dtype")
 
 
-def _linear(features_in: int, features_out: int, dtype: jnp.dtype,
-            rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(features_in, features_out, kernel_init=WEIGHT_INIT, dtype=dtype,
-                      param_dtype=jnp.float32, rngs=rngs)
-
-
 def _layer_norm(width: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32,
-                         rngs=rngs)
+    return layer_norm(width, dtype, rngs, LAYER_NORM_EPS)
 
 
 class ConvEmbed(nnx.Module):
@@ -102,10 +96,10 @@ class ConvAttention(nnx.Module):
         self.conv_proj_q = ConvProjection(width, 1, dtype=dtype, rngs=rngs)
         self.conv_proj_k = ConvProjection(width, KV_STRIDE, dtype=dtype, rngs=rngs)
         self.conv_proj_v = ConvProjection(width, KV_STRIDE, dtype=dtype, rngs=rngs)
-        self.proj_q = _linear(width, width, dtype, rngs)
-        self.proj_k = _linear(width, width, dtype, rngs)
-        self.proj_v = _linear(width, width, dtype, rngs)
-        self.proj = _linear(width, width, dtype, rngs)
+        self.proj_q = linear(width, width, dtype, rngs)
+        self.proj_k = linear(width, width, dtype, rngs)
+        self.proj_v = linear(width, width, dtype, rngs)
+        self.proj = linear(width, width, dtype, rngs)
 
     def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
         batch, _, width = x.shape
@@ -190,7 +184,7 @@ class CvT(nnx.Module):
                                       rngs=rngs) for index in range(len(WIDTHS))])
         self.norm = _layer_norm(WIDTHS[-1], self.dtype, rngs)
         self.head_drop = Dropout(dropout, rngs=rngs)
-        self.head = _linear(WIDTHS[-1], num_classes, self.dtype, rngs)
+        self.head = linear(WIDTHS[-1], num_classes, self.dtype, rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         height, width = images.shape[1:3]
@@ -271,19 +265,9 @@ def from_transformers_cvt(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray
             unknown.append(key)
             continue
         module, leaf = found
-        array = np.asarray(tensor, dtype=np.float32)
-        if leaf == "weight" and array.ndim == 4:
-            leaf, array = "kernel", array.transpose(2, 3, 1, 0)
-        elif leaf == "weight" and array.ndim == 2:
-            leaf, array = "kernel", array.T
-        else:
-            leaf = "scale" if leaf == "weight" else _LEAVES.get(leaf, leaf)
+        leaf, array = torch_leaf(_LEAVES.get(leaf, leaf), np.asarray(tensor, dtype=np.float32))
         params[f"{module}/{leaf}"] = np.ascontiguousarray(array)
-    if unknown:
-        shown = ", ".join(sorted(unknown)[:5]) + (f", ... (+{len(unknown) - 5})"
-                                                  if len(unknown) > 5 else "")
-        raise BadInput(f"{len(unknown)} keys with no counterpart in CvT-13 (not a transformers "
-                       f"CvT checkpoint?): {shown}")
+    refuse_unknown(unknown, "CvT-13 (not a transformers CvT checkpoint?)")
     return params
 
 

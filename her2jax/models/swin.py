@@ -43,10 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from her2jax.errors import BadInput, InvalidSetting
+from her2jax.errors import InvalidSetting
 from her2jax.models.layers import Dropout
 from her2jax.models.registry import register
-from her2jax.models.vit import MLP, WEIGHT_INIT, DropPath, _pair
+from her2jax.models.vit import (MLP, WEIGHT_INIT, DropPath, _pair, layer_norm, linear,
+                                refuse_unknown, torch_leaf)
 
 PATCH_SIZE = 4
 EMBED_WIDTH = 96
@@ -59,15 +60,8 @@ MASKED = -100.0
 OPTIONS = ("image_size", "window_size", "dropout", "drop_path", "dtype")
 
 
-def _linear(features_in: int, features_out: int, dtype: jnp.dtype, rngs: nnx.Rngs,
-            use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(features_in, features_out, use_bias=use_bias, kernel_init=WEIGHT_INIT,
-                      dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
 def _layer_norm(width: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32,
-                         rngs=rngs)
+    return layer_norm(width, dtype, rngs, LAYER_NORM_EPS)
 
 
 # ---------------------------------------------------------------- windows
@@ -154,7 +148,7 @@ class PatchMerging(nnx.Module):
 
     def __init__(self, in_width: int, width: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.norm = _layer_norm(4 * in_width, dtype, rngs)
-        self.reduction = _linear(4 * in_width, width, dtype, rngs, use_bias=False)
+        self.reduction = linear(4 * in_width, width, dtype, rngs, use_bias=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
@@ -176,8 +170,8 @@ class WindowAttention(nnx.Module):
         entries = (2 * window[0] - 1) * (2 * window[1] - 1)
         self.relative_position_bias_table = nnx.Param(WEIGHT_INIT(rngs.params(),
                                                                   (entries, heads)))
-        self.qkv = _linear(width, 3 * width, dtype, rngs)
-        self.proj = _linear(width, width, dtype, rngs)
+        self.qkv = linear(width, 3 * width, dtype, rngs)
+        self.proj = linear(width, width, dtype, rngs)
 
     def __call__(self, windows: jax.Array, mask: np.ndarray | None) -> jax.Array:
         """(B, windows, tokens, C), mask (windows, tokens, tokens) or None -> the same shape."""
@@ -280,7 +274,7 @@ class SwinTransformer(nnx.Module):
         self.stages = nnx.List(stages)
         self.norm = _layer_norm(in_width, self.dtype, rngs)
         self.head_drop = Dropout(dropout, rngs=rngs)
-        self.head = _linear(in_width, num_classes, self.dtype, rngs)
+        self.head = linear(in_width, num_classes, self.dtype, rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         height, width = images.shape[1:3]
@@ -337,20 +331,10 @@ def from_timm_swin(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         else:
             unknown.append(key)
             continue
-        array = np.asarray(tensor, dtype=np.float32)
         module, _, leaf = path.rpartition("/")
-        if leaf == "weight" and array.ndim == 4:
-            leaf, array = "kernel", array.transpose(2, 3, 1, 0)
-        elif leaf == "weight" and array.ndim == 2:
-            leaf, array = "kernel", array.T
-        elif leaf == "weight":
-            leaf = "scale"
+        leaf, array = torch_leaf(leaf, np.asarray(tensor, dtype=np.float32))
         params[f"{module}/{leaf}"] = np.ascontiguousarray(array)
-    if unknown:
-        shown = ", ".join(sorted(unknown)[:5]) + (f", ... (+{len(unknown) - 5})"
-                                                  if len(unknown) > 5 else "")
-        raise BadInput(f"{len(unknown)} keys with no counterpart in Swin-T (not a timm Swin "
-                       f"checkpoint?): {shown}")
+    refuse_unknown(unknown, "Swin-T (not a timm Swin checkpoint?)")
     return params
 
 

@@ -52,16 +52,38 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _linear(features_in: int, features_out: int, dtype: jnp.dtype,
-            rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(features_in, features_out, kernel_init=WEIGHT_INIT, dtype=dtype,
-                      param_dtype=jnp.float32, rngs=rngs)
+def linear(features_in: int, features_out: int, dtype: jnp.dtype, rngs: nnx.Rngs,
+           use_bias: bool = True) -> nnx.Linear:
+    """A transformer's linear layer: float32 parameters, truncated-normal kernels (ViT, CvT,
+    Swin)."""
+    return nnx.Linear(features_in, features_out, use_bias=use_bias, kernel_init=WEIGHT_INIT,
+                      dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def _layer_norm(width: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(width: int, dtype: jnp.dtype, rngs: nnx.Rngs,
+               epsilon: float = LAYER_NORM_EPS) -> nnx.LayerNorm:
     # flax computes the mean and variance in at least float32 whatever `dtype` is.
-    return nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32,
+    return nnx.LayerNorm(width, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
                          rngs=rngs)
+
+
+def torch_leaf(leaf: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+    """A PyTorch parameter -> our leaf name and layout: conv weight (O, I, kh, kw) -> kernel
+    (kh, kw, I, O); linear weight (O, I) -> kernel (I, O); a norm's weight -> scale; anything
+    else kept."""
+    if leaf == "weight" and array.ndim == 4:
+        return "kernel", array.transpose(2, 3, 1, 0)
+    if leaf == "weight" and array.ndim == 2:
+        return "kernel", array.T
+    return ("scale" if leaf == "weight" else leaf), array
+
+
+def refuse_unknown(unknown: Sequence[str], what: str) -> None:
+    """BadInput naming the first checkpoint keys that have no counterpart in `what`."""
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:5]) + (f", ... (+{len(unknown) - 5})"
+                                                  if len(unknown) > 5 else "")
+        raise BadInput(f"{len(unknown)} keys with no counterpart in {what}: {shown}")
 
 
 class DropPath(nnx.Module):
@@ -98,8 +120,8 @@ class Attention(nnx.Module):
                  attention_kernel: str = "auto"):
         self.heads = heads
         self.attention_kernel = attention_kernel
-        self.qkv = _linear(width, 3 * width, dtype, rngs)
-        self.proj = _linear(width, width, dtype, rngs)
+        self.qkv = linear(width, 3 * width, dtype, rngs)
+        self.proj = linear(width, width, dtype, rngs)
         self.record = False
 
     def set_view(self, record: bool | None = None) -> None:
@@ -178,8 +200,8 @@ class MLP(nnx.Module):
     """fc2(GELU(fc1(x))), GELU(z) = z Phi(z) with the exact (erf) normal CDF Phi."""
 
     def __init__(self, width: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.fc1 = _linear(width, hidden, dtype, rngs)
-        self.fc2 = _linear(hidden, width, dtype, rngs)
+        self.fc1 = linear(width, hidden, dtype, rngs)
+        self.fc2 = linear(hidden, width, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -190,11 +212,11 @@ class Block(nnx.Module):
 
     def __init__(self, width: int, heads: int, drop_path: float, *, dtype: jnp.dtype,
                  rngs: nnx.Rngs, attention_kernel: str = "auto"):
-        self.norm1 = _layer_norm(width, dtype, rngs)
+        self.norm1 = layer_norm(width, dtype, rngs)
         self.attn = Attention(width, heads, dtype=dtype, rngs=rngs,
                               attention_kernel=attention_kernel)
         self.drop_path1 = DropPath(drop_path, rngs=rngs)
-        self.norm2 = _layer_norm(width, dtype, rngs)
+        self.norm2 = layer_norm(width, dtype, rngs)
         self.mlp = MLP(width, MLP_RATIO * width, dtype=dtype, rngs=rngs)
         self.drop_path2 = DropPath(drop_path, rngs=rngs)
 
@@ -254,11 +276,11 @@ class VisionTransformer(nnx.Module):
                                       attention_kernel=attention_kernel)
                                 for rate in rates])
         if pool == "token":
-            self.norm = _layer_norm(width, self.dtype, rngs)
+            self.norm = layer_norm(width, self.dtype, rngs)
         else:
-            self.fc_norm = _layer_norm(width, self.dtype, rngs)
+            self.fc_norm = layer_norm(width, self.dtype, rngs)
         self.head_drop = Dropout(dropout, rngs=rngs)
-        self.head = _linear(width, num_classes, self.dtype, rngs)
+        self.head = linear(width, num_classes, self.dtype, rngs)
 
     def position_embedding(self, grid: tuple[int, int]) -> jax.Array:
         """pos_embed for a (rows, cols) patch grid, resampled if it is not the built grid."""
@@ -352,14 +374,8 @@ def from_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise BadInput(f"timm keys with no counterpart in this ViT: {unknown}")
     params = {}
     for key, tensor in state_dict.items():
-        array = np.asarray(tensor, dtype=np.float32)
         *module, leaf = key.split(".")
-        if leaf == "weight" and array.ndim == 4:
-            leaf, array = "kernel", array.transpose(2, 3, 1, 0)
-        elif leaf == "weight" and array.ndim == 2:
-            leaf, array = "kernel", array.T
-        elif leaf == "weight":
-            leaf = "scale"
+        leaf, array = torch_leaf(leaf, np.asarray(tensor, dtype=np.float32))
         params["/".join([*module, leaf])] = np.ascontiguousarray(array)
     return params
 
