@@ -22,10 +22,11 @@ it, never used to choose (`--sort test` orders by it for inspection only; it is 
 Written to --out (default SWEEP_DIR/collect/):
     leaderboard.csv   rank, ranked_by (validation AUC, or test AUC for inspection only), best
                       ("*" on the first row of a validation ranking only), configuration, the
-                      settings that vary between configurations (config, data, override keys), seeds, val_auc_mean,
-                      val_auc_std, test_auc_mean, test_auc_std, test_auc_ci ("[low, high]", single
-                      seed only), test_auc_ci_low, test_auc_ci_high, accuracy_mean,
-                      sensitivity_mean, specificity_mean, runs; full precision, NaN left empty
+                      settings that vary between configurations (config, data, override keys),
+                      seeds, val_auc_mean, val_auc_std, test_auc_mean, test_auc_std,
+                      test_auc_ci ("[low, high]", single seed only), test_auc_ci_low,
+                      test_auc_ci_high, accuracy_mean, sensitivity_mean, specificity_mean, runs;
+                      full precision, NaN left empty
     leaderboard.md    the same for a reader: 3 decimals, `mean ± std`, the selected row in bold
     leaderboard.png   test AUC mean ± std (and validation AUC) per configuration, in table order
     pivot.md, .csv    when the sweep declares a pivot (rows key, columns key): mean ± std of the
@@ -290,9 +291,9 @@ def _cell(text: Any) -> str:
 
 
 def csv_columns(keys: Sequence[str]) -> list[str]:
-    return ["rank", "ranked_by", "best", "configuration", *keys, "seeds", "val_auc_mean", "val_auc_std",
-            "test_auc_mean", "test_auc_std", "test_auc_ci", "test_auc_ci_low", "test_auc_ci_high",
-            "accuracy_mean", "sensitivity_mean", "specificity_mean", "runs"]
+    return ["rank", "ranked_by", "best", "configuration", *keys, "seeds", "val_auc_mean",
+            "val_auc_std", "test_auc_mean", "test_auc_std", "test_auc_ci", "test_auc_ci_low",
+            "test_auc_ci_high", "accuracy_mean", "sensitivity_mean", "specificity_mean", "runs"]
 
 
 def leaderboard_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
