@@ -71,7 +71,8 @@ def measure_way(way: str, args: argparse.Namespace, sweep_file: str, dataset_roo
     os.symlink(dataset_root, os.path.join(folder, "data"))     # prepared once, shared
     settings = [f"total_steps={args.steps}", f"batch_size={args.batch}", "warmup_steps=1",
                 f"eval.every_steps={args.steps}", f"checkpoint.every_steps={args.steps}",
-                f"log_every_steps={max(1, args.steps // 10)}", "eval.batch_size=32"]
+                f"log_every_steps={max(1, args.steps // 10)}", "eval.batch_size=32",
+                "init.pretrained="]      # from scratch: the measured sweep needs no weight files
     command = [sys.executable, "-m", "launch.sweep", "--sweep", f"{sweep_file}:{args.runs}",
                "--backend", "local", "--source", args.cohort, "--sweep_dir", folder,
                "--pack", way, *[item for s in settings for item in ("--set", s)]]

@@ -180,9 +180,10 @@ def test_image_is_the_fused_normalised_phases(main_run):
 def test_metadata_records_the_preparation(main_run):
     metadata = main_run.builder.info.metadata
     assert metadata["preparation"] == MAIN_PARAMS.to_dict()
-    # every field, except cohorts when none was chosen (as datasets recorded it before)
+    # every field, except cohorts when none was chosen and the crop when it is the default
+    # tumour crop (as datasets recorded them before they could be chosen)
     assert set(metadata["preparation"]) == {f.name for f in dataclasses.fields(PrepParams)} - {
-        "cohorts"}
+        "cohorts", "crop", "crop_size"}
     assert metadata["source"] == {"path": os.path.abspath(main_run.folder), "kind": "breastdcedl",
                                   "release": "full", "layout": "breastdcedl"}
     assert metadata["excluded"] == [] and metadata["excluded_counts"] == {}

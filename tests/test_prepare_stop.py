@@ -157,12 +157,13 @@ def test_a_killed_preparation_takes_its_workers_and_the_next_one_removes_what_it
 def test_ctrl_c_and_hangup_stop_like_sigterm(signum):
     """Every stop signal becomes `Stopped` where the main thread is, and a second one while
     stopping is ignored, so the clean-up finishes."""
+    before = signal.getsignal(signum)
     with pytest.raises(prepare.Stopped) as stopped:
         with prepare._stops_cleanly():
             os.kill(os.getpid(), signum)
             time.sleep(5)
     assert stopped.value.signum == signum
-    assert signal.getsignal(signum) is not signal.SIG_IGN         # restored after the block
+    assert signal.getsignal(signum) == before                     # restored after the block
 
 
 def limit_file_size(limit: int) -> None:

@@ -46,7 +46,7 @@ from flax import nnx
 from her2jax.errors import InvalidSetting
 from her2jax.models.layers import Dropout
 from her2jax.models.registry import register
-from her2jax.models.vit import (MLP, WEIGHT_INIT, DropPath, _pair, layer_norm, linear,
+from her2jax.models.vit import (MLP, WEIGHT_INIT, DropPath, pair, layer_norm, linear,
                                 refuse_unknown, torch_leaf)
 
 PATCH_SIZE = 4
@@ -257,7 +257,7 @@ class SwinTransformer(nnx.Module):
         if not (0.0 <= dropout < 1.0 and 0.0 <= drop_path < 1.0):
             raise InvalidSetting(f"dropout and drop_path are rates in [0, 1), got {dropout}, "
                                  f"{drop_path}")
-        image, window = _pair(image_size), _pair(window_size)
+        image, window = pair(image_size), pair(window_size)
         if min(image) < PATCH_SIZE or any(side % PATCH_SIZE for side in image):
             raise InvalidSetting(f"image_size {image_size} is not a positive multiple of "
                                  f"{PATCH_SIZE}")

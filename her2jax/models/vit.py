@@ -48,7 +48,7 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 WEIGHT_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+def pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
@@ -261,7 +261,7 @@ class VisionTransformer(nnx.Module):
         if not (0.0 <= dropout < 1.0 and 0.0 <= drop_path < 1.0):
             raise InvalidSetting(f"dropout and drop_path are rates in [0, 1), got {dropout}, "
                                  f"{drop_path}")
-        image_height, image_width = _pair(image_size)
+        image_height, image_width = pair(image_size)
         if image_height % patch_size or image_width % patch_size:
             raise InvalidSetting(f"image_size {image_size} is not a multiple of {patch_size}")
         self.dtype = jnp.dtype(dtype)
@@ -350,7 +350,7 @@ def resize_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int],
     side = math.isqrt(pos_embed.shape[1] - num_prefix_tokens)
     if side * side != pos_embed.shape[1] - num_prefix_tokens:
         raise BadInput(f"{pos_embed.shape[1] - num_prefix_tokens} grid tokens are not a square")
-    new_grid = _pair(new_grid)
+    new_grid = pair(new_grid)
     if new_grid == (side, side):
         return pos_embed.copy()
     return _resample(pos_embed, (side, side), new_grid, num_prefix_tokens, np)
