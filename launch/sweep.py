@@ -118,7 +118,7 @@ class MissingWeights(MissingInput):
     """Runs of the sweep load weight files that are not there."""
 
 
-def check_weights(runs: Sequence[Run], root: str, *, dry_run: bool, out=None) -> None:
+def check_weights(runs: Sequence[Run], root: str, *, dry_run: bool) -> None:
     """Refuses a sweep whose runs load weight files (`init.pretrained`) that are missing, before
     anything is prepared or trained, naming the files and the ways on; a dry run says so and
     goes on."""
@@ -130,16 +130,16 @@ def check_weights(runs: Sequence[Run], root: str, *, dry_run: bool, out=None) ->
             missing.setdefault(str(path), []).append(run.name)
     if not missing:
         return
-    files = ", ".join(f"{path} ({len(names)} runs)" for path, names in missing.items())
+    listed = ", ".join(f"{path} ({len(names)} runs)" for path, names in missing.items())
     advice = ("convert them first (python -m her2jax.convert --source torchvision|timm|hf "
               "--arch MODEL IN WEIGHTS_DIR/MODEL.safetensors; README 'ImageNet weights'), give "
               "--weights_dir DIR where they are, or train from scratch with "
               "--set init.pretrained=")
     if dry_run:
-        print(f"note: the runs load ImageNet weights that are not there yet: {files}; {advice}",
-              file=out or sys.stderr)
+        print(f"note: the runs load ImageNet weights that are not there yet: {listed}; {advice}",
+              file=sys.stderr)
         return
-    raise MissingWeights(f"the runs load ImageNet weights that are not there: {files}; "
+    raise MissingWeights(f"the runs load ImageNet weights that are not there: {listed}; "
                          f"{advice}")
 
 

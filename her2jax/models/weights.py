@@ -36,10 +36,11 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     """
     with _local_copy(path, "checkpoint") as local:
         if path.endswith(".safetensors"):
+            from safetensors import SafetensorError
             from safetensors.numpy import load_file
             try:
                 arrays = load_file(local)
-            except Exception as error:   # a corrupt header, a truncated file, not safetensors
+            except SafetensorError as error:   # a corrupt header, a truncated file, not one
                 raise BadInput(f"{path}: not a readable .safetensors file "
                                f"({_one_line(error)})") from None
             return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
@@ -143,12 +144,12 @@ def _one_line(error: Exception) -> str:
 
 def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """A converted file: (arrays by parameter path, metadata)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     with _local_copy(path, "converted weights") as local:
         try:
             handle = safe_open(local, framework="numpy")
-        except Exception as error:   # a corrupt header, a truncated file, not safetensors
+        except SafetensorError as error:   # a corrupt header, a truncated file, not one
             raise BadInput(f"{path}: not a readable converted weight file "
                            f"({_one_line(error)}); convert it with python -m her2jax.convert"
                            ) from None
